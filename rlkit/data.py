@@ -1,0 +1,152 @@
+"""Datasets: built-in tasks, local JSONL/JSON/parquet files, and `datasets` hub names.
+
+A data spec is a string:
+
+- ``embedded:arithmetic`` (train split) or ``embedded:arithmetic:test``: a built-in task;
+- ``path/to/file.jsonl`` (one JSON object per line), ``.json`` (a list of objects) or ``.parquet``;
+- anything else is a ``datasets`` name (``org/name`` or ``org/name:split``), loaded from the local cache.
+
+Every problem is a :class:`DataError` naming the file and line (or column) and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rlkit.embedded import tasks
+from rlkit.errors import RlkitError
+
+
+class DataError(RlkitError):
+    pass
+
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def is_embedded(spec: str) -> bool:
+    return spec.startswith("embedded:")
+
+
+def _embedded(spec: str, default_split: str) -> tuple[str, str]:
+    parts = spec.split(":")
+    task = parts[1] if len(parts) > 1 else ""
+    split = parts[2] if len(parts) > 2 else default_split
+    if task not in tasks.TASKS:
+        raise DataError(f"{spec}: unknown built-in task '{task}'; expected one of {', '.join(tasks.TASKS)}")
+    if split not in tasks.SPLITS:
+        raise DataError(f"{spec}: unknown split '{split}'; expected one of {', '.join(tasks.SPLITS)}")
+    return task, split
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i}: malformed JSON line ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def load_rows(spec: str, default_split: str = "train") -> list[dict]:
+    """Rows of a data spec as plain dicts."""
+    if is_embedded(spec):
+        task, split = _embedded(spec, default_split)
+        return tasks.task_split(task, split)
+    path = Path(spec).expanduser()
+    if path.suffix in LOCAL_SUFFIXES or path.exists() or spec.startswith((".", "/", "~")):
+        if not path.is_file():
+            raise DataError(f"{path}: data file not found")
+        if path.suffix == ".jsonl":
+            rows = read_jsonl(path)
+        elif path.suffix == ".json":
+            try:
+                rows = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                raise DataError(f"{path}: expected a JSON list of objects (or use .jsonl)")
+        elif path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                rows = pq.read_table(path).to_pylist()
+            except Exception as e:  # pyarrow raises several types for a bad file
+                raise DataError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+        else:
+            raise DataError(f"{path}: unsupported data file; expected one of {', '.join(LOCAL_SUFFIXES)}")
+        if not rows:
+            raise DataError(f"{path}: no rows")
+        return rows
+    return _hub_rows(spec, default_split)
+
+
+def _hub_rows(spec: str, default_split: str) -> list[dict]:
+    name, _, split = spec.partition(":")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, split=split or default_split)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            f"{spec}: not a local file and could not load it as a datasets name ({first}); "
+            f"expected a .jsonl/.json/.parquet path, embedded:TASK, or a cached dataset name"
+        ) from None
+    return [dict(r) for r in ds]
+
+
+def require_columns(rows: list[dict], spec: str, *alternatives: tuple[str, ...]) -> tuple[str, ...]:
+    """Check every row has one of the column sets; return the set the first row matches."""
+    first = rows[0]
+    for cols in alternatives:
+        if all(c in first for c in cols):
+            for i, r in enumerate(rows, 1):
+                missing = [c for c in cols if c not in r or r[c] is None]
+                if missing:
+                    raise DataError(f"{spec}: row {i} has no '{missing[0]}' column")
+            return cols
+    wanted = " or ".join("+".join(f"'{c}'" for c in cols) for cols in alternatives)
+    found = ", ".join(f"'{c}'" for c in first) or "none"
+    raise DataError(f"{spec}: expected columns {wanted}; found {found}")
+
+
+def sft_rows(spec: str, max_samples: int | None = None) -> list[dict]:
+    """Rows for SFT: ``messages`` (conversational) or ``prompt`` + ``completion``.
+
+    ``embedded:TASK`` yields the task's worked demonstrations.
+    """
+    if is_embedded(spec):
+        task, _ = _embedded(spec, "train")
+        rows = tasks.demonstrations(task)
+    else:
+        rows = load_rows(spec)
+    require_columns(rows, spec, ("messages",), ("prompt", "completion"))
+    if "messages" in rows[0]:
+        for i, r in enumerate(rows, 1):
+            msgs = r["messages"]
+            if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+                raise DataError(f"{spec}: row {i}: 'messages' must be a list of {{role, content}} objects")
+            if msgs[-1]["role"] != "assistant":
+                raise DataError(f"{spec}: row {i}: the last message must be the assistant's (the demonstration)")
+    return rows[:max_samples] if max_samples else rows
+
+
+def prompt_rows(spec: str, split: str = "train", answer: bool = True) -> list[dict]:
+    """Rows with ``prompt`` (and ``answer``) for RL and evaluation."""
+    rows = load_rows(spec, default_split=split)
+    require_columns(rows, spec, ("prompt", "answer") if answer else ("prompt",))
+    for i, r in enumerate(rows, 1):
+        if not isinstance(r["prompt"], str):
+            raise DataError(f"{spec}: row {i}: 'prompt' must be a string")
+        if answer:
+            r["answer"] = str(r["answer"])
+    return rows

@@ -1,0 +1,80 @@
+"""Built-in tasks of the embedded world: deterministic generators with train/test splits and gold answers.
+
+``arithmetic``: ``What is A + B?`` for A, B in 0..99 with the integer sum as the answer. The 10,000
+pairs are split once, by a fixed seed, into 500 test questions and 9,500 training questions; the
+embedded base model never saw a test question during pretraining.
+
+>>> rows = task_split("arithmetic", "test")
+>>> len(rows), sorted(rows[0])
+(500, ['a', 'answer', 'b', 'prompt'])
+"""
+
+from __future__ import annotations
+
+import random
+from functools import lru_cache
+
+TASKS = ("arithmetic",)
+SPLITS = ("train", "test")
+ARITHMETIC_TEST_SIZE = 500
+_SEED = 1234
+
+
+def arithmetic_question(a: int, b: int) -> str:
+    return f"What is {a} + {b}?"
+
+
+def careful_reasoning(a: int, b: int) -> str:
+    """The digit-by-digit working that the embedded model learns as its careful mode.
+
+    >>> careful_reasoning(34, 57)
+    'step by step : 4 + 7 = 11 , write 1 carry 1 . 3 + 5 + 1 = 9 . so 91'
+    """
+    ua, ub, ta, tb = a % 10, b % 10, a // 10, b // 10
+    units = ua + ub
+    carry = units // 10
+    tens = ta + tb + carry
+    return (
+        f"step by step : {ua} + {ub} = {units} , write {units % 10} carry {carry} . "
+        f"{ta} + {tb} + {carry} = {tens} . so {a + b}"
+    )
+
+
+@lru_cache(maxsize=None)
+def _arithmetic_pairs() -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
+    pairs = [(a, b) for a in range(100) for b in range(100)]
+    rng = random.Random(_SEED)
+    rng.shuffle(pairs)
+    test = tuple(pairs[:ARITHMETIC_TEST_SIZE])
+    train = tuple(pairs[ARITHMETIC_TEST_SIZE:])
+    return train, test
+
+
+def task_split(task: str, split: str) -> list[dict]:
+    """Rows ``{prompt, answer, ...}`` of a built-in task's split, in a fixed order."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} for task {task!r}; expected one of {', '.join(SPLITS)}")
+    train, test = _arithmetic_pairs()
+    pairs = train if split == "train" else test
+    return [{"prompt": arithmetic_question(a, b), "answer": str(a + b), "a": a, "b": b} for a, b in pairs]
+
+
+def demonstrations(task: str = "arithmetic", n: int | None = None) -> list[dict]:
+    """Conversational SFT demonstrations on the train split: a careful worked answer in R1 format."""
+    rows = task_split(task, "train")
+    if n is not None:
+        rows = rows[:n]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": r["prompt"]},
+                {
+                    "role": "assistant",
+                    "content": f"<think> {careful_reasoning(r['a'], r['b'])} </think> <answer> {r['answer']} </answer>",
+                },
+            ]
+        }
+        for r in rows
+    ]

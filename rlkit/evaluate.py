@@ -1,0 +1,92 @@
+"""Evaluate a model on a built-in task or a prompt/answer JSONL: pass@1, avg@K, pass@K, format rate.
+
+- ``pass@1``: greedy decoding, share of prompts answered correctly;
+- ``avg@K``: mean correctness over K samples per prompt (an estimate of sampled pass@1);
+- ``pass@K``: share of prompts with at least one correct sample among K;
+- ``format``: share of greedy completions in the strict ``<think>…</think><answer>…</answer>`` format
+  (``format@K`` for the samples).
+
+Scoring is the same code as the ``accuracy`` and ``think_format`` rewards.
+
+    rlkit eval --model outputs/sft --task arithmetic --num-samples 8 --output eval.json
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from rlkit.config import EvalConfig
+from rlkit.data import prompt_rows
+from rlkit.models import load_causal_lm, load_tokenizer
+from rlkit.rewards.format import is_well_formed
+from rlkit.rewards.math_answer import is_correct
+from rlkit.rollout import SamplingParams, make_engine
+from rlkit.templates import render_prompt
+
+
+@dataclass
+class EvalReport:
+    metrics: dict
+    examples: list[dict]
+
+
+def eval_rows(cfg: EvalConfig, data: str | None) -> tuple[str, list[dict]]:
+    spec = data or f"embedded:{cfg.task}:{cfg.split}"
+    rows = prompt_rows(spec, split=cfg.split)
+    return spec, rows[: cfg.limit] if cfg.limit else rows
+
+
+def evaluate_model(model, tokenizer, rows: list[dict], cfg: EvalConfig, template: str, progress=None) -> EvalReport:
+    """Score an in-memory model on rows ``{prompt, answer}``."""
+    t0 = time.time()
+    prompts = [render_prompt(r["prompt"], template, tokenizer) for r in rows]
+    engine = make_engine("hf", model, tokenizer, batch_size=cfg.batch_size)
+    greedy = engine.generate(prompts, SamplingParams(n=1, max_new_tokens=cfg.max_new_tokens, temperature=0), progress)
+    correct = [is_correct(g[0].text, r["answer"]) for g, r in zip(greedy, rows)]
+    formatted = [is_well_formed(g[0].text, p) for g, p in zip(greedy, prompts)]
+    n = len(rows)
+    metrics = {
+        "pass@1": sum(correct) / n,
+        "format": sum(formatted) / n,
+        "completion_len": sum(len(g[0].token_ids) for g in greedy) / n,
+    }
+    k = cfg.num_samples
+    if k > 1:
+        params = SamplingParams(n=k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+        sampled = engine.generate(prompts, params, progress)
+        per = [[is_correct(s.text, r["answer"]) for s in group] for group, r in zip(sampled, rows)]
+        metrics[f"avg@{k}"] = sum(sum(c) for c in per) / (n * k)
+        metrics[f"pass@{k}"] = sum(any(c) for c in per) / n
+        metrics[f"format@{k}"] = sum(is_well_formed(s.text, p) for g, p in zip(sampled, prompts) for s in g) / (n * k)
+    metrics["n_prompts"] = n
+    metrics["seconds"] = round(time.time() - t0, 2)
+    examples = [
+        {"prompt": r["prompt"], "answer": r["answer"], "completion": g[0].text, "correct": c}
+        for r, g, c in list(zip(rows, greedy, correct))[:5]
+    ]
+    return EvalReport(metrics, examples)
+
+
+def run_eval(model_path: str, cfg: EvalConfig, template: str, data: str | None = None, dtype: str = "auto",
+             progress_factory=None) -> dict:
+    """Load a model directory and evaluate it; returns the JSON-ready report."""
+    spec, rows = eval_rows(cfg, data)
+    model = load_causal_lm(model_path, dtype=dtype)
+    tokenizer = load_tokenizer(model_path)
+    total = len(rows) * (1 + (cfg.num_samples if cfg.num_samples > 1 else 0))
+    if progress_factory is not None:
+        with progress_factory(total) as advance:
+            report = evaluate_model(model, tokenizer, rows, cfg, template, advance)
+    else:
+        report = evaluate_model(model, tokenizer, rows, cfg, template)
+    return {
+        "model": model_path,
+        "data": spec,
+        "template": template,
+        "num_samples": cfg.num_samples,
+        "temperature": cfg.temperature if cfg.num_samples > 1 else 0.0,
+        "max_new_tokens": cfg.max_new_tokens,
+        "metrics": report.metrics,
+        "examples": report.examples,
+    }

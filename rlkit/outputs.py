@@ -1,0 +1,53 @@
+"""What every stage leaves behind besides weights: the model card and the run's result file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlkit.config import RunConfig, to_yaml
+from rlkit.models import resolve_model_path
+
+
+def write_model_card(out: Path, cfg: RunConfig, metrics: dict, stage: str) -> None:
+    base = cfg.model.path if cfg.model.path != "embedded" else "rlkit/embedded-tiny-llama"
+    try:
+        base_path = resolve_model_path(cfg.model.path)
+    except Exception:
+        base_path = cfg.model.path
+    lines = [
+        "---",
+        "library_name: transformers",
+        f"base_model: {base}",
+        "tags:",
+        "- rlkit",
+        f"- {stage}",
+        "- trl",
+        "---",
+        "",
+        f"# {out.name}",
+        "",
+        f"Trained with [rlkit](https://pypi.org/project/rlkit/) `{stage}` (recipe `{cfg.name}`) from `{base_path}`"
+        f" on `{cfg.data.train}` with the `{cfg.data.template}` prompt template.",
+        "",
+        "## Results",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        *[f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()],
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f'model = AutoModelForCausalLM.from_pretrained("{out}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{out}")',
+        "```",
+        "",
+        "## Config",
+        "",
+        "```yaml",
+        to_yaml(cfg).rstrip(),
+        "```",
+        "",
+    ]
+    (out / "README.md").write_text("\n".join(lines))

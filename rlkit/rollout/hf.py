@@ -1,0 +1,72 @@
+"""The ``hf`` engine: batched transformers ``generate`` with left padding.
+
+Greedy when ``temperature == 0``. With ``return_logprobs`` each sample carries the sampler's
+log-probs, computed from the processed scores of ``generate`` (temperature and top-p applied).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlkit.rollout.base import Sample, SamplingParams
+
+
+class HFEngine:
+    def __init__(self, model, tokenizer, batch_size: int = 64, return_logprobs: bool = False):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.return_logprobs = return_logprobs
+        self.stop_ids = set(_eos_ids(model, tokenizer))
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], params: SamplingParams, progress=None) -> list[list[Sample]]:
+        tok, model = self.tokenizer, self.model
+        was_training = model.training
+        model.eval()
+        expanded = [p for p in prompts for _ in range(params.n)]
+        out: list[Sample] = []
+        greedy = params.temperature == 0
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        for i in range(0, len(expanded), self.batch_size):
+            chunk = expanded[i : i + self.batch_size]
+            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            gen = model.generate(
+                **enc,
+                max_new_tokens=params.max_new_tokens,
+                do_sample=not greedy,
+                temperature=None if greedy else params.temperature,
+                top_p=None if greedy else params.top_p,
+                top_k=None if greedy else 0,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=sorted(self.stop_ids),
+                return_dict_in_generate=True,
+                output_scores=self.return_logprobs,
+            )
+            seqs = gen.sequences[:, enc["input_ids"].shape[1] :]
+            lps = None
+            if self.return_logprobs:
+                scores = torch.stack(gen.scores, dim=1).float().log_softmax(-1)
+                lps = scores.gather(-1, seqs.unsqueeze(-1)).squeeze(-1)
+            for j, row in enumerate(seqs.tolist()):
+                ids, finished = [], False
+                for t in row:
+                    ids.append(t)
+                    if t in self.stop_ids:
+                        finished = True
+                        break
+                text = tok.decode(ids, skip_special_tokens=True)
+                out.append(Sample(text, ids, lps[j, : len(ids)].tolist() if lps is not None else None, finished))
+            if progress is not None:
+                progress(len(chunk))
+        model.train(was_training)
+        return [out[k * params.n : (k + 1) * params.n] for k in range(len(prompts))]
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))

@@ -1,0 +1,41 @@
+"""Prompt templates: how a dataset's `prompt` column becomes the text a model is asked to continue.
+
+Templates are named strings (``template: r1_zero`` in a recipe):
+
+- ``r1_zero``: the DeepSeek-R1-Zero template (DeepSeek-AI 2025, Table 1), plain text, no chat template.
+  The model reasons inside ``<think> </think>`` and answers inside ``<answer> </answer>``.
+- ``chat``: the tokenizer's own chat template with one user turn and the generation prompt.
+- ``plain``: the prompt as it is.
+
+>>> render_prompt("What is 2 + 3?", "plain")
+'What is 2 + 3?'
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+R1_ZERO = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+    "The assistant first thinks about the reasoning process in the mind and then provides the user with "
+    "the answer. The reasoning process and answer are enclosed within <think> </think> and "
+    "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
+    "<answer> answer here </answer>. User: {prompt}\nAssistant:"
+)
+
+TEMPLATES = ("r1_zero", "chat", "plain")
+
+
+def render_prompt(prompt: str, template: str, tokenizer: Any = None) -> str:
+    """Render one prompt with the named template; ``chat`` needs a tokenizer with a chat template."""
+    if template == "r1_zero":
+        return R1_ZERO.format(prompt=prompt)
+    if template == "plain":
+        return prompt
+    if template == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("template 'chat' needs a tokenizer with a chat template; use r1_zero or plain")
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    raise ValueError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")

@@ -1,0 +1,117 @@
+"""Metrics to ``metrics.jsonl``, TensorBoard and W&B (``report_to``), rich progress bars, end-of-run plots."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+
+class MetricsLogger:
+    """Append one JSON object per step to ``metrics.jsonl``; mirror to TensorBoard / W&B when asked."""
+
+    def __init__(self, output_dir: str | Path, report_to: Iterable[str] = ("jsonl",), run_name: str = "rlkit",
+                 config: dict | None = None):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.report_to = set(report_to)
+        self._tb = None
+        self._wandb = None
+        if "tensorboard" in self.report_to:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(output_dir) / "runs"))
+            except ImportError:
+                console.print("[yellow]report_to tensorboard: install rlkit[tensorboard]; skipping[/]")
+        if "wandb" in self.report_to:
+            try:
+                import wandb
+
+                self._wandb = wandb.init(project="rlkit", name=run_name, config=config or {}, reinit=True)
+            except ImportError:
+                console.print("[yellow]report_to wandb: install rlkit[wandb]; skipping[/]")
+
+    def log(self, step: int, metrics: dict) -> None:
+        clean = {k: _plain(v) for k, v in metrics.items()}
+        if "jsonl" in self.report_to:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, **clean}) + "\n")
+        if self._tb is not None:
+            for k, v in clean.items():
+                if isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(clean, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _plain(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(path: str | Path, out_png: str | Path, keys: list[str], title: str = "") -> Path | None:
+    """One panel per metric over steps; returns the PNG path, or None when there is nothing to plot."""
+    rows = read_metrics(path)
+    series = {k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))] for k in keys}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3.2), squeeze=False)
+    for ax, (k, pts) in zip(axes[0], series.items()):
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="." if len(xs) < 30 else None)
+        ax.set_title(k)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out_png)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int) -> Iterator:
+    """A rich progress bar; yields ``advance(n)``."""
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    ) as prog:
+        task = prog.add_task(description, total=total)
+        yield lambda n=1: prog.advance(task, n)

@@ -1,0 +1,162 @@
+"""Supervised fine-tuning on demonstrations, on TRL's ``SFTTrainer``.
+
+Data: conversational ``messages`` (the last turn is the assistant's demonstration), or ``prompt`` +
+``completion`` strings rendered with the recipe's template (``chat``: as a user/assistant exchange;
+``r1_zero``: the R1-Zero template; ``plain``: as is). The loss is on completions only by default.
+Conversations become conversational prompt/completion pairs split at the last assistant turn, so the
+completion-only loss works with any chat template (no ``{% generation %}`` markers needed).
+
+Outputs a Hugging Face directory (merged weights when LoRA is on, plus ``adapter/``), a model card,
+``metrics.jsonl`` and ``training.png``. Running the same command again resumes from the last
+``checkpoint-N`` in the output directory.
+
+    rlkit sft                                   # embedded demonstrations on the embedded model
+    rlkit sft --model org/model --dataset demos.jsonl --set model.lora.r=16
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from rlkit.config import RunConfig
+from rlkit.data import DataError, is_embedded, sft_rows
+from rlkit.models import load_causal_lm, load_tokenizer
+from rlkit.outputs import write_model_card
+from rlkit.templates import render_prompt
+from rlkit.tracking import MetricsLogger, console, plot_metrics
+
+
+def to_sft_examples(rows: list[dict], template: str, tokenizer, spec: str) -> list[dict]:
+    """Rows -> TRL prompt/completion examples (conversational when a chat template applies)."""
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    out = []
+    for i, r in enumerate(rows, 1):
+        if "messages" in r:
+            if not has_chat:
+                raise DataError(
+                    f"{spec}: row {i} is conversational but the model's tokenizer has no chat template; "
+                    "use prompt/completion rows with data.template r1_zero or plain"
+                )
+            msgs = [{"role": m["role"], "content": m["content"]} for m in r["messages"]]
+            out.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
+        elif template == "chat":
+            if not has_chat:
+                raise DataError(f"{spec}: data.template is 'chat' but the model's tokenizer has no chat template")
+            out.append({"prompt": [{"role": "user", "content": r["prompt"]}],
+                        "completion": [{"role": "assistant", "content": r["completion"]}]})
+        else:
+            prompt = render_prompt(r["prompt"], template, tokenizer)
+            completion = r["completion"]
+            if template == "r1_zero" and not completion.startswith((" ", "\n")):
+                completion = " " + completion
+            out.append({"prompt": prompt, "completion": completion})
+    return out
+
+
+class _JsonlCallback:
+    """TrainerCallback that mirrors the trainer's logs into metrics.jsonl."""
+
+    def __new__(cls, logger: MetricsLogger):
+        from transformers import TrainerCallback
+
+        class Cb(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs and state.is_world_process_zero:
+                    logger.log(state.global_step, {f"train/{k}" if not k.startswith(("train", "eval")) else k: v
+                                                   for k, v in logs.items()})
+
+        return Cb()
+
+
+def run_sft(cfg: RunConfig) -> dict:
+    """Train, save a Hugging Face directory in ``cfg.output_dir``, return headline metrics."""
+    from datasets import Dataset
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTConfig, SFTTrainer
+
+    t0 = time.time()
+    out = Path(cfg.output_dir)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    tokenizer.padding_side = "right"
+    rows = sft_rows(cfg.data.train, cfg.data.max_samples)
+    examples = to_sft_examples(rows, cfg.data.template, tokenizer, cfg.data.train)
+    model = load_causal_lm(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code)
+
+    peft_config = None
+    if cfg.model.lora is not None:
+        from peft import LoraConfig
+
+        lc = cfg.model.lora
+        peft_config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                 target_modules=lc.target_modules, task_type="CAUSAL_LM")
+
+    t = cfg.train
+    cuda = torch.cuda.is_available()
+    bf16 = t.bf16 if t.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+    args = SFTConfig(
+        output_dir=str(out),
+        max_steps=t.max_steps or -1,
+        num_train_epochs=t.epochs,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        gradient_checkpointing=t.gradient_checkpointing,
+        bf16=bf16,
+        use_cpu=not cuda,
+        report_to=[r for r in cfg.report_to if r in ("tensorboard", "wandb")] or "none",
+        max_length=t.max_length,
+        completion_only_loss=cfg.sft.completion_only_loss,
+        packing=cfg.sft.packing,
+        dataset_num_proc=None,
+        save_only_model=False,
+        logging_first_step=True,
+    )
+    logger = MetricsLogger(out, cfg.report_to, run_name=cfg.name, config=cfg.model_dump(mode="json"))
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(examples),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[_JsonlCallback(logger)],
+    )
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if last:
+        console.print(f"[cyan]resuming from {last}[/]")
+    result = trainer.train(resume_from_checkpoint=last)
+
+    final = trainer.model
+    if peft_config is not None:
+        final.save_pretrained(str(out / "adapter"))
+        final = final.merge_and_unload()
+    final.save_pretrained(str(out))
+    tokenizer.padding_side = "left"
+    tokenizer.save_pretrained(str(out))
+
+    metrics = {"train_loss": result.training_loss, "steps": trainer.state.global_step,
+               "examples": len(examples), "seconds": round(time.time() - t0, 1)}
+    if cfg.eval.task and (is_embedded(cfg.data.train) or cfg.data.eval):
+        from rlkit.evaluate import eval_rows, evaluate_model
+
+        spec, eval_data = eval_rows(cfg.eval, cfg.data.eval)
+        final.eval()
+        report = evaluate_model(final, tokenizer, eval_data, cfg.eval, cfg.eval.template or cfg.data.template)
+        metrics.update({f"eval/{k}": v for k, v in report.metrics.items()})
+        logger.log(trainer.state.global_step, {f"eval/{k}": v for k, v in report.metrics.items()})
+    logger.close()
+    plot_metrics(out / "metrics.jsonl", out / "training.png", ["train/loss", "train/learning_rate", "train/grad_norm"],
+                 title=f"rlkit sft: {cfg.name}")
+    write_model_card(out, cfg, metrics, stage="sft")
+    (out / "rlkit_result.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics

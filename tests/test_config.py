@@ -1,0 +1,82 @@
+import pytest
+import yaml
+
+from rlkit.config import ConfigError, build_config, parse_set
+from rlkit.recipe import list_recipes, load_config
+
+from conftest import assert_clean_error
+
+
+def test_precedence_defaults_recipe_set_flags(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("kind: sft\ntrain:\n  learning_rate: 0.5\n  max_steps: 7\nmodel:\n  path: from-recipe/x\n")
+    cfg = load_config(str(recipe), default_recipe="sft")
+    assert cfg.train.learning_rate == 0.5 and cfg.train.max_steps == 7
+    assert cfg.train.batch_size == 16  # default survives
+    cfg = load_config(str(recipe), default_recipe="sft", sets=["train.max_steps=9", "model.path=from-set/x"])
+    assert cfg.train.max_steps == 9 and cfg.model.path == "from-set/x"
+    cfg = load_config(str(recipe), default_recipe="sft", sets=["train.max_steps=9", "model.path=from-set/x"],
+                      flags={"train.max_steps": 11, "model.path": None})
+    assert cfg.train.max_steps == 11  # a named flag beats --set
+    assert cfg.model.path == "from-set/x"  # an absent flag changes nothing
+
+
+def test_unknown_key_suggests_closest(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("kind: sft\ntrain:\n  learnig_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'train.learnig_rate'; did you mean 'train.learning_rate'"):
+        load_config(str(recipe), default_recipe="sft")
+
+
+def test_unknown_top_level_key_and_bad_value():
+    with pytest.raises(ConfigError, match="unknown key 'modle'; did you mean 'model'"):
+        build_config([("x.yaml", {"modle": {}})])
+    with pytest.raises(ConfigError, match=r"y.yaml: train.batch_size: Input should be greater than 0"):
+        build_config([("y.yaml", {"train": {"batch_size": 0}})])
+    with pytest.raises(ConfigError, match=r"data.template"):
+        build_config([("z.yaml", {"data": {"template": "fancy"}})])
+
+
+def test_config_is_frozen():
+    cfg = build_config([])
+    with pytest.raises(Exception):
+        cfg.train.learning_rate = 1.0
+
+
+def test_parse_set_types():
+    assert parse_set(["a.b=3", "a.c=1e-5", "d=true", "e=hello", "f=[1, 2]"]) == {
+        "a": {"b": 3, "c": 1e-5}, "d": True, "e": "hello", "f": [1, 2]}
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        parse_set(["novalue"])
+
+
+def test_every_builtin_recipe_validates():
+    names = list_recipes()
+    assert "sft" in names
+    for name in names:
+        load_config(name, default_recipe=name)
+
+
+def test_recipes_cli(cli, tmp_path):
+    r = cli("recipes", "list")
+    assert r.exit_code == 0 and "sft" in r.output
+    r = cli("recipes", "show", "sft", "--set", "train.max_steps=3")
+    assert r.exit_code == 0
+    shown = yaml.safe_load(r.output)
+    assert shown["train"]["max_steps"] == 3 and shown["train"]["batch_size"] == 32
+
+
+def test_cli_bad_config_inputs(cli, tmp_path):
+    assert_clean_error(cli("sft", "--recipe", "nosuch"), "unknown recipe 'nosuch'", "known recipes")
+    assert_clean_error(cli("sft", "--set", "train.learnig_rate=1"), "did you mean 'train.learning_rate'")
+    assert_clean_error(cli("sft", "--recipe", tmp_path / "missing.yaml"), "missing.yaml", "not found")
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("kind: sft\ntrain: [1, 2\n")
+    assert_clean_error(cli("sft", "--recipe", bad), "broken.yaml:", "invalid YAML")
+
+
+def test_version_and_help(cli):
+    r = cli("--version")
+    assert r.exit_code == 0 and r.output.startswith("rlkit ")
+    r = cli()
+    assert "sft" in r.output and "eval" in r.output

