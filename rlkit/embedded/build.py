@@ -146,27 +146,13 @@ def _blocks(docs: list[str], tokenizer, block: int) -> torch.Tensor:
     return torch.tensor(ids[: n * block]).view(n, block)
 
 
-def greedy_accuracy(model, tokenizer, template: str = "r1_zero", n: int = 200) -> dict:
-    """Quick greedy check on the test split (the full scorer lives in rlkit.evaluate)."""
-    import re
+def greedy_accuracy(model, tokenizer, template: str = "r1_zero") -> dict:
+    """Greedy pass@1 and format rate on the whole test split, scored as ``rlkit eval`` scores."""
+    from rlkit.config import EvalConfig
+    from rlkit.evaluate import evaluate_model
 
-    from rlkit.templates import render_prompt
-
-    rows = task_split("arithmetic", "test")[:n]
-    correct = formatted = 0
-    model.eval()
-    for i in range(0, len(rows), 50):
-        chunk = rows[i : i + 50]
-        prompts = [render_prompt(r["prompt"], template, tokenizer) for r in chunk]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=48, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        for r, t in zip(chunk, texts):
-            m = re.fullmatch(r"\s*<think>.*?</think>\s*<answer>(.*?)</answer>\s*", t, re.S)
-            formatted += bool(m)
-            correct += bool(m) and m.group(1).strip() == r["answer"]
-    return {"accuracy": correct / len(rows), "format": formatted / len(rows)}
+    report = evaluate_model(model, tokenizer, task_split("arithmetic", "test"), EvalConfig(), template)
+    return {"accuracy": report.metrics["pass@1"], "format": report.metrics["format"]}
 
 
 def train(output: Path, steps: int, seed: int, block: int = 256, batch: int = 16, lr: float = 3e-3) -> dict:
@@ -206,7 +192,7 @@ def train(output: Path, steps: int, seed: int, block: int = 256, batch: int = 16
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     info = {"steps": steps, "seed": seed, "block": block, "batch": batch, "lr": lr,
-            "seconds": round(time.time() - t0, 1), "greedy_test_200": stats}
+            "seconds": round(time.time() - t0, 1), "greedy_test": stats}
     (tmp / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
     if output.exists():
         shutil.rmtree(output)

@@ -27,7 +27,7 @@ from rlkit.data import DataError, is_embedded, sft_rows
 from rlkit.models import load_causal_lm, load_tokenizer
 from rlkit.outputs import write_model_card
 from rlkit.templates import render_prompt
-from rlkit.tracking import MetricsLogger, console, plot_metrics
+from rlkit.tracking import MetricsLogger, plot_metrics
 
 
 def to_sft_examples(rows: list[dict], template: str, tokenizer, spec: str) -> list[dict]:
@@ -111,7 +111,7 @@ def run_sft(cfg: RunConfig) -> dict:
         logging_steps=t.logging_steps,
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,
         bf16=bf16,
         use_cpu=not cuda,
         report_to=[r for r in cfg.report_to if r in ("tensorboard", "wandb")] or "none",
@@ -133,7 +133,7 @@ def run_sft(cfg: RunConfig) -> dict:
     )
     last = get_last_checkpoint(str(out)) if out.is_dir() else None
     if last:
-        console.print(f"[cyan]resuming from {last}[/]")
+        print(f"resuming from {last}", flush=True)
     result = trainer.train(resume_from_checkpoint=last)
 
     final = trainer.model
