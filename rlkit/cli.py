@@ -184,7 +184,8 @@ def _console():
 
 
 def _print_metrics(title: str, metrics: dict) -> None:
-    table = Table(title=title, title_justify="left")
+    _console().print(f"[bold]{title}[/]")
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in metrics.items():

@@ -90,8 +90,54 @@ class EvalConfig(_Section):
     limit: int | None = Field(None, gt=0, description="Evaluate only the first N prompts.")
 
 
+class RewardSpec(_Section):
+    name: str = Field(..., description="Registered reward name, dotted path (pkg.module:fn), or rlkit.rewards entry point.")
+    weight: float = Field(1.0, description="Weight in the summed reward.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments passed to the reward.")
+    alias: str | None = Field(None, description="Metric name, when one reward is listed twice.")
+
+
+class RLConfig(_Section):
+    engine: Literal["hf"] = Field("hf", description="Rollout engine.")
+    prompts_per_step: int = Field(16, gt=0, description="Prompts per rollout batch, over all processes.")
+    num_generations: int = Field(8, gt=0, description="Completions per prompt (the GRPO group size G).")
+    max_new_tokens: int = Field(64, gt=0, description="Generation budget per completion.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature for rollouts (log-probs use the same).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling for rollouts.")
+    advantage: str = Field("grpo", description="Advantage estimator: grpo, dr_grpo, rloo, reinforce_pp (gae: rlkit ppo).")
+    std_normalize: Literal["group", "batch", "none"] = Field(
+        "group", description="grpo: divide by the reward std of the group, of the batch, or not at all.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount (reinforce_pp, gae).")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    policy_loss: str = Field("ppo_clip", description="Policy loss: ppo_clip or reinforce.")
+    epsilon: float = Field(0.2, gt=0, description="Lower clip range of the importance ratio.")
+    epsilon_high: float | None = Field(None, gt=0, description="Upper clip range (DAPO clip-higher); default: epsilon.")
+    dual_clip: float | None = Field(None, gt=1, description="Dual-clip constant c > 1 for negative advantages.")
+    loss_aggregation: str = Field(
+        "token_mean",
+        description="token_mean (DAPO), seq_mean_token_mean (GRPO), seq_mean_token_sum, seq_mean_token_sum_norm (Dr. GRPO).")
+    beta: float = Field(0.0, ge=0, description="KL coefficient to the reference model; 0 = no reference model.")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator per token.")
+    kl_in: Literal["loss", "reward"] = Field(
+        "loss", description="Where the KL goes: added to the loss (GRPO) or subtracted from the reward per token (InstructGPT).")
+    kl_controller: Literal["fixed", "adaptive"] = Field("fixed", description="Fixed beta or adaptive toward kl_target.")
+    kl_target: float | None = Field(None, gt=0, description="Target KL for the adaptive controller.")
+    kl_horizon: int = Field(10000, gt=0, description="Horizon (in samples) of the adaptive controller.")
+    num_iterations: int = Field(1, gt=0, description="Optimisation passes over each rollout batch (mu).")
+    mini_batch_size: int | None = Field(None, gt=0, description="Samples per optimizer step (per process); default: the whole batch.")
+    micro_batch_size: int = Field(32, gt=0, description="Samples per forward/backward (gradient accumulation inside a mini-batch).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
+    reward_scale: float = Field(1.0, description="Multiply summed rewards by this.")
+    reward_clip: float | None = Field(None, gt=0, description="Clip summed rewards to [-c, c].")
+    dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal and refill the batch.")
+    max_resample_rounds: int = Field(3, ge=0, description="Extra rollout rounds to refill a dynamically sampled batch.")
+    overlong_filter: bool = Field(False, description="DAPO: leave truncated completions out of the loss.")
+    eval_steps: int = Field(20, gt=0, description="Evaluate on the held-out split every N steps (and before and after).")
+    log_completions: int = Field(1, ge=0, description="Print this many sample completions at each log step.")
+
+
 class RunConfig(_Section):
-    kind: Literal["sft"] = Field("sft", description="What this config runs.")
+    kind: Literal["sft", "grpo"] = Field("sft", description="What this config runs.")
     name: str = Field("run", description="Recipe name.")
     description: str = Field("", description="One line on what the recipe does.")
     output_dir: str = Field("outputs/run", description="Where the Hugging Face output directory is written.")
@@ -103,9 +149,34 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
+    rewards: list[RewardSpec] = Field(default_factory=list, description="Rewards for RL: [{name, weight, params}].")
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
+        from rlkit.algos import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES
+
+        rl = self.rl
+        for key, value, registry in (("rl.advantage", rl.advantage, ADVANTAGES),
+                                     ("rl.loss_aggregation", rl.loss_aggregation, AGGREGATIONS),
+                                     ("rl.policy_loss", rl.policy_loss, POLICY_LOSSES)):
+            if value not in registry:
+                raise ValueError(f"{key}: unknown name '{value}'; known: {', '.join(registry)}")
+        if self.kind == "grpo":
+            if not self.rewards:
+                raise ValueError("rewards: grpo needs at least one reward")
+            if rl.advantage == "gae":
+                raise ValueError("rl.advantage: 'gae' needs a value model; use rlkit ppo, or grpo/dr_grpo/rloo/reinforce_pp")
+            if rl.advantage in ("grpo", "dr_grpo", "rloo") and rl.num_generations < 2:
+                raise ValueError(f"rl.num_generations: advantage '{rl.advantage}' compares samples of a prompt; needs >= 2")
+            if rl.dynamic_sampling and rl.num_generations < 2:
+                raise ValueError("rl.dynamic_sampling: needs rl.num_generations >= 2")
+            if rl.kl_controller == "adaptive" and rl.kl_target is None:
+                raise ValueError("rl.kl_target: the adaptive KL controller needs a target")
+            if rl.kl_controller == "adaptive" and rl.beta == 0:
+                raise ValueError("rl.beta: the adaptive KL controller needs an initial beta > 0")
+            if rl.epsilon_high is not None and rl.epsilon_high < rl.epsilon:
+                raise ValueError("rl.epsilon_high: must be >= rl.epsilon (clip-higher)")
         if self.eval.num_samples > 1 and self.eval.temperature <= 0:
             raise ValueError("eval.num_samples > 1 needs eval.temperature > 0")
         return self
@@ -203,13 +274,14 @@ def build_config(layers: list[tuple[str, dict]]) -> RunConfig:
         return RunConfig.model_validate(merged)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
         source = layers[-1][0] if layers else "config"
         for s, layer in reversed(layers):
             if _has_path(layer, err["loc"]):
                 source = s
                 break
-        raise ConfigError(f"{source}: {loc}: {err['msg']}") from None
+        raise ConfigError(f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}") from None
 
 
 def _has_path(d: dict, loc: tuple) -> bool:
