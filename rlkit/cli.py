@@ -42,6 +42,7 @@ def _quiet_libraries() -> None:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
         datasets.disable_progress_bars()
         datasets.logging.set_verbosity_error()
     except ImportError:
@@ -97,6 +98,27 @@ def sft(
         "model.path": model, "data.train": dataset, "output_dir": output_dir, "train.max_steps": max_steps})
     metrics = run_sft(cfg)
     _print_metrics(f"sft → {cfg.output_dir}", metrics)
+
+
+@app.command()
+@friendly_errors
+def grpo(
+    recipe: RecipeOpt = None,
+    model: ModelOpt = None,
+    dataset: DatasetOpt = None,
+    output_dir: OutputOpt = None,
+    max_steps: StepsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """GRPO with rule-based rewards (default recipe: r1_zero). Run it again after a crash to resume."""
+    from rlkit.recipe import load_config
+    from rlkit.trainers.rl import run_rl
+
+    cfg = load_config(recipe, default_recipe="r1_zero", sets=set_, kind="grpo", flags={
+        "model.path": model, "data.train": dataset, "output_dir": output_dir, "train.max_steps": max_steps})
+    result = run_rl(cfg)
+    if result and "seconds" in result:
+        _print_before_after(f"grpo → {cfg.output_dir}", result)
 
 
 @app.command("eval")
@@ -181,6 +203,16 @@ def _console():
     from rich.console import Console
 
     return Console()
+
+
+def _print_before_after(title: str, result: dict) -> None:
+    _console().print(f"[bold]{title}[/]  ({result['steps']} steps, {result['seconds']:.0f} s)")
+    keys = [k.removeprefix("before/") for k in result if k.startswith("before/")]
+    table = Table("metric", "before", "after")
+    for k in keys:
+        b, a = result.get(f"before/{k}"), result.get(f"after/{k}")
+        table.add_row(k, f"{b:.4f}" if isinstance(b, float) else str(b), f"{a:.4f}" if isinstance(a, float) else str(a))
+    _console().print(table)
 
 
 def _print_metrics(title: str, metrics: dict) -> None:

@@ -1,0 +1,80 @@
+"""The rollout batch that carries tensors between the phases of the RL loop, and per-token log-probs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlkit.algos import entropy_from_logits
+from rlkit.rollout import Sample
+
+
+@dataclass
+class RolloutBatch:
+    """B samples (prompts × num_generations), prompt left-padded to P, completion right-padded to T."""
+
+    input_ids: torch.Tensor        # [B, P+T] prompt then completion tokens
+    attention_mask: torch.Tensor   # [B, P+T] 1 on real prompt and completion tokens
+    completion_mask: torch.Tensor  # [B, T]   1 on completion tokens that enter the loss
+    group_ids: torch.Tensor        # [B]      samples of the same prompt share an id
+    rewards: torch.Tensor          # [B]      summed, weighted, scaled reward
+    old_logp: torch.Tensor | None = None   # [B, T] policy log-probs before this step's updates
+    ref_logp: torch.Tensor | None = None   # [B, T] reference-model log-probs
+    sampler_logp: torch.Tensor | None = None  # [B, T] the rollout engine's log-probs
+    advantages: torch.Tensor | None = None    # [B, T]
+    returns: torch.Tensor | None = None       # [B, T]
+
+    @property
+    def completion_len(self) -> int:
+        return self.completion_mask.shape[1]
+
+    def select(self, idx: torch.Tensor) -> RolloutBatch:
+        """The samples at ``idx`` (a mini- or micro-batch), every tensor field sliced alike."""
+        fields = {k: (v[idx] if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return RolloutBatch(**fields)
+
+
+def build_batch(prompt_ids: list[list[int]], samples: list[Sample], group_ids: list[int], rewards: list[float],
+                pad_id: int, overlong_filter: bool = False) -> RolloutBatch:
+    """Pad prompts on the left and completions on the right into one RolloutBatch."""
+    P = max(len(p) for p in prompt_ids)
+    T = max(1, max(len(s.token_ids) for s in samples))
+    B = len(samples)
+    input_ids = torch.full((B, P + T), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, P + T), dtype=torch.long)
+    cmask = torch.zeros((B, T), dtype=torch.float32)
+    sampler = torch.zeros((B, T), dtype=torch.float32)
+    has_sampler = all(s.logprobs is not None for s in samples)
+    for i, (p, s) in enumerate(zip(prompt_ids, samples)):
+        input_ids[i, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
+        attn[i, P - len(p) : P] = 1
+        n = len(s.token_ids)
+        if n:
+            input_ids[i, P : P + n] = torch.tensor(s.token_ids, dtype=torch.long)
+            attn[i, P : P + n] = 1
+            if not (overlong_filter and not s.finished):
+                cmask[i, :n] = 1
+            if has_sampler:
+                sampler[i, :n] = torch.tensor(s.logprobs, dtype=torch.float32)
+    return RolloutBatch(input_ids, attn, cmask, torch.tensor(group_ids, dtype=torch.long),
+                        torch.tensor(rewards, dtype=torch.float32), sampler_logp=sampler if has_sampler else None)
+
+
+def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0,
+                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs [B, T] of the completion tokens under ``model`` (logits divided by the sampling
+    temperature, as the sampler saw them), and optionally the per-token entropy [B, T].
+
+    Position ids follow the attention mask, so left padding gives the same positions as generation.
+    Only the last T+1 positions go through the LM head.
+    """
+    T = batch.completion_len
+    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
+                use_cache=False, logits_to_keep=T + 1)
+    logits = out.logits[:, -(T + 1) : -1, :].float() / temperature
+    targets = batch.input_ids[:, -T:]
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    ent = entropy_from_logits(logits.detach()) if with_entropy else None
+    return logp, ent

@@ -1,0 +1,498 @@
+"""The RL loop: GRPO (and, with a value model, PPO) as configurations of one loop with named, timed phases.
+
+    rollout   → engine.generate(prompts, n)               token ids, masks (and sampler log-probs)
+    reward    → RewardSet.score(completions, columns)      per-reward scores and their weighted sum
+    reference → old policy log-probs; reference log-probs  only when the config needs them
+    advantage → ADVANTAGES[rl.advantage](...)              grpo | dr_grpo | rloo | reinforce_pp
+    update    → num_iterations × mini-batches of POLICY_LOSSES[rl.policy_loss] (+ KL in the loss)
+    sync      → engine.sync_weights(policy)                a no-op for the in-process hf engine
+    log       → metrics.jsonl / TensorBoard, progress bar, periodic eval, atomic checkpoints
+
+GRPO (Shao et al. 2024) with the DAPO options (Yu et al. 2025): clip-higher (``epsilon_high``), token-mean
+loss aggregation, dynamic sampling (groups whose rewards are all equal are dropped and the batch is
+refilled with fresh prompts) and overlong filtering. Departures from the paper: the KL term is optional
+(``beta: 0`` loads no reference model) and can go into the reward per token instead of the loss.
+
+The loop runs under accelerate from the first line: one process on CPU, or ``accelerate launch
+--num_processes N`` for DDP on CPUs (gloo) or GPUs; each process rolls out its share of the prompts.
+
+    rlkit grpo --recipe r1_zero                        # the embedded world, ~5 minutes on 2 cores
+    rlkit grpo --recipe r1_zero --model Qwen/Qwen2.5-0.5B --dataset math.jsonl
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from rlkit import checkpoint as ckpt
+from rlkit.algos import (
+    AdvantageConfig,
+    aggregate,
+    PolicyLossConfig,
+    compute_advantages,
+    compute_kl,
+    compute_policy_loss,
+    make_kl_controller,
+    masked_mean,
+)
+from rlkit.config import RunConfig
+from rlkit.data import DataError, prompt_rows
+from rlkit.evaluate import eval_rows, evaluate_model
+from rlkit.models import load_causal_lm, load_tokenizer
+from rlkit.outputs import write_model_card
+from rlkit.rollout import SamplingParams, make_engine
+from rlkit.scoring import RewardSet
+from rlkit.templates import render_prompt
+from rlkit.tracking import MetricsLogger, console, plot_metrics
+from rlkit.trainers.batch import RolloutBatch, build_batch, completion_logprobs
+
+
+class PhaseTimer:
+    """``with timer("rollout"):`` accumulates wall time per named phase into ``time/<phase>``."""
+
+    def __init__(self):
+        self.times: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.times[name] += time.perf_counter() - t0
+
+    def pop(self) -> dict[str, float]:
+        out = {f"time/{k}": v for k, v in self.times.items()}
+        self.times.clear()
+        return out
+
+
+class PromptStream:
+    """Deterministic prompt order: a fresh seeded permutation per epoch; the position is saved for resume."""
+
+    def __init__(self, rows: list[dict], seed: int, pos: int = 0):
+        self.rows, self.seed, self.pos = rows, seed, pos
+
+    def take(self, n: int) -> list[dict]:
+        out = []
+        for _ in range(n):
+            epoch, i = divmod(self.pos, len(self.rows))
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            perm = torch.randperm(len(self.rows), generator=g)
+            out.append(self.rows[int(perm[i])])
+            self.pos += 1
+        return out
+
+
+def validate_gold_answers(rows: list[dict], spec: str) -> None:
+    """Every gold answer must be checkable by math-verify before training starts."""
+    import re
+
+    from rlkit.rewards.math_answer import parse_gold
+
+    plain = re.compile(r"^-?\d+(\.\d+)?$")
+    for i, r in enumerate(rows, 1):
+        a = r["answer"].strip()
+        if not a:
+            raise DataError(f"{spec}: row {i}: empty 'answer'")
+        if not plain.match(a) and not parse_gold(a):
+            raise DataError(f"{spec}: row {i}: gold answer {a!r} cannot be parsed by math-verify")
+
+
+def _loss_weight(mode: str, micro_mask: torch.Tensor, mini_mask: torch.Tensor) -> float:
+    """Share of a mini-batch's normaliser that one micro-batch carries, so that accumulated micro-batch
+    losses equal the mini-batch loss of the chosen aggregation."""
+    if mode == "token_mean":
+        return float(micro_mask.sum()) / max(float(mini_mask.sum()), 1.0)
+    if mode in ("seq_mean_token_mean", "seq_mean_token_sum"):
+        return float((micro_mask.sum(-1) > 0).sum()) / max(float((mini_mask.sum(-1) > 0).sum()), 1.0)
+    return micro_mask.shape[0] / mini_mask.shape[0]
+
+
+def run_rl(cfg: RunConfig) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    t_start = time.time()
+    rl, t = cfg.rl, cfg.train
+    cuda = torch.cuda.is_available()
+    bf16 = t.bf16 if t.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+    acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
+    rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
+    out = Path(cfg.output_dir)
+    if rl.prompts_per_step % world:
+        raise DataError(f"rl.prompts_per_step ({rl.prompts_per_step}) must be divisible by the {world} processes")
+    per_proc = rl.prompts_per_step // world
+    B = per_proc * rl.num_generations
+
+    # ---------------------------------------------------------------------------------- set-up
+    rewards = RewardSet(cfg.rewards)
+    rows = prompt_rows(cfg.data.train, split="train", answer="accuracy" in rewards.names)
+    if cfg.data.max_samples:
+        rows = rows[: cfg.data.max_samples]
+    if "accuracy" in rewards.names:
+        validate_gold_answers(rows, cfg.data.train)
+    max_steps = t.max_steps or max(1, math.ceil(t.epochs * len(rows) / rl.prompts_per_step))
+    set_seed(t.seed)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    resume_from = ckpt.last_checkpoint(out)
+    policy = load_causal_lm(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code)
+    ref_model = None
+    if cfg.model.lora is not None:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        lc = cfg.model.lora
+        if resume_from is not None:
+            policy = PeftModel.from_pretrained(policy, str(resume_from), is_trainable=True)
+        else:
+            policy = get_peft_model(policy, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                                       target_modules=lc.target_modules, task_type="CAUSAL_LM"))
+    else:
+        if rl.beta > 0 or rl.kl_in == "reward":
+            ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
+        if resume_from is not None:
+            policy = load_causal_lm(str(resume_from), cfg.model.dtype, cfg.model.trust_remote_code)
+    if t.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    policy.config.use_cache = True
+
+    n_minibatches = math.ceil(B / (rl.mini_batch_size or B))
+    opt_steps = max_steps * rl.num_iterations * n_minibatches
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=t.learning_rate,
+                                  weight_decay=t.weight_decay)
+    scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=int(t.warmup_ratio * opt_steps),
+                              num_training_steps=opt_steps)
+    policy, optimizer = acc.prepare(policy, optimizer)
+    if ref_model is not None:
+        ref_model.to(acc.device)
+    kl_ctl = make_kl_controller(rl.kl_controller, rl.beta, target=rl.kl_target, horizon=rl.kl_horizon)
+
+    stream = PromptStream(rows, t.seed)
+    step, history = 0, {}
+    if resume_from is not None:
+        state = ckpt.load_state(resume_from, rank, optimizer, scheduler)
+        step, stream.pos, history = state["step"], state["data_pos"], state.get("history", {})
+        kl_ctl.load_state_dict(state["kl_controller"])
+        if main:
+            print(f"resuming from {resume_from} (step {step})", flush=True)
+    else:
+        torch.manual_seed(t.seed * 1009 + rank)
+        random.seed(t.seed * 1009 + rank)
+        if main and out.exists():
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+
+    unwrapped = acc.unwrap_model(policy)
+    engine = make_engine(rl.engine, unwrapped, tokenizer, batch_size=max(B, 1))
+    params = SamplingParams(n=rl.num_generations, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
+                            top_p=rl.top_p)
+    logger = MetricsLogger(out, cfg.report_to if main else [], run_name=cfg.name,
+                           config=cfg.model_dump(mode="json")) if main else None
+    eval_cfg = cfg.eval
+    eval_template = eval_cfg.template or cfg.data.template
+    eval_data = eval_rows(eval_cfg, cfg.data.eval)[1] if eval_cfg.task or cfg.data.eval else None
+
+    def run_eval() -> dict:
+        if eval_data is None or not main:
+            return {}
+        rep = evaluate_model(unwrapped, tokenizer, eval_data, eval_cfg, eval_template)
+        return {f"eval/{k}": v for k, v in rep.metrics.items() if k not in ("n_prompts",)}
+
+    if "before" not in history:
+        history["before"] = run_eval()
+        if logger is not None and history["before"]:
+            logger.log(step, history["before"])
+    acc.wait_for_everyone()
+
+    def reference_logprobs(batch: RolloutBatch) -> torch.Tensor | None:
+        if ref_model is None and cfg.model.lora is None:
+            return None
+        with torch.no_grad():
+            if ref_model is not None:
+                return _chunked_logprobs(ref_model, batch, rl)
+            with unwrapped.disable_adapter():
+                return _chunked_logprobs(unwrapped, batch, rl)
+
+    timer = PhaseTimer()
+    progress = _Progress(max_steps, step) if main else None
+    policy.train()
+    # --------------------------------------------------------------------------------- the loop
+    while step < max_steps:
+        step_t0 = time.time()
+        # rollout + reward (+ dynamic sampling)
+        kept: list[tuple] = []
+        dropped: list[tuple] = []
+        rounds = 0
+        failures: dict[str, int] = defaultdict(int)
+        while True:
+            prompts_rows = stream.take(rl.prompts_per_step)[rank * per_proc : (rank + 1) * per_proc]
+            texts = [render_prompt(r["prompt"], cfg.data.template, tokenizer) for r in prompts_rows]
+            with timer("rollout"):
+                groups = engine.generate(texts, params)
+            with timer("reward"):
+                flat = [s for g in groups for s in g]
+                cols = {k: [r.get(k) for r in prompts_rows for _ in range(rl.num_generations)]
+                        for k in prompts_rows[0]}
+                cols["prompts"] = [x for x in texts for _ in range(rl.num_generations)]
+                cols["completion_lengths"] = [len(s.token_ids) for s in flat]
+                scored = rewards.score([s.text for s in flat], cols)
+            for gi, (text, g) in enumerate(zip(texts, groups)):
+                sl = slice(gi * rl.num_generations, (gi + 1) * rl.num_generations)
+                item = (text, g, scored.total[sl], {k: v[sl] for k, v in scored.per_reward.items()})
+                if rl.dynamic_sampling and len(set(scored.total[sl])) == 1:
+                    dropped.append(item)
+                else:
+                    kept.append(item)
+            for k, v in scored.failures.items():
+                failures[k] += v
+            rounds += 1
+            need = torch.tensor(float(rl.dynamic_sampling and len(kept) < per_proc), device=acc.device)
+            if rounds > rl.max_resample_rounds or acc.reduce(need, "sum").item() == 0:
+                break
+        groups_used = (kept + dropped)[:per_proc]
+
+        prompt_ids, samples, gids, totals = [], [], [], []
+        per_reward: dict[str, list] = defaultdict(list)
+        for gi, (text, g, tot, per) in enumerate(groups_used):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            for j, s in enumerate(g):
+                prompt_ids.append(ids)
+                samples.append(s)
+                gids.append(gi)
+                r = tot[j] * rl.reward_scale
+                totals.append(max(-rl.reward_clip, min(rl.reward_clip, r)) if rl.reward_clip else r)
+            for k, v in per.items():
+                per_reward[k].extend(v)
+        batch = build_batch(prompt_ids, samples, gids, totals, tokenizer.pad_token_id, rl.overlong_filter)
+        batch = _to(batch, acc.device)
+
+        # reference and old log-probs
+        with timer("reference"):
+            need_old = rl.num_iterations > 1 or n_minibatches > 1 or rl.kl_in == "reward"
+            policy.eval()
+            if need_old:
+                with torch.no_grad():
+                    batch.old_logp = _chunked_logprobs(unwrapped, batch, rl)
+            batch.ref_logp = reference_logprobs(batch)
+            policy.train()
+
+        # advantage
+        with timer("advantage"):
+            token_rewards = None
+            if rl.kl_in == "reward" and batch.ref_logp is not None:
+                token_rewards = -kl_ctl.value * compute_kl("k1", batch.old_logp, batch.ref_logp) * batch.completion_mask
+            batch.advantages, batch.returns = compute_advantages(
+                rl.advantage, rewards=batch.rewards, mask=batch.completion_mask, group_ids=batch.group_ids,
+                token_rewards=token_rewards,
+                cfg=AdvantageConfig(gamma=rl.gamma, lam=rl.lam, std_normalize=rl.std_normalize))
+
+        # update
+        with timer("update"):
+            stats = _update(policy, unwrapped, optimizer, scheduler, acc, batch, rl, kl_ctl.value)
+
+        with timer("sync"):
+            _sync(engine, unwrapped)
+
+        step += 1
+        # log
+        with timer("log"):
+            kl_now = stats.get("kl", 0.0)
+            kl_ctl.update(kl_now, B * world)
+            metrics = {
+                "reward": _gmean(acc, totals),
+                **{f"reward/{k}": _gmean(acc, [x for x in v if x is not None]) for k, v in per_reward.items()},
+                **{f"reward/{k}/failures": _gmean(acc, [float(v)]) * world for k, v in failures.items()},
+                **stats,
+                "beta": kl_ctl.value,
+                "completion_len": _gmean(acc, [len(s.token_ids) for s in samples]),
+                "truncated_frac": _gmean(acc, [float(not s.finished) for s in samples]),
+                "groups_kept_frac": len(kept) / max(1, len(kept) + len(dropped)) if rl.dynamic_sampling else 1.0,
+                "rollout_rounds": rounds,
+                "lr": scheduler.get_last_lr()[0],
+                "step_seconds": time.time() - step_t0,
+                "completion_tokens_per_s": sum(len(s.token_ids) for s in samples) * world
+                / max(timer.times.get("rollout", 1e-9), 1e-9),
+            }
+            if step % rl.eval_steps == 0 or step == max_steps:
+                acc.wait_for_everyone()
+                metrics.update(run_eval())
+            metrics.update(timer.pop())
+            if main:
+                logger.log(step, metrics)
+                progress.update(step, metrics)
+                if rl.log_completions and (step % t.logging_steps == 0 or step == 1):
+                    s0 = samples[0]
+                    progress.note(f"[dim]step {step} sample (reward {totals[0]:.2f}):[/] {s0.text[:200]!r}")
+            if step % t.save_steps == 0 or step == max_steps:
+                _save_checkpoint(acc, out, step, unwrapped, tokenizer, optimizer, scheduler,
+                                 {"step": step, "data_pos": stream.pos, "kl_controller": kl_ctl.state_dict(),
+                                  "history": history, "max_steps": max_steps}, t.save_total_limit)
+    if progress is not None:
+        progress.close()
+
+    # -------------------------------------------------------------------------------- finish
+    acc.wait_for_everyone()
+    result: dict = {"steps": step}
+    if main:
+        final = unwrapped.merge_and_unload() if cfg.model.lora is not None else unwrapped
+        if cfg.model.lora is not None:
+            unwrapped.save_pretrained(str(out / "adapter"))
+        final.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+        after = {k: v for k, v in _last_eval(out / "metrics.jsonl").items()}
+        before = history.get("before", {})
+        result.update({"before/" + k.removeprefix("eval/"): v for k, v in before.items() if "seconds" not in k})
+        result.update({"after/" + k.removeprefix("eval/"): v for k, v in after.items() if "seconds" not in k})
+        result["seconds"] = round(time.time() - t_start, 1)
+        logger.close()
+        plot_metrics(out / "metrics.jsonl", out / "training.png",
+                     ["reward", "reward/accuracy", "eval/pass@1", "kl", "completion_len"],
+                     title=f"rlkit {cfg.kind}: {cfg.name}")
+        write_model_card(out, cfg, result, stage=cfg.kind)
+        (out / "rlkit_result.json").write_text(json.dumps(result, indent=2) + "\n")
+    acc.wait_for_everyone()
+    acc.end_training()
+    return result
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def _to(batch: RolloutBatch, device) -> RolloutBatch:
+    return RolloutBatch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.__dict__.items()})
+
+
+def _chunked_logprobs(model, batch: RolloutBatch, rl) -> torch.Tensor:
+    B = batch.input_ids.shape[0]
+    parts = []
+    for i in range(0, B, rl.micro_batch_size):
+        idx = torch.arange(i, min(B, i + rl.micro_batch_size), device=batch.input_ids.device)
+        lp, _ = completion_logprobs(model, batch.select(idx), rl.temperature)
+        parts.append(lp)
+    return torch.cat(parts)
+
+
+def _update(policy, unwrapped, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: float) -> dict:
+    B = batch.input_ids.shape[0]
+    mini = rl.mini_batch_size or B
+    loss_cfg = PolicyLossConfig(clip_low=rl.epsilon, clip_high=rl.epsilon_high, dual_clip=rl.dual_clip,
+                                aggregation=rl.loss_aggregation,
+                                aggregation_constant=float(rl.max_new_tokens))
+    sums: dict[str, float] = defaultdict(float)
+    count = 0
+    for _ in range(rl.num_iterations):
+        order = torch.randperm(B).to(batch.input_ids.device) if mini < B else torch.arange(B, device=batch.input_ids.device)
+        for m0 in range(0, B, mini):
+            mini_idx = order[m0 : m0 + mini]
+            mini_mask = batch.completion_mask[mini_idx]
+            micro_chunks = list(range(0, len(mini_idx), rl.micro_batch_size))
+            for ci, c0 in enumerate(micro_chunks):
+                idx = mini_idx[c0 : c0 + rl.micro_batch_size]
+                mb = batch.select(idx)
+                last = ci == len(micro_chunks) - 1
+                ctx = contextlib.nullcontext() if last else acc.no_sync(policy)
+                with ctx:
+                    logp, ent = completion_logprobs(policy, mb, rl.temperature, with_entropy=True)
+                    old = mb.old_logp if mb.old_logp is not None else logp.detach()
+                    pl, pm = compute_policy_loss(rl.policy_loss, logp, old, mb.advantages, mb.completion_mask,
+                                                 cfg=loss_cfg)
+                    loss = pl
+                    kl_tok = None
+                    if mb.ref_logp is not None:
+                        kl_tok = compute_kl(rl.kl_estimator, logp, mb.ref_logp)
+                        if rl.kl_in == "loss" and beta > 0:
+                            loss = loss + beta * aggregate(kl_tok, mb.completion_mask, rl.loss_aggregation,
+                                                           float(rl.max_new_tokens))
+                    w = _loss_weight(rl.loss_aggregation, mb.completion_mask, mini_mask)
+                    acc.backward(loss * w)
+                mask = mb.completion_mask
+                sums["loss/policy"] += float(pl.detach()) * w
+                sums["entropy"] += float(masked_mean(ent, mask)) * w
+                for k in ("clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl"):
+                    if k in pm:
+                        sums[k] += float(pm[k]) * w
+                if kl_tok is not None:
+                    sums["kl"] += float(masked_mean(kl_tok.detach(), mask)) * w
+            if acc.sync_gradients:
+                gn = acc.clip_grad_norm_(policy.parameters(), rl.max_grad_norm)
+                sums["grad_norm"] += float(gn)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            count += 1
+    out = {k: v / count for k, v in sums.items()}
+    return {k: _gmean(acc, [v]) for k, v in out.items()}
+
+
+def _sync(engine, model) -> None:
+    sync = getattr(engine, "sync_weights", None)
+    if sync is not None:
+        sync(model)
+
+
+def _gmean(acc, values: list[float]) -> float:
+    """Mean over all processes' values."""
+    t = torch.tensor([sum(values), float(len(values))], dtype=torch.float64, device=acc.device)
+    if acc.num_processes > 1:
+        t = acc.reduce(t, "sum")
+    return float(t[0] / t[1]) if t[1] > 0 else 0.0
+
+
+def _save_checkpoint(acc, out: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int) -> None:
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        tmp = ckpt.begin(out, step)
+    acc.wait_for_everyone()
+    tmp = ckpt.tmp_dir(out, step)
+    ckpt.save_process_state(tmp, acc.process_index)
+    if acc.is_main_process:
+        ckpt.save_main_state(tmp, model, tokenizer, optimizer, scheduler, state)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        ckpt.commit(out, step, keep)
+    acc.wait_for_everyone()
+
+
+def _last_eval(path: Path) -> dict:
+    from rlkit.tracking import read_metrics
+
+    last: dict = {}
+    for row in read_metrics(path):
+        ev = {k: v for k, v in row.items() if k.startswith("eval/")}
+        if ev:
+            last = ev
+    return last
+
+
+class _Progress:
+    """A rich progress bar showing reward, accuracy, KL and length."""
+
+    def __init__(self, total: int, start: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.prog = Progress(TextColumn("[bold]grpo"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                             TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console)
+        self.task = self.prog.add_task("grpo", total=total, completed=start, info="")
+        self.prog.start()
+
+    def update(self, step: int, m: dict) -> None:
+        info = f"reward {m.get('reward', 0):.3f}"
+        if "reward/accuracy" in m:
+            info += f"  acc {m['reward/accuracy']:.2f}"
+        if "eval/pass@1" in m:
+            info += f"  eval {m['eval/pass@1']:.2f}"
+        info += f"  kl {m.get('kl', 0):.4f}  len {m.get('completion_len', 0):.0f}"
+        self.prog.update(self.task, completed=step, info=info)
+
+    def note(self, text: str) -> None:
+        self.prog.console.print(text)
+
+    def close(self) -> None:
+        self.prog.stop()
