@@ -139,7 +139,7 @@ def eval_(
 ) -> None:
     """Evaluate a model: pass@1 (greedy), avg@K and pass@K (sampled) and format rate."""
     from rlkit.config import build_config, load_yaml, parse_set
-    from rlkit.evaluate import run_eval
+    from rlkit.evaluation import run_eval
     from rlkit.recipe import recipe_path
     from rlkit.tracking import progress_bar
 

@@ -43,3 +43,17 @@ def test_sft_and_eval_on_smollm2(cli, smollm2_dir, tmp_path):
     assert r.exit_code == 0, r.output
     m = json.loads(report.read_text())["metrics"]
     assert m["n_prompts"] == 4 and 0.0 <= m["pass@1"] <= 1.0
+
+
+def test_grpo_on_smollm2(cli, smollm2_dir, tmp_path):
+    """A few GRPO steps on a real 135M instruct model with its own chat template."""
+    out = tmp_path / "grpo"
+    r = cli("grpo", "--model", smollm2_dir, "--output-dir", out, "--max-steps", 2,
+            "--set", "data.template=chat", "--set", "rl.prompts_per_step=2", "--set", "rl.num_generations=2",
+            "--set", "rl.max_new_tokens=16", "--set", "eval.task=null", "--set", "train.learning_rate=1e-6",
+            "--set", "rl.log_completions=0", "--set", "rewards=[{name: accuracy, params: {mode: any}}, {name: tag_count}]")
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "reward" in row] == [1, 2]
+    assert all("kl" in row for row in rows if "reward" in row)
+    AutoModelForCausalLM.from_pretrained(out)

@@ -149,7 +149,7 @@ def _blocks(docs: list[str], tokenizer, block: int) -> torch.Tensor:
 def greedy_accuracy(model, tokenizer, template: str = "r1_zero") -> dict:
     """Greedy pass@1 and format rate on the whole test split, scored as ``rlkit eval`` scores."""
     from rlkit.config import EvalConfig
-    from rlkit.evaluate import evaluate_model
+    from rlkit.evaluation import evaluate_model
 
     report = evaluate_model(model, tokenizer, task_split("arithmetic", "test"), EvalConfig(), template)
     return {"accuracy": report.metrics["pass@1"], "format": report.metrics["format"]}

@@ -46,7 +46,7 @@ from rlkit.algos import (
 )
 from rlkit.config import RunConfig
 from rlkit.data import DataError, prompt_rows
-from rlkit.evaluate import eval_rows, evaluate_model
+from rlkit.evaluation import eval_rows, evaluate_model
 from rlkit.models import load_causal_lm, load_tokenizer
 from rlkit.outputs import write_model_card
 from rlkit.rollout import SamplingParams, make_engine
@@ -183,6 +183,7 @@ def run_rl(cfg: RunConfig) -> dict:
         kl_ctl.load_state_dict(state["kl_controller"])
         if main:
             print(f"resuming from {resume_from} (step {step})", flush=True)
+            _truncate_metrics(out / "metrics.jsonl", step)
     else:
         torch.manual_seed(t.seed * 1009 + rank)
         random.seed(t.seed * 1009 + rank)
@@ -339,7 +340,7 @@ def run_rl(cfg: RunConfig) -> dict:
 
     # -------------------------------------------------------------------------------- finish
     acc.wait_for_everyone()
-    result: dict = {"steps": step}
+    result: dict = {"steps": step, "processes": world}
     if main:
         final = unwrapped.merge_and_unload() if cfg.model.lora is not None else unwrapped
         if cfg.model.lora is not None:
@@ -458,6 +459,13 @@ def _save_checkpoint(acc, out: Path, step: int, model, tokenizer, optimizer, sch
     if acc.is_main_process:
         ckpt.commit(out, step, keep)
     acc.wait_for_everyone()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after the checkpoint we resume from (the killed run's lost steps)."""
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
 
 
 def _last_eval(path: Path) -> dict:

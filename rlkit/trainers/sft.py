@@ -147,7 +147,7 @@ def run_sft(cfg: RunConfig) -> dict:
     metrics = {"train_loss": result.training_loss, "steps": trainer.state.global_step,
                "examples": len(examples), "seconds": round(time.time() - t0, 1)}
     if cfg.eval.task and (is_embedded(cfg.data.train) or cfg.data.eval):
-        from rlkit.evaluate import eval_rows, evaluate_model
+        from rlkit.evaluation import eval_rows, evaluate_model
 
         spec, eval_data = eval_rows(cfg.eval, cfg.data.eval)
         final.eval()

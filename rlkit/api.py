@@ -1,0 +1,63 @@
+"""The Python API: the same runs as the CLI, from a recipe name, a YAML path or a config object.
+
+    import rlkit
+    result = rlkit.grpo("r1_zero", output_dir="outputs/r1_zero_py", max_steps=10,
+                        overrides={"rl.num_generations": 4})
+    print(result["after/pass@1"])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rlkit.config import RunConfig
+
+
+def load(recipe: str | Path | RunConfig, kind: str, *, model: str | None = None, dataset: str | None = None,
+         output_dir: str | Path | None = None, max_steps: int | None = None,
+         overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Resolve a recipe with overrides into a validated config (same precedence as the CLI)."""
+    from rlkit.config import build_config
+    from rlkit.recipe import load_config
+
+    flags = {"model.path": model, "data.train": dataset,
+             "output_dir": str(output_dir) if output_dir is not None else None, "train.max_steps": max_steps}
+    sets = [f"{k}={_yaml(v)}" for k, v in (overrides or {}).items()]
+    if isinstance(recipe, RunConfig):
+        from rlkit.config import parse_set
+        from rlkit.recipe import _nest
+
+        return build_config([("config", recipe.model_dump()), ("overrides", parse_set(sets)), ("arguments", _nest(flags))])
+    return load_config(str(recipe), default_recipe=str(recipe), sets=sets, flags=flags, kind=kind)
+
+
+def _yaml(v: Any) -> str:
+    import json
+
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def sft(recipe: str | Path | RunConfig = "sft", **kwargs) -> dict:
+    """Supervised fine-tuning; returns the headline metrics. Keyword arguments as in :func:`load`."""
+    from rlkit.trainers.sft import run_sft
+
+    return run_sft(load(recipe, "sft", **kwargs))
+
+
+def grpo(recipe: str | Path | RunConfig = "r1_zero", **kwargs) -> dict:
+    """GRPO; returns before/after eval metrics, steps and seconds. Keyword arguments as in :func:`load`."""
+    from rlkit.trainers.rl import run_rl
+
+    return run_rl(load(recipe, "grpo", **kwargs))
+
+
+def evaluate(model: str = "embedded", *, task: str = "arithmetic", data: str | None = None,
+             template: str = "r1_zero", num_samples: int = 1, limit: int | None = None,
+             max_new_tokens: int = 64) -> dict:
+    """Evaluate a model directory (or 'embedded'); returns the report that ``rlkit eval --output`` writes."""
+    from rlkit.config import EvalConfig
+    from rlkit.evaluation import run_eval
+
+    cfg = EvalConfig(task=task, num_samples=num_samples, limit=limit, max_new_tokens=max_new_tokens)
+    return run_eval(model, cfg, template, data=data)

@@ -1,0 +1,124 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlkit.embedded import model_dir
+
+from conftest import assert_clean_error
+
+SMALL = ["--set", "rl.prompts_per_step=4", "--set", "rl.num_generations=4", "--set", "eval.limit=16",
+         "--set", "rl.eval_steps=1000", "--set", "rl.log_completions=0"]
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_grpo_learns_on_the_embedded_world(cli, tmp_path):
+    """A shortened r1_zero run: greedy accuracy on 100 held-out questions must rise by at least 25 points."""
+    out = tmp_path / "grpo"
+    r = cli("grpo", "--recipe", "r1_zero", "--output-dir", out, "--max-steps", 12, "--set", "rl.prompts_per_step=8",
+            "--set", "eval.limit=100", "--set", "rl.eval_steps=1000", "--set", "rl.log_completions=0")
+    assert r.exit_code == 0, r.output
+    result = json.loads((out / "rlkit_result.json").read_text())
+    assert result["after/pass@1"] >= result["before/pass@1"] + 0.25, result
+    rows = _metrics(out)
+    keys = set().union(*rows)
+    for k in ("reward", "reward/accuracy", "reward/think_format", "loss/policy", "kl", "entropy", "clip_frac",
+              "completion_len", "time/rollout", "time/reward", "time/reference", "time/advantage", "time/update",
+              "time/sync", "eval/pass@1"):
+        assert k in keys, k
+    a = AutoModelForCausalLM.from_pretrained(model_dir()).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert (out / "training.png").stat().st_size > 0 and "grpo" in (out / "README.md").read_text()
+    assert "before" in r.output and "after" in r.output
+
+
+def _rlkit(*args):
+    exe = os.path.join(os.path.dirname(sys.executable), "rlkit")
+    return [exe, *map(str, args)]
+
+
+def test_grpo_resumes_after_sigkill(tmp_path):
+    """Kill after the first checkpoint; the same command resumes (step count continues) and ends like an
+    uninterrupted run."""
+    args = ["grpo", "--max-steps", 6, "--set", "train.save_steps=2", *SMALL]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref = tmp_path / "ref"
+    subprocess.run(_rlkit(*args, "--output-dir", ref), check=True, capture_output=True, env=env, timeout=600)
+
+    out = tmp_path / "killed"
+    p = subprocess.Popen(_rlkit(*args, "--output-dir", out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + 300
+    while not (out / "checkpoint-2").is_dir() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    assert (out / "checkpoint-2").is_dir(), "no checkpoint before the deadline"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (out / "checkpoint-6").exists()
+
+    again = subprocess.run(_rlkit(*args, "--output-dir", out), capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "resuming from" in again.stdout and "(step " in again.stdout
+    steps = [r["step"] for r in _metrics(out) if "reward" in r]
+    assert steps == sorted(steps) and steps[-1] == 6 and len(steps) == len(set(steps)) == 6
+    final = {r["step"]: r for r in _metrics(out) if "reward" in r}
+    final_ref = {r["step"]: r for r in _metrics(ref) if "reward" in r}
+    # Same seeds, restored RNG and optimizer state: the resumed run follows the uninterrupted one.
+    for s in (5, 6):
+        assert final[s]["reward"] == pytest.approx(final_ref[s]["reward"], abs=0.15)
+    res, res_ref = (json.loads((d / "rlkit_result.json").read_text()) for d in (out, ref))
+    assert res["after/pass@1"] == pytest.approx(res_ref["after/pass@1"], abs=0.15)
+
+
+@pytest.mark.slow
+def test_grpo_two_processes(tmp_path):
+    """The same loop as 2 processes: accelerate launch on CPU (gloo)."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # On a machine without GPUs, --multi_gpu starts torchrun and the processes join over gloo on the CPU.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlkit", "grpo", "--output-dir", str(out),
+           "--max-steps", "2", *SMALL]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    result = json.loads((out / "rlkit_result.json").read_text())
+    assert result["processes"] == 2 and result["steps"] == 2
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_grpo_bad_inputs(cli, tmp_path):
+    assert_clean_error(cli("grpo", "--set", "rewards=[{name: acurracy}]"), "unknown reward 'acurracy'",
+                       "did you mean 'accuracy'")
+    assert_clean_error(cli("grpo", "--set", "rewards=[{name: 'no_such_module_xyz:score'}]"),
+                       "no_such_module_xyz", "failed to import")
+    data = tmp_path / "q.jsonl"
+    data.write_text('{"prompt": "What is 1 + 1?", "solution": "2"}\n')
+    assert_clean_error(cli("grpo", "--dataset", data), "q.jsonl", "'answer'")
+    assert_clean_error(cli("grpo", "--set", "rl.num_generations=1"), "rl.num_generations")
+    assert_clean_error(cli("grpo", "--set", "rl.kl_controller=adaptive"), "kl_target")
+    assert_clean_error(cli("grpo", "--set", "rl.advantage=gae"), "value model")
+    assert_clean_error(cli("grpo", "--set", "rl.advantage=grpoo"), "unknown name 'grpoo'")
+    assert_clean_error(cli("grpo", "--recipe", "sft"), "kind 'sft'")
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text('{"prompt": "What is 1 + 1?", "answer": "two plus \\\\frac{"}\n')
+    assert_clean_error(cli("grpo", "--dataset", gold), "gold.jsonl: row 1", "math-verify")
+
+
+def test_python_api(tmp_path):
+    import rlkit
+
+    result = rlkit.grpo("r1_zero", output_dir=tmp_path / "api", max_steps=2,
+                        overrides={"rl.prompts_per_step": 4, "rl.num_generations": 4, "eval.limit": 8,
+                                   "rl.log_completions": 0})
+    assert result["steps"] == 2 and "after/pass@1" in result
+    report = rlkit.evaluate(str(tmp_path / "api"), limit=8)
+    assert report["metrics"]["n_prompts"] == 8
