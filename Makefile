@@ -20,7 +20,9 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(VENV)/bin/rlkit eval --task arithmetic --output outputs/base_eval.json
-	$(VENV)/bin/rlkit sft
+	$(VENV)/bin/rlkit grpo --recipe r1_zero --output-dir outputs/r1_zero
+	$(VENV)/bin/rlkit eval outputs/r1_zero --task arithmetic --output outputs/r1_zero_eval.json
+	$(VENV)/bin/rlkit sft --output-dir outputs/sft
 	$(VENV)/bin/rlkit eval outputs/sft --template chat --output outputs/sft_eval.json
 
 test: setup

@@ -91,11 +91,9 @@ def sft(
     set_: SetOpt = None,
 ) -> None:
     """Supervised fine-tuning on demonstrations (TRL SFTTrainer). With no arguments: the embedded world."""
-    from rlkit.recipe import load_config
     from rlkit.trainers.sft import run_sft
 
-    cfg = load_config(recipe, default_recipe="sft", sets=set_, kind="sft", flags={
-        "model.path": model, "data.train": dataset, "output_dir": output_dir, "train.max_steps": max_steps})
+    cfg = _training_config("sft", recipe, model, dataset, output_dir, max_steps, set_)
     metrics = run_sft(cfg)
     _print_metrics(f"sft → {cfg.output_dir}", metrics)
 
@@ -111,11 +109,9 @@ def grpo(
     set_: SetOpt = None,
 ) -> None:
     """GRPO with rule-based rewards (default recipe: r1_zero). Run it again after a crash to resume."""
-    from rlkit.recipe import load_config
     from rlkit.trainers.rl import run_rl
 
-    cfg = load_config(recipe, default_recipe="r1_zero", sets=set_, kind="grpo", flags={
-        "model.path": model, "data.train": dataset, "output_dir": output_dir, "train.max_steps": max_steps})
+    cfg = _training_config("grpo", recipe, model, dataset, output_dir, max_steps, set_)
     result = run_rl(cfg)
     if result and "seconds" in result:
         _print_before_after(f"grpo → {cfg.output_dir}", result)
@@ -185,6 +181,17 @@ def recipes_show(
     from rlkit.recipe import load_config
 
     typer.echo(to_yaml(load_config(name, default_recipe=name, sets=set_)), nl=False)
+
+
+DEFAULT_RECIPES = {"sft": "sft", "grpo": "r1_zero"}
+
+
+def _training_config(kind, recipe, model, dataset, output_dir, max_steps, sets):
+    """The config of a training command: recipe < --set < named flags, checked to be of this kind."""
+    from rlkit.recipe import load_config
+
+    return load_config(recipe, default_recipe=DEFAULT_RECIPES[kind], sets=sets, kind=kind, flags={
+        "model.path": model, "data.train": dataset, "output_dir": output_dir, "train.max_steps": max_steps})
 
 
 def _drop_none(d: dict) -> dict:

@@ -142,7 +142,8 @@ class RunConfig(_Section):
     description: str = Field("", description="One line on what the recipe does.")
     output_dir: str = Field("outputs/run", description="Where the Hugging Face output directory is written.")
     report_to: list[Literal["jsonl", "tensorboard", "wandb"]] = Field(
-        default_factory=lambda: ["jsonl"], description="Metric sinks besides stdout."
+        default_factory=lambda: ["jsonl", "tensorboard"],
+        description="Metric sinks besides stdout; tensorboard and wandb are used when installed."
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)

@@ -14,6 +14,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 console = Console(stderr=True)
 
 
+def available(report_to: Iterable[str]) -> list[str]:
+    """The requested sinks whose packages are installed (TensorBoard and W&B are optional extras)."""
+    import importlib.util
+
+    out = []
+    for r in report_to:
+        if r == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            continue
+        if r == "wandb" and importlib.util.find_spec("wandb") is None:
+            console.print("[yellow]report_to wandb: install rlkit[wandb]; skipping[/]")
+            continue
+        out.append(r)
+    return out
+
+
 class MetricsLogger:
     """Append one JSON object per step to ``metrics.jsonl``; mirror to TensorBoard / W&B when asked."""
 
@@ -21,23 +36,17 @@ class MetricsLogger:
                  config: dict | None = None):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.report_to = set(report_to)
+        self.report_to = set(available(report_to))
         self._tb = None
         self._wandb = None
         if "tensorboard" in self.report_to:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(output_dir) / "runs"))
-            except ImportError:
-                console.print("[yellow]report_to tensorboard: install rlkit[tensorboard]; skipping[/]")
+            self._tb = SummaryWriter(str(Path(output_dir) / "runs"))
         if "wandb" in self.report_to:
-            try:
-                import wandb
+            import wandb
 
-                self._wandb = wandb.init(project="rlkit", name=run_name, config=config or {}, reinit=True)
-            except ImportError:
-                console.print("[yellow]report_to wandb: install rlkit[wandb]; skipping[/]")
+            self._wandb = wandb.init(project="rlkit", name=run_name, config=config or {}, reinit=True)
 
     def log(self, step: int, metrics: dict) -> None:
         clean = {k: _plain(v) for k, v in metrics.items()}
@@ -85,8 +94,12 @@ def plot_metrics(path: str | Path, out_png: str | Path, keys: list[str], title: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3.2), squeeze=False)
-    for ax, (k, pts) in zip(axes[0], series.items()):
+    cols = min(3, len(series))
+    rows = math.ceil(len(series) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(series):]:
+        ax.set_visible(False)
+    for ax, (k, pts) in zip(axes.flat, series.items()):
         xs, ys = zip(*pts)
         ax.plot(xs, ys, marker="." if len(xs) < 30 else None)
         ax.set_title(k)

@@ -122,3 +122,22 @@ def test_python_api(tmp_path):
     assert result["steps"] == 2 and "after/pass@1" in result
     report = rlkit.evaluate(str(tmp_path / "api"), limit=8)
     assert report["metrics"]["n_prompts"] == 8
+
+
+def test_grpo_options_lora_dynamic_sampling_iterations(cli, tmp_path):
+    """LoRA (reference = base with the adapter disabled), DAPO dynamic sampling and overlong filtering,
+    two updates per rollout batch over mini-batches (so the clipped ratio is active), rloo advantages."""
+    out = tmp_path / "opts"
+    r = cli("grpo", "--output-dir", out, "--max-steps", 2, *SMALL, "--set", "model.lora.r=4",
+            "--set", "rl.dynamic_sampling=true", "--set", "rl.overlong_filter=true", "--set", "rl.num_iterations=2",
+            "--set", "rl.mini_batch_size=8", "--set", "rl.micro_batch_size=4", "--set", "rl.advantage=rloo",
+            "--set", "rl.loss_aggregation=seq_mean_token_sum_norm", "--set", "train.learning_rate=1e-3",
+            "--set", "report_to=[jsonl, tensorboard]")
+    assert r.exit_code == 0, r.output
+    rows = [row for row in _metrics(out) if "reward" in row]
+    assert len(rows) == 2
+    assert all(0 < row["groups_kept_frac"] <= 1 and row["rollout_rounds"] >= 1 for row in rows)
+    assert rows[-1]["clip_frac"] >= 0 and rows[-1]["kl"] > 0
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert any((out / "runs").iterdir())  # TensorBoard event files
+    AutoModelForCausalLM.from_pretrained(out)

@@ -27,7 +27,7 @@ from rlkit.data import DataError, is_embedded, sft_rows
 from rlkit.models import load_causal_lm, load_tokenizer
 from rlkit.outputs import write_model_card
 from rlkit.templates import render_prompt
-from rlkit.tracking import MetricsLogger, plot_metrics
+from rlkit.tracking import MetricsLogger, available, plot_metrics
 
 
 def to_sft_examples(rows: list[dict], template: str, tokenizer, spec: str) -> list[dict]:
@@ -114,7 +114,7 @@ def run_sft(cfg: RunConfig) -> dict:
         activation_checkpointing=t.gradient_checkpointing,
         bf16=bf16,
         use_cpu=not cuda,
-        report_to=[r for r in cfg.report_to if r in ("tensorboard", "wandb")] or "none",
+        report_to=[r for r in available(cfg.report_to) if r in ("tensorboard", "wandb")] or "none",
         max_length=t.max_length,
         completion_only_loss=cfg.sft.completion_only_loss,
         packing=cfg.sft.packing,
@@ -122,7 +122,8 @@ def run_sft(cfg: RunConfig) -> dict:
         save_only_model=False,
         logging_first_step=True,
     )
-    logger = MetricsLogger(out, cfg.report_to, run_name=cfg.name, config=cfg.model_dump(mode="json"))
+    # TensorBoard and W&B come from the trainer's own callbacks; metrics.jsonl from ours.
+    logger = MetricsLogger(out, [r for r in cfg.report_to if r == "jsonl"], run_name=cfg.name)
     trainer = SFTTrainer(
         model=model,
         args=args,
