@@ -17,7 +17,7 @@ from rlkit.errors import RlkitError
 
 RewardFn = Callable[..., list]
 REWARDS: dict[str, RewardFn] = {}
-_BUILTIN_MODULES = ("rlkit.rewards.math_answer", "rlkit.rewards.format", "rlkit.rewards.length")
+_BUILTIN_MODULES = ("rlkit.rewards.math_answer", "rlkit.rewards.format", "rlkit.rewards.length", "rlkit.rewards.model")
 
 
 class RewardError(RlkitError):

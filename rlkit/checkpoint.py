@@ -64,11 +64,16 @@ def save_process_state(tmp: Path, rank: int) -> None:
     torch.save(rng_state(), tmp / "rlkit_state" / f"rng_{rank}.pt")
 
 
-def save_main_state(tmp: Path, model, tokenizer, optimizer, scheduler, state: dict) -> None:
+def save_main_state(tmp: Path, model, tokenizer, optimizer, scheduler, state: dict,
+                    extra: dict | None = None) -> None:
+    """Policy (HF format), tokenizer, optimizer, scheduler, state.json; ``extra``: more objects with a
+    ``state_dict`` (a critic's optimizer, say), saved as ``rlkit_state/<name>.pt``."""
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     torch.save(optimizer.state_dict(), tmp / "rlkit_state" / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "rlkit_state" / "scheduler.pt")
+    for name, obj in (extra or {}).items():
+        torch.save(obj.state_dict(), tmp / "rlkit_state" / f"{name}.pt")
     (tmp / "rlkit_state" / "state.json").write_text(json.dumps(state, indent=2) + "\n")
 
 
@@ -84,11 +89,13 @@ def commit(output_dir: str | Path, step: int, keep: int) -> Path:
     return final
 
 
-def load_state(ckpt: Path, rank: int, optimizer, scheduler) -> dict:
-    """Restore optimizer, scheduler and this process's RNG; return state.json."""
+def load_state(ckpt: Path, rank: int, optimizer, scheduler, extra: dict | None = None) -> dict:
+    """Restore optimizer, scheduler, ``extra`` objects and this process's RNG; return state.json."""
     st = ckpt / "rlkit_state"
     optimizer.load_state_dict(torch.load(st / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(st / "scheduler.pt", weights_only=False))
+    for name, obj in (extra or {}).items():
+        obj.load_state_dict(torch.load(st / f"{name}.pt", weights_only=False))
     rng = st / f"rng_{rank}.pt"
     if rng.is_file():
         set_rng_state(torch.load(rng, weights_only=False))

@@ -100,6 +100,23 @@ def sft(
 
 @app.command()
 @friendly_errors
+def rm(
+    recipe: RecipeOpt = None,
+    model: ModelOpt = None,
+    dataset: DatasetOpt = None,
+    output_dir: OutputOpt = None,
+    max_steps: StepsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Train a Bradley-Terry reward model on comparisons or rankings (TRL RewardTrainer)."""
+    from rlkit.trainers.rm import run_rm
+
+    cfg = _training_config("rm", recipe, model, dataset, output_dir, max_steps, set_)
+    _print_metrics(f"rm → {cfg.output_dir}", run_rm(cfg))
+
+
+@app.command()
+@friendly_errors
 def grpo(
     recipe: RecipeOpt = None,
     model: ModelOpt = None,
@@ -115,6 +132,53 @@ def grpo(
     result = run_rl(cfg)
     if result and "seconds" in result:
         _print_before_after(f"grpo → {cfg.output_dir}", result)
+
+
+@app.command()
+@friendly_errors
+def ppo(
+    recipe: RecipeOpt = None,
+    model: ModelOpt = None,
+    dataset: DatasetOpt = None,
+    output_dir: OutputOpt = None,
+    max_steps: StepsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """PPO against a reward model with a value model, GAE and a KL penalty (default recipe: ppo)."""
+    from rlkit.trainers.rl import run_rl
+
+    cfg = _training_config("ppo", recipe, model, dataset, output_dir, max_steps, set_)
+    result = run_rl(cfg)
+    if result and "seconds" in result:
+        _print_before_after(f"ppo → {cfg.output_dir}", result)
+
+
+@app.command()
+@friendly_errors
+def run(
+    recipe: Annotated[str, typer.Argument(help="Pipeline recipe name (instructgpt, ...) or YAML path.")],
+    output_dir: OutputOpt = None,
+    from_: Annotated[Optional[str], typer.Option("--from", help="Re-run this stage and every stage after it.")] = None,
+    only: Annotated[Optional[str], typer.Option("--only", help="Re-run only this stage (its inputs must be finished).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Change a default of every stage (train.max_steps=5; a stage's own setting wins) or a key of one stage (ppo.train.max_steps=5).")] = None,
+) -> None:
+    """Run a pipeline recipe's stages in order; run it again to resume (finished stages are skipped)."""
+    from rlkit.pipeline import load_pipeline
+
+    if from_ and only:
+        raise typer.BadParameter("use --from or --only, not both")
+    pipeline = load_pipeline(recipe)
+    c = _console()
+    manifest = pipeline.run(output_dir, start_from=from_, only=only, sets=set_,
+                            on_stage=lambda name, status: c.print(f"[bold cyan]stage {name}[/]: {status}"))
+    table = Table("stage", "kind", "status", "seconds", "headline")
+    for e in manifest["stages"]:
+        m = e.get("metrics", {})
+        head = ", ".join(f"{k}={v:.3g}" for k, v in m.items()
+                         if k.startswith(("after/pass@1", "eval/pass@1", "eval/pair_accuracy", "train_loss")))
+        table.add_row(e["name"], e.get("kind", ""), e.get("status", ""), f"{e.get('seconds', 0):.0f}", head)
+    c.print(f"[bold]{pipeline.name}[/] → {manifest['output_dir']}/manifest.json")
+    c.print(table)
 
 
 @app.command("eval")
@@ -178,12 +242,22 @@ def recipes_show(
 ) -> None:
     """Print a recipe's fully resolved config (defaults filled in, overrides applied)."""
     from rlkit.config import to_yaml
-    from rlkit.recipe import load_config
+    from rlkit.pipeline import is_pipeline_file, load_pipeline, stage_config, stage_sets
+    from rlkit.recipe import load_config, recipe_path
 
-    typer.echo(to_yaml(load_config(name, default_recipe=name, sets=set_)), nl=False)
+    if not is_pipeline_file(recipe_path(name)):
+        typer.echo(to_yaml(load_config(name, default_recipe=name, sets=set_)), nl=False)
+        return
+    p = load_pipeline(name)
+    per, common = stage_sets(p, set_)
+    out = Path(p.output_dir)
+    outputs = {s.name: str(out / s.name) for s in p.stages}
+    for s in p.stages:
+        typer.echo(f"# ---- stage {s.name} ----")
+        typer.echo(to_yaml(stage_config(p, s, outputs, out, per, common)), nl=False)
 
 
-DEFAULT_RECIPES = {"sft": "sft", "grpo": "r1_zero"}
+DEFAULT_RECIPES = {"sft": "sft", "rm": "rm", "grpo": "r1_zero", "ppo": "ppo"}
 
 
 def _training_config(kind, recipe, model, dataset, output_dir, max_steps, sets):

@@ -76,6 +76,12 @@ class SFTConfig(_Section):
     packing: bool = Field(False, description="Pack several examples into one sequence.")
 
 
+class RMConfig(_Section):
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of prompts held out for pair accuracy.")
+    group_batches: bool = Field(True, description="Keep all pairs of one prompt in one batch (InstructGPT).")
+    center_rewards_coefficient: float | None = Field(None, ge=0, description="Push mean reward toward 0 (TRL).")
+
+
 class EvalConfig(_Section):
     task: str | None = Field("arithmetic", description="Built-in task to evaluate on (when no JSONL is given).")
     split: Literal["train", "test"] = Field("test", description="Split of the built-in task.")
@@ -132,12 +138,20 @@ class RLConfig(_Section):
     dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal and refill the batch.")
     max_resample_rounds: int = Field(3, ge=0, description="Extra rollout rounds to refill a dynamically sampled batch.")
     overlong_filter: bool = Field(False, description="DAPO: leave truncated completions out of the loss.")
+    value_model: str = Field(
+        "policy", description="PPO critic init: 'policy' (a new value head on the policy) or a reward model directory (InstructGPT).")
+    value_learning_rate: float | None = Field(None, gt=0, description="Critic learning rate; default: train.learning_rate.")
+    value_clip: float | None = Field(0.2, gt=0, description="Clip range of the value loss around the old values.")
+    whiten_advantages: bool = Field(True, description="GAE: whiten advantages over the batch.")
+    ptx_coef: float = Field(0.0, ge=0, description="PPO-ptx: weight of a language-modelling loss on ptx_data.")
+    ptx_data: str | None = Field(None, description="PPO-ptx data (SFT format: messages or prompt/completion).")
+    ptx_batch_size: int = Field(8, gt=0, description="PPO-ptx sequences per mini-batch.")
     eval_steps: int = Field(20, gt=0, description="Evaluate on the held-out split every N steps (and before and after).")
     log_completions: int = Field(1, ge=0, description="Print this many sample completions at each log step.")
 
 
 class RunConfig(_Section):
-    kind: Literal["sft", "grpo"] = Field("sft", description="What this config runs.")
+    kind: Literal["sft", "rm", "grpo", "ppo"] = Field("sft", description="What this config runs.")
     name: str = Field("run", description="Recipe name.")
     description: str = Field("", description="One line on what the recipe does.")
     output_dir: str = Field("outputs/run", description="Where the Hugging Face output directory is written.")
@@ -149,6 +163,7 @@ class RunConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
+    rm: RMConfig = Field(default_factory=RMConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
     rewards: list[RewardSpec] = Field(default_factory=list, description="Rewards for RL: [{name, weight, params}].")
@@ -163,6 +178,13 @@ class RunConfig(_Section):
                                      ("rl.policy_loss", rl.policy_loss, POLICY_LOSSES)):
             if value not in registry:
                 raise ValueError(f"{key}: unknown name '{value}'; known: {', '.join(registry)}")
+        if self.kind == "ppo":
+            if not self.rewards:
+                raise ValueError("rewards: ppo needs a reward, e.g. [{name: reward_model, params: {path: outputs/rm}}]")
+            if rl.advantage != "gae":
+                raise ValueError(f"rl.advantage: ppo uses 'gae' with its value model, not '{rl.advantage}' (that is grpo)")
+            if rl.ptx_coef > 0 and not rl.ptx_data:
+                raise ValueError("rl.ptx_data: rl.ptx_coef > 0 needs demonstration data for the ptx loss")
         if self.kind == "grpo":
             if not self.rewards:
                 raise ValueError("rewards: grpo needs at least one reward")

@@ -34,7 +34,8 @@ def _embedded(spec: str, default_split: str) -> tuple[str, str]:
     task = parts[1] if len(parts) > 1 else ""
     split = parts[2] if len(parts) > 2 else default_split
     if task not in tasks.TASKS:
-        raise DataError(f"{spec}: unknown built-in task '{task}'; expected one of {', '.join(tasks.TASKS)}")
+        known = ", ".join(tasks.TASKS + tasks.DATASETS)
+        raise DataError(f"{spec}: unknown built-in task or data set '{task}'; expected one of {known}")
     if split not in tasks.SPLITS:
         raise DataError(f"{spec}: unknown split '{split}'; expected one of {', '.join(tasks.SPLITS)}")
     return task, split
@@ -59,6 +60,9 @@ def read_jsonl(path: Path) -> list[dict]:
 def load_rows(spec: str, default_split: str = "train") -> list[dict]:
     """Rows of a data spec as plain dicts."""
     if is_embedded(spec):
+        name = spec.split(":")[1] if ":" in spec else ""
+        if name in tasks.DATASETS:
+            return tasks.dataset(name)
         task, split = _embedded(spec, default_split)
         return tasks.task_split(task, split)
     path = Path(spec).expanduser()
@@ -124,7 +128,7 @@ def sft_rows(spec: str, max_samples: int | None = None) -> list[dict]:
 
     ``embedded:TASK`` yields the task's worked demonstrations.
     """
-    if is_embedded(spec):
+    if is_embedded(spec) and spec.split(":")[1] in tasks.TASKS:
         task, _ = _embedded(spec, "train")
         rows = tasks.demonstrations(task)
     else:
@@ -150,3 +154,33 @@ def prompt_rows(spec: str, split: str = "train", answer: bool = True) -> list[di
         if answer:
             r["answer"] = str(r["answer"])
     return rows
+
+
+def preference_rows(spec: str, max_samples: int | None = None) -> list[dict]:
+    """Preference data for reward modelling, as ``{prompt, chosen, rejected, group}`` pairs.
+
+    Accepts pairwise rows ``{prompt?, chosen, rejected}`` or InstructGPT-style rankings
+    ``{prompt, responses: [best, ..., worst]}``; a ranking of K responses becomes all K·(K-1)/2 pairs,
+    which share a ``group`` id so that they can be kept in one batch.
+    """
+    rows = load_rows(spec)
+    if max_samples:
+        rows = rows[:max_samples]
+    cols = require_columns(rows, spec, ("responses",), ("chosen", "rejected"), ("chosen",))
+    if cols == ("chosen",):
+        bad = next(i for i, r in enumerate(rows, 1) if "rejected" not in r)
+        raise DataError(f"{spec}: row {bad} has no 'rejected' column (pairwise rows need 'chosen' and 'rejected')")
+    out = []
+    for i, r in enumerate(rows, 1):
+        prompt = r.get("prompt", "")
+        if cols == ("responses",):
+            resp = r["responses"]
+            if not isinstance(resp, list) or len(resp) < 2:
+                n = len(resp) if isinstance(resp, list) else 0
+                raise DataError(f"{spec}: row {i}: a ranking needs at least 2 responses (best first), got {n}")
+            for a in range(len(resp)):
+                for b in range(a + 1, len(resp)):
+                    out.append({"prompt": prompt, "chosen": resp[a], "rejected": resp[b], "group": i - 1})
+        else:
+            out.append({"prompt": prompt, "chosen": r["chosen"], "rejected": r["rejected"], "group": i - 1})
+    return out

@@ -51,10 +51,19 @@ def test_parse_set_types():
 
 
 def test_every_builtin_recipe_validates():
+    from rlkit.pipeline import is_pipeline_file, load_pipeline, stage_config, stage_sets
+    from rlkit.recipe import recipe_path
+
     names = list_recipes()
-    assert "sft" in names
+    assert {"sft", "rm", "r1_zero", "ppo", "instructgpt"} <= set(names)
     for name in names:
-        load_config(name, default_recipe=name)
+        if is_pipeline_file(recipe_path(name)):
+            p = load_pipeline(name)
+            per, common = stage_sets(p, [])
+            for s in p.stages:
+                stage_config(p, s, {x.name: x.name for x in p.stages}, recipe_path(name).parent, per, common)
+        else:
+            load_config(name, default_recipe=name)
 
 
 def test_recipes_cli(cli, tmp_path):

@@ -15,6 +15,8 @@ import random
 from functools import lru_cache
 
 TASKS = ("arithmetic",)
+# Data sets of the embedded world besides the tasks' prompt/answer rows (``embedded:NAME``).
+DATASETS = ("demos", "mixed_demos", "comparisons", "rankings")
 SPLITS = ("train", "test")
 ARITHMETIC_TEST_SIZE = 500
 _SEED = 1234
@@ -78,3 +80,70 @@ def demonstrations(task: str = "arithmetic", n: int | None = None) -> list[dict]
         }
         for r in rows
     ]
+
+
+def rough_answer(a: int, b: int) -> str:
+    """The rough mode: both numbers rounded to tens (right only when the rounding errors cancel)."""
+    ra, rb = (a + 5) // 10 * 10, (b + 5) // 10 * 10
+    return f"<think> roughly : {a} is about {ra} , {b} is about {rb} , so about {ra + rb} </think> <answer> {ra + rb} </answer>"
+
+
+def careful_answer(a: int, b: int) -> str:
+    return f"<think> {careful_reasoning(a, b)} </think> <answer> {a + b} </answer>"
+
+
+def sloppy_answer(a: int, b: int) -> str:
+    return f"the answer is {(a + 5) // 10 * 10 + (b + 5) // 10 * 10} ."
+
+
+def _chat(prompt: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+
+
+def mixed_demonstrations(n: int = 2000, careful_share: float = 0.4, seed: int = 7) -> list[dict]:
+    """InstructGPT-style labeler demonstrations of mixed quality: some careful worked answers, the rest
+    rough estimates, all in the R1 format. An SFT model imitates the mix; RL against a reward model that
+    learned the labelers' preferences can then do better than the demonstrations on average."""
+    rng = random.Random(seed)
+    rows = task_split("arithmetic", "train")
+    out = []
+    for r in rng.sample(rows, n):
+        a, b = r["a"], r["b"]
+        out.append(_chat(r["prompt"], careful_answer(a, b) if rng.random() < careful_share else rough_answer(a, b)))
+    return out
+
+
+def rankings(n: int = 1500, seed: int = 11) -> list[dict]:
+    """Labeler rankings of K=3 responses per prompt, best first: a correct worked answer, then the rough
+    estimate (when it is wrong), then a malformed answer. Rows: ``{prompt, responses}``."""
+    rng = random.Random(seed)
+    rows = task_split("arithmetic", "train")
+    out = []
+    for r in rng.sample(rows, n):
+        a, b = r["a"], r["b"]
+        if (a + 5) // 10 * 10 + (b + 5) // 10 * 10 == a + b:
+            continue  # a correct rough answer ties with the worked one: labelers skip the ranking
+        out.append({"prompt": r["prompt"], "responses": [careful_answer(a, b), rough_answer(a, b), sloppy_answer(a, b)]})
+    return out
+
+
+def comparisons(n: int = 1500, seed: int = 13) -> list[dict]:
+    """Pairwise comparisons ``{prompt, chosen, rejected}``: the worked answer preferred to the rough or the
+    malformed one."""
+    out = []
+    for i, r in enumerate(rankings(n, seed)):
+        out.append({"prompt": r["prompt"], "chosen": r["responses"][0], "rejected": r["responses"][1 + i % 2]})
+    return out
+
+
+def dataset(name: str) -> list[dict]:
+    """An embedded data set by name (see DATASETS)."""
+    if name == "demos":
+        return demonstrations()
+    if name == "mixed_demos":
+        return mixed_demonstrations()
+    if name == "comparisons":
+        return comparisons()
+    if name == "rankings":
+        return rankings()
+    raise ValueError(f"unknown embedded data set {name!r}; expected one of {', '.join(DATASETS)}")

@@ -22,6 +22,7 @@ class RolloutBatch:
     old_logp: torch.Tensor | None = None   # [B, T] policy log-probs before this step's updates
     ref_logp: torch.Tensor | None = None   # [B, T] reference-model log-probs
     sampler_logp: torch.Tensor | None = None  # [B, T] the rollout engine's log-probs
+    values: torch.Tensor | None = None        # [B, T] critic values at rollout time (PPO)
     advantages: torch.Tensor | None = None    # [B, T]
     returns: torch.Tensor | None = None       # [B, T]
 

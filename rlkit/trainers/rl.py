@@ -43,6 +43,7 @@ from rlkit.algos import (
     compute_policy_loss,
     make_kl_controller,
     masked_mean,
+    value_loss,
 )
 from rlkit.config import RunConfig
 from rlkit.data import DataError, prompt_rows
@@ -54,6 +55,7 @@ from rlkit.scoring import RewardSet
 from rlkit.templates import render_prompt
 from rlkit.tracking import MetricsLogger, console, plot_metrics
 from rlkit.trainers.batch import RolloutBatch, build_batch, completion_logprobs
+from rlkit.trainers.critic import critic_values, load_critic
 
 
 class PhaseTimer:
@@ -173,13 +175,27 @@ def run_rl(cfg: RunConfig) -> dict:
     policy, optimizer = acc.prepare(policy, optimizer)
     if ref_model is not None:
         ref_model.to(acc.device)
+    critic = critic_opt = critic_sched = None
+    if cfg.kind == "ppo":
+        critic = load_critic(str(resume_from / "critic") if resume_from is not None else rl.value_model,
+                             cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code)
+        critic.model.config.pad_token_id = tokenizer.pad_token_id
+        critic_opt = torch.optim.AdamW(critic.parameters(), lr=rl.value_learning_rate or t.learning_rate,
+                                       weight_decay=t.weight_decay)
+        critic_sched = get_scheduler(t.lr_scheduler, critic_opt, num_warmup_steps=int(t.warmup_ratio * opt_steps),
+                                     num_training_steps=opt_steps)
+        critic, critic_opt = acc.prepare(critic, critic_opt)
+    extra_state = {"critic_optimizer": critic_opt, "critic_scheduler": critic_sched} if critic is not None else {}
+    ptx = _PtxStream(rl, tokenizer, cfg.data.template, t.seed) if rl.ptx_coef > 0 else None
     kl_ctl = make_kl_controller(rl.kl_controller, rl.beta, target=rl.kl_target, horizon=rl.kl_horizon)
 
     stream = PromptStream(rows, t.seed)
     step, history = 0, {}
     if resume_from is not None:
-        state = ckpt.load_state(resume_from, rank, optimizer, scheduler)
+        state = ckpt.load_state(resume_from, rank, optimizer, scheduler, extra_state)
         step, stream.pos, history = state["step"], state["data_pos"], state.get("history", {})
+        if ptx is not None:
+            ptx.pos = state.get("ptx_pos", 0)
         kl_ctl.load_state_dict(state["kl_controller"])
         if main:
             print(f"resuming from {resume_from} (step {step})", flush=True)
@@ -222,7 +238,7 @@ def run_rl(cfg: RunConfig) -> dict:
                 return _chunked_logprobs(unwrapped, batch, rl)
 
     timer = PhaseTimer()
-    progress = _Progress(max_steps, step) if main else None
+    progress = _Progress(max_steps, step, cfg.kind) if main else None
     policy.train()
     # --------------------------------------------------------------------------------- the loop
     while step < max_steps:
@@ -283,6 +299,10 @@ def run_rl(cfg: RunConfig) -> dict:
                     batch.old_logp = _chunked_logprobs(unwrapped, batch, rl)
             batch.ref_logp = reference_logprobs(batch)
             policy.train()
+        if critic is not None:
+            with timer("values"), torch.no_grad():
+                batch.values = torch.cat([critic_values(critic, batch.select(torch.arange(
+                    i, min(B, i + rl.micro_batch_size), device=acc.device))) for i in range(0, B, rl.micro_batch_size)])
 
         # advantage
         with timer("advantage"):
@@ -291,12 +311,14 @@ def run_rl(cfg: RunConfig) -> dict:
                 token_rewards = -kl_ctl.value * compute_kl("k1", batch.old_logp, batch.ref_logp) * batch.completion_mask
             batch.advantages, batch.returns = compute_advantages(
                 rl.advantage, rewards=batch.rewards, mask=batch.completion_mask, group_ids=batch.group_ids,
-                token_rewards=token_rewards,
-                cfg=AdvantageConfig(gamma=rl.gamma, lam=rl.lam, std_normalize=rl.std_normalize))
+                values=batch.values, token_rewards=token_rewards,
+                cfg=AdvantageConfig(gamma=rl.gamma, lam=rl.lam, std_normalize=rl.std_normalize,
+                                    whiten=rl.whiten_advantages))
 
         # update
         with timer("update"):
-            stats = _update(policy, unwrapped, optimizer, scheduler, acc, batch, rl, kl_ctl.value)
+            stats = _update(policy, optimizer, scheduler, acc, batch, rl, kl_ctl.value,
+                            critic=(critic, critic_opt, critic_sched) if critic is not None else None, ptx=ptx)
 
         with timer("sync"):
             _sync(engine, unwrapped)
@@ -334,7 +356,9 @@ def run_rl(cfg: RunConfig) -> dict:
             if step % t.save_steps == 0 or step == max_steps:
                 _save_checkpoint(acc, out, step, unwrapped, tokenizer, optimizer, scheduler,
                                  {"step": step, "data_pos": stream.pos, "kl_controller": kl_ctl.state_dict(),
-                                  "history": history, "max_steps": max_steps}, t.save_total_limit)
+                                  "history": history, "max_steps": max_steps, "ptx_pos": ptx.pos if ptx else 0},
+                                 t.save_total_limit, extra_state,
+                                 acc.unwrap_model(critic).model if critic is not None else None)
     if progress is not None:
         progress.close()
 
@@ -347,6 +371,8 @@ def run_rl(cfg: RunConfig) -> dict:
             unwrapped.save_pretrained(str(out / "adapter"))
         final.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
+        if critic is not None:
+            acc.unwrap_model(critic).model.save_pretrained(str(out / "critic"))
         after = {k: v for k, v in _last_eval(out / "metrics.jsonl").items()}
         before = history.get("before", {})
         result.update({"before/" + k.removeprefix("eval/"): v for k, v in before.items() if "seconds" not in k})
@@ -380,7 +406,9 @@ def _chunked_logprobs(model, batch: RolloutBatch, rl) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _update(policy, unwrapped, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: float) -> dict:
+def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: float, critic=None, ptx=None) -> dict:
+    """num_iterations passes over the batch in mini-batches; each mini-batch is one optimizer step made of
+    micro-batches whose losses are weighted so that they add up to the mini-batch loss."""
     B = batch.input_ids.shape[0]
     mini = rl.mini_batch_size or B
     loss_cfg = PolicyLossConfig(clip_low=rl.epsilon, clip_high=rl.epsilon_high, dual_clip=rl.dual_clip,
@@ -394,6 +422,11 @@ def _update(policy, unwrapped, optimizer, scheduler, acc, batch: RolloutBatch, r
             mini_idx = order[m0 : m0 + mini]
             mini_mask = batch.completion_mask[mini_idx]
             micro_chunks = list(range(0, len(mini_idx), rl.micro_batch_size))
+            if ptx is not None:
+                with acc.no_sync(policy):
+                    ptx_loss = ptx.loss(policy, acc.device)
+                    acc.backward(rl.ptx_coef * ptx_loss)
+                sums["loss/ptx"] += float(ptx_loss.detach())
             for ci, c0 in enumerate(micro_chunks):
                 idx = mini_idx[c0 : c0 + rl.micro_batch_size]
                 mb = batch.select(idx)
@@ -421,12 +454,28 @@ def _update(policy, unwrapped, optimizer, scheduler, acc, batch: RolloutBatch, r
                         sums[k] += float(pm[k]) * w
                 if kl_tok is not None:
                     sums["kl"] += float(masked_mean(kl_tok.detach(), mask)) * w
-            if acc.sync_gradients:
-                gn = acc.clip_grad_norm_(policy.parameters(), rl.max_grad_norm)
-                sums["grad_norm"] += float(gn)
+                if critic is not None:
+                    cmodel = critic[0]
+                    with contextlib.nullcontext() if last else acc.no_sync(cmodel):
+                        v = critic_values(cmodel, mb)
+                        vl, vm = value_loss(v, mb.values, mb.returns, mask, clip=rl.value_clip,
+                                            aggregation=rl.loss_aggregation, constant=float(rl.max_new_tokens))
+                        acc.backward(vl * w)
+                    sums["loss/value"] += float(vl.detach()) * w
+                    for k in ("vf_clip_frac", "explained_variance", "value_mean"):
+                        if k in vm and math.isfinite(float(vm[k])):
+                            sums[k] += float(vm[k]) * w
+            gn = acc.clip_grad_norm_(policy.parameters(), rl.max_grad_norm)
+            sums["grad_norm"] += float(gn)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if critic is not None:
+                cmodel, copt, csched = critic
+                acc.clip_grad_norm_(cmodel.parameters(), rl.max_grad_norm)
+                copt.step()
+                csched.step()
+                copt.zero_grad(set_to_none=True)
             count += 1
     out = {k: v / count for k, v in sums.items()}
     return {k: _gmean(acc, [v]) for k, v in out.items()}
@@ -446,7 +495,8 @@ def _gmean(acc, values: list[float]) -> float:
     return float(t[0] / t[1]) if t[1] > 0 else 0.0
 
 
-def _save_checkpoint(acc, out: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int) -> None:
+def _save_checkpoint(acc, out: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int,
+                     extra: dict | None = None, critic_model=None) -> None:
     acc.wait_for_everyone()
     if acc.is_main_process:
         tmp = ckpt.begin(out, step)
@@ -454,7 +504,9 @@ def _save_checkpoint(acc, out: Path, step: int, model, tokenizer, optimizer, sch
     tmp = ckpt.tmp_dir(out, step)
     ckpt.save_process_state(tmp, acc.process_index)
     if acc.is_main_process:
-        ckpt.save_main_state(tmp, model, tokenizer, optimizer, scheduler, state)
+        ckpt.save_main_state(tmp, model, tokenizer, optimizer, scheduler, state, extra)
+        if critic_model is not None:
+            critic_model.save_pretrained(tmp / "critic")
     acc.wait_for_everyone()
     if acc.is_main_process:
         ckpt.commit(out, step, keep)
@@ -479,15 +531,48 @@ def _last_eval(path: Path) -> dict:
     return last
 
 
+class _PtxStream:
+    """PPO-ptx: demonstrations as full sequences for a language-modelling loss, in a fixed cycling order."""
+
+    def __init__(self, rl, tokenizer, template: str, seed: int):
+        from rlkit.data import sft_rows
+
+        rows = sft_rows(rl.ptx_data)
+        texts = []
+        for r in rows:
+            if "messages" in r:
+                texts.append(tokenizer.apply_chat_template(r["messages"], tokenize=False))
+            else:
+                sep = " " if template == "r1_zero" else ""
+                texts.append(render_prompt(r["prompt"], template, tokenizer) + sep + r["completion"] + tokenizer.eos_token)
+        self.ids = [tokenizer(x, add_special_tokens=False)["input_ids"][:512] for x in texts]
+        self.batch, self.pad, self.pos = rl.ptx_batch_size, tokenizer.pad_token_id, 0
+        self.order = torch.randperm(len(self.ids), generator=torch.Generator().manual_seed(seed)).tolist()
+
+    def loss(self, model, device) -> torch.Tensor:
+        seqs = [self.ids[self.order[(self.pos + i) % len(self.order)]] for i in range(self.batch)]
+        self.pos += self.batch
+        L = max(len(x) for x in seqs)
+        ids = torch.full((len(seqs), L), self.pad, dtype=torch.long)
+        labels = torch.full((len(seqs), L), -100, dtype=torch.long)
+        attn = torch.zeros((len(seqs), L), dtype=torch.long)
+        for i, x in enumerate(seqs):
+            ids[i, : len(x)] = torch.tensor(x)
+            labels[i, : len(x)] = torch.tensor(x)
+            attn[i, : len(x)] = 1
+        return model(input_ids=ids.to(device), attention_mask=attn.to(device), labels=labels.to(device),
+                     use_cache=False).loss
+
+
 class _Progress:
     """A rich progress bar showing reward, accuracy, KL and length."""
 
-    def __init__(self, total: int, start: int):
+    def __init__(self, total: int, start: int, label: str = "rl"):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        self.prog = Progress(TextColumn("[bold]grpo"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        self.prog = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                              TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console)
-        self.task = self.prog.add_task("grpo", total=total, completed=start, info="")
+        self.task = self.prog.add_task(label, total=total, completed=start, info="")
         self.prog.start()
 
     def update(self, step: int, m: dict) -> None:

@@ -57,19 +57,17 @@ def to_sft_examples(rows: list[dict], template: str, tokenizer, spec: str) -> li
     return out
 
 
-class _JsonlCallback:
-    """TrainerCallback that mirrors the trainer's logs into metrics.jsonl."""
+def jsonl_callback(logger: MetricsLogger):
+    """A TrainerCallback that mirrors the trainer's logs into metrics.jsonl."""
+    from transformers import TrainerCallback
 
-    def __new__(cls, logger: MetricsLogger):
-        from transformers import TrainerCallback
+    class JsonlCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and state.is_world_process_zero:
+                logger.log(state.global_step, {k if k.startswith(("train", "eval")) else f"train/{k}": v
+                                               for k, v in logs.items()})
 
-        class Cb(TrainerCallback):
-            def on_log(self, args, state, control, logs=None, **kw):
-                if logs and state.is_world_process_zero:
-                    logger.log(state.global_step, {f"train/{k}" if not k.startswith(("train", "eval")) else k: v
-                                                   for k, v in logs.items()})
-
-        return Cb()
+    return JsonlCallback()
 
 
 def run_sft(cfg: RunConfig) -> dict:
@@ -130,7 +128,7 @@ def run_sft(cfg: RunConfig) -> dict:
         train_dataset=Dataset.from_list(examples),
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[_JsonlCallback(logger)],
+        callbacks=[jsonl_callback(logger)],
     )
     last = get_last_checkpoint(str(out)) if out.is_dir() else None
     if last:
