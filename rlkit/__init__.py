@@ -7,6 +7,7 @@
 
 __version__ = "0.1.0"
 
-from rlkit.api import evaluate, grpo, sft  # noqa: E402
+from rlkit.api import evaluate, grpo, ppo, rm, sample, sft  # noqa: E402
+from rlkit.pipeline import Pipeline, Stage, load_pipeline  # noqa: E402
 
-__all__ = ["__version__", "evaluate", "grpo", "sft"]
+__all__ = ["Pipeline", "Stage", "__version__", "evaluate", "grpo", "load_pipeline", "ppo", "rm", "sample", "sft"]

@@ -52,6 +52,27 @@ def grpo(recipe: str | Path | RunConfig = "r1_zero", **kwargs) -> dict:
     return run_rl(load(recipe, "grpo", **kwargs))
 
 
+def rm(recipe: str | Path | RunConfig = "rm", **kwargs) -> dict:
+    """Reward model training; returns held-out pair accuracy and margin. Keyword arguments as in :func:`load`."""
+    from rlkit.trainers.rm import run_rm
+
+    return run_rm(load(recipe, "rm", **kwargs))
+
+
+def ppo(recipe: str | Path | RunConfig = "ppo", **kwargs) -> dict:
+    """PPO against a reward model; returns before/after eval metrics. Keyword arguments as in :func:`load`."""
+    from rlkit.trainers.rl import run_rl
+
+    return run_rl(load(recipe, "ppo", **kwargs))
+
+
+def sample(recipe: str | Path | RunConfig = "sample", **kwargs) -> dict:
+    """Rejection sampling; returns the report's numbers. Keyword arguments as in :func:`load`."""
+    from rlkit.trainers.sample import run_sample
+
+    return run_sample(load(recipe, "sample", **kwargs))
+
+
 def evaluate(model: str = "embedded", *, task: str = "arithmetic", data: str | None = None,
              template: str = "r1_zero", num_samples: int = 1, limit: int | None = None,
              max_new_tokens: int = 64) -> dict:

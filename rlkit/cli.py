@@ -155,6 +155,22 @@ def ppo(
 
 @app.command()
 @friendly_errors
+def sample(
+    recipe: RecipeOpt = None,
+    model: ModelOpt = None,
+    dataset: DatasetOpt = None,
+    output_dir: OutputOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Rejection sampling: N samples per prompt, keep the verified ones, write SFT-ready JSONL."""
+    from rlkit.trainers.sample import run_sample
+
+    cfg = _training_config("sample", recipe, model, dataset, output_dir, None, set_)
+    _print_metrics(f"sample → {cfg.output_dir}/data.jsonl", run_sample(cfg))
+
+
+@app.command()
+@friendly_errors
 def run(
     recipe: Annotated[str, typer.Argument(help="Pipeline recipe name (instructgpt, ...) or YAML path.")],
     output_dir: OutputOpt = None,
@@ -257,7 +273,7 @@ def recipes_show(
         typer.echo(to_yaml(stage_config(p, s, outputs, out, per, common)), nl=False)
 
 
-DEFAULT_RECIPES = {"sft": "sft", "rm": "rm", "grpo": "r1_zero", "ppo": "ppo"}
+DEFAULT_RECIPES = {"sft": "sft", "rm": "rm", "grpo": "r1_zero", "ppo": "ppo", "sample": "sample"}
 
 
 def _training_config(kind, recipe, model, dataset, output_dir, max_steps, sets):

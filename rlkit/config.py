@@ -41,6 +41,12 @@ class ModelConfig(_Section):
     trust_remote_code: bool = Field(False, description="Allow model code from the model directory.")
 
 
+class MixSource(_Section):
+    data: str = Field(..., description="A data spec (embedded:NAME, a file, a stage:NAME output, a datasets name).")
+    route: str = Field(..., description="Route name given to its rows (rewards can be limited to routes).")
+    max_samples: int | None = Field(None, gt=0, description="Use at most this many rows of it.")
+
+
 class DataConfig(_Section):
     train: str = Field(
         "embedded:arithmetic",
@@ -51,6 +57,8 @@ class DataConfig(_Section):
         "chat", description="How prompts are rendered: r1_zero template, the tokenizer's chat template, or as is."
     )
     max_samples: int | None = Field(None, gt=0, description="Use at most this many training rows.")
+    route: str | None = Field(None, description="Route name for the rows of data.train (when mixing sources).")
+    mix: list[MixSource] = Field(default_factory=list, description="More prompt sources mixed into RL data, each with a route.")
 
 
 class TrainConfig(_Section):
@@ -82,6 +90,22 @@ class RMConfig(_Section):
     center_rewards_coefficient: float | None = Field(None, ge=0, description="Push mean reward toward 0 (TRL).")
 
 
+class SampleConfig(_Section):
+    num_samples: int = Field(8, gt=0, description="Samples per prompt (N).")
+    max_prompts: int | None = Field(None, gt=0, description="Sample from at most this many prompts.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    max_new_tokens: int = Field(64, gt=0, description="Generation budget; samples that hit it are dropped as over-long.")
+    thresholds: dict[str, float] = Field(
+        default_factory=lambda: {"accuracy": 1.0, "think_format": 1.0},
+        description="Keep a sample only if each named reward reaches its threshold (verified and well-formed).")
+    max_per_prompt: int = Field(1, gt=0, description="Keep at most this many samples per prompt.")
+    dedupe: bool = Field(True, description="Drop repeated completions of the same prompt.")
+    mix_data: str | None = Field(None, description="Non-reasoning SFT data (messages or prompt/completion) to mix in.")
+    mix_max: int | None = Field(None, gt=0, description="Mix in at most this many rows of mix_data.")
+    batch_size: int = Field(64, gt=0, description="Prompts per generate call.")
+
+
 class EvalConfig(_Section):
     task: str | None = Field("arithmetic", description="Built-in task to evaluate on (when no JSONL is given).")
     split: Literal["train", "test"] = Field("test", description="Split of the built-in task.")
@@ -101,6 +125,7 @@ class RewardSpec(_Section):
     weight: float = Field(1.0, description="Weight in the summed reward.")
     params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments passed to the reward.")
     alias: str | None = Field(None, description="Metric name, when one reward is listed twice.")
+    routes: list[str] | None = Field(None, description="Apply only to samples whose 'route' column is one of these.")
 
 
 class RLConfig(_Section):
@@ -151,7 +176,7 @@ class RLConfig(_Section):
 
 
 class RunConfig(_Section):
-    kind: Literal["sft", "rm", "grpo", "ppo"] = Field("sft", description="What this config runs.")
+    kind: Literal["sft", "rm", "grpo", "ppo", "sample"] = Field("sft", description="What this config runs.")
     name: str = Field("run", description="Recipe name.")
     description: str = Field("", description="One line on what the recipe does.")
     output_dir: str = Field("outputs/run", description="Where the Hugging Face output directory is written.")
@@ -164,6 +189,7 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     rm: RMConfig = Field(default_factory=RMConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
     rewards: list[RewardSpec] = Field(default_factory=list, description="Rewards for RL: [{name, weight, params}].")
@@ -200,6 +226,13 @@ class RunConfig(_Section):
                 raise ValueError("rl.beta: the adaptive KL controller needs an initial beta > 0")
             if rl.epsilon_high is not None and rl.epsilon_high < rl.epsilon:
                 raise ValueError("rl.epsilon_high: must be >= rl.epsilon (clip-higher)")
+        if self.kind == "sample":
+            if not self.rewards:
+                raise ValueError("rewards: rejection sampling needs the rewards to filter by")
+            names = {r.alias or r.name for r in self.rewards}
+            for key in self.sample.thresholds:
+                if key not in names:
+                    raise ValueError(f"sample.thresholds: '{key}' is not one of the listed rewards ({', '.join(sorted(names))})")
         if self.eval.num_samples > 1 and self.eval.temperature <= 0:
             raise ValueError("eval.num_samples > 1 needs eval.temperature > 0")
         return self

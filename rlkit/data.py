@@ -66,6 +66,10 @@ def load_rows(spec: str, default_split: str = "train") -> list[dict]:
         task, split = _embedded(spec, default_split)
         return tasks.task_split(task, split)
     path = Path(spec).expanduser()
+    if path.is_dir():  # a stage's output directory, e.g. rejection samples
+        if not (path / "data.jsonl").is_file():
+            raise DataError(f"{path}: a data directory needs a data.jsonl file")
+        path = path / "data.jsonl"
     if path.suffix in LOCAL_SUFFIXES or path.exists() or spec.startswith((".", "/", "~")):
         if not path.is_file():
             raise DataError(f"{path}: data file not found")
@@ -183,4 +187,33 @@ def preference_rows(spec: str, max_samples: int | None = None) -> list[dict]:
                     out.append({"prompt": prompt, "chosen": resp[a], "rejected": resp[b], "group": i - 1})
         else:
             out.append({"prompt": prompt, "chosen": r["chosen"], "rejected": r["rejected"], "group": i - 1})
+    return out
+
+
+def rl_rows(data_cfg, answer_routes: set[str] | None | bool) -> list[dict]:
+    """Prompt rows for RL from ``data.train`` and the ``data.mix`` sources, each row tagged with its route.
+
+    ``answer_routes``: which rows need a gold ``answer`` (True: all rows; a set: rows of those routes;
+    False/None: none), i.e. where a reward that checks answers applies.
+    """
+    sources = [(data_cfg.train, data_cfg.route, data_cfg.max_samples)]
+    sources += [(m.data, m.route, m.max_samples) for m in data_cfg.mix]
+    out = []
+    for spec, route, max_n in sources:
+        rows = load_rows(spec, default_split="train")
+        rows = rows[:max_n] if max_n else rows
+        require_columns(rows, spec, ("prompt",))
+        for i, r in enumerate(rows, 1):
+            r = dict(r)
+            if route is not None:
+                r["route"] = route
+            needs = answer_routes is True or (isinstance(answer_routes, set) and r.get("route") in answer_routes)
+            if needs and r.get("answer") is None:
+                where = f" (route '{r.get('route')}')" if r.get("route") else ""
+                raise DataError(f"{spec}: row {i}{where} has no 'answer' column, which the accuracy reward needs")
+            if not isinstance(r["prompt"], str):
+                raise DataError(f"{spec}: row {i}: 'prompt' must be a string")
+            if r.get("answer") is not None:
+                r["answer"] = str(r["answer"])
+            out.append(r)
     return out

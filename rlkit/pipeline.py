@@ -186,6 +186,10 @@ def _run_stage(cfg: RunConfig) -> dict:
         from rlkit.trainers.rm import run_rm
 
         return run_rm(cfg)
+    if cfg.kind == "sample":
+        from rlkit.trainers.sample import run_sample
+
+        return run_sample(cfg)
     from rlkit.trainers.rl import run_rl
 
     return run_rl(cfg)

@@ -5,6 +5,7 @@ raises is retried sample by sample; a sample that still raises, or for which the
 (the built-in math check does on a timeout), scores 0 and is counted in ``reward/<name>/failures``.
 ``None`` means "not applicable" (the weighted sum skips it; the metric averages the rest). A reward that
 fails on every sample of a batch is reported loudly, so a run never goes on silently scoring zeros.
+A reward with ``routes`` applies only to samples whose ``route`` column is one of them (others: None).
 """
 
 from __future__ import annotations
@@ -60,12 +61,24 @@ class RewardSet:
         per: dict[str, list[float | None]] = {}
         failures: dict[str, int] = {}
         total = [0.0] * n
+        routes = columns.get("route")
         for spec in self.specs:
             key = spec.alias or spec.name
-            vals, failed = self._call(key, self.fns[key], completions, columns, dict(spec.params))
+            if spec.routes is not None:
+                idx = [i for i in range(n) if routes is not None and routes[i] in spec.routes]
+                vals = [None] * n
+                failed = 0
+                if idx:
+                    sub_cols = {k: [v[i] for i in idx] for k, v in columns.items()}
+                    sub, failed = self._call(key, self.fns[key], [completions[i] for i in idx], sub_cols,
+                                             dict(spec.params))
+                    for i, v in zip(idx, sub):
+                        vals[i] = v
+            else:
+                vals, failed = self._call(key, self.fns[key], completions, columns, dict(spec.params))
             per[key] = vals
             failures[key] = failed
-            if failed == n and n and self.warn_all_failed:
+            if failed and failed == sum(v is not None for v in vals) and self.warn_all_failed:
                 console.print(f"[bold red]reward '{key}' failed on all {n} samples of this batch; they score 0[/]")
             for i, v in enumerate(vals):
                 if v is not None:

@@ -66,7 +66,7 @@ def test_parquet_and_json(tmp_path):
 
 
 def test_unknown_embedded_task_and_offline_hub_name():
-    with pytest.raises(DataError, match="unknown built-in task 'poetry'"):
+    with pytest.raises(DataError, match="unknown built-in task or data set 'poetry'"):
         load_rows("embedded:poetry")
     with pytest.raises(DataError, match="could not load it as a datasets name"):
         load_rows("no-such-org/no-such-dataset")

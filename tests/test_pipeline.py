@@ -73,3 +73,66 @@ def test_run_cli_bad_pipelines(cli, tmp_path):
     assert_clean_error(cli("run", "sft"), "not a pipeline")
     assert_clean_error(cli("run", "instructgpt", "--only", "nope", "--output-dir", tmp_path / "o2"), "--only nope")
     assert load_pipeline("instructgpt").stage("ppo").refs() == ["rm", "sft"]
+
+
+def _write(path, data):
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_killed_during_grpo_stage_resumes_that_stage(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    recipe = _write(tmp_path / "p.yaml", {"name": "p", "stages": [
+        {"name": "cold", "kind": "sft", "data": {"train": "embedded:demos", "max_samples": 32, "template": "chat"},
+         "train": {"max_steps": 2, "batch_size": 8}, "eval": {"limit": 4}},
+        {"name": "rl", "recipe": "r1_zero", "model": {"path": "stage:cold"}, "data": {"template": "chat"},
+         "train": {"max_steps": 6, "save_steps": 2},
+         "rl": {"prompts_per_step": 4, "num_generations": 4, "eval_steps": 100, "log_completions": 0},
+         "eval": {"limit": 8}}]})
+    out = tmp_path / "out"
+    exe = os.path.join(os.path.dirname(sys.executable), "rlkit")
+    cmd = [exe, "run", str(recipe), "--output-dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while not (out / "rl" / "checkpoint-2").is_dir() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    assert (out / "rl" / "checkpoint-2").is_dir()
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert json.loads((out / "manifest.json").read_text())["stages"][1]["status"] == "running"
+    cold_mtime = (out / "cold" / "model.safetensors").stat().st_mtime
+
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "stage cold: skipped" in again.stdout and "resuming from" in again.stdout
+    assert (out / "cold" / "model.safetensors").stat().st_mtime == cold_mtime
+    m = json.loads((out / "manifest.json").read_text())
+    assert [s["status"] for s in m["stages"]] == ["done", "done"] and m["stages"][1]["metrics"]["steps"] == 6
+
+    t0 = time.time()
+    third = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert third.returncode == 0 and third.stdout.count("skipped") == 2
+    assert time.time() - t0 < 30  # a finished pipeline re-runs in seconds
+
+
+def test_empty_rejection_sampling_stops_the_pipeline_cleanly(cli, tmp_path):
+    recipe = _write(tmp_path / "e.yaml", {"name": "e", "stages": [
+        {"name": "cold", "kind": "sft", "data": {"train": "embedded:demos", "max_samples": 16, "template": "chat"},
+         "train": {"max_steps": 1, "batch_size": 8}, "eval": {"limit": 2}},
+        {"name": "rs", "recipe": "sample", "model": {"path": "stage:cold"},
+         "sample": {"max_prompts": 4, "num_samples": 2, "thresholds": {"accuracy": 2.0}}},
+        {"name": "sft2", "kind": "sft", "data": {"train": "stage:rs"}}]})
+    out = tmp_path / "out"
+    assert cli("run", recipe, "--output-dir", out, "--only", "cold").exit_code == 0
+    mtime = (out / "cold" / "model.safetensors").stat().st_mtime
+    assert_clean_error(cli("run", recipe, "--output-dir", out), "kept no samples")
+    m = json.loads((out / "manifest.json").read_text())
+    assert [s["status"] for s in m["stages"]] == ["done", "failed", "pending"]
+    assert "kept no samples" in m["stages"][1]["error"]
+    assert (out / "cold" / "model.safetensors").stat().st_mtime == mtime

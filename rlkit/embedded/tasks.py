@@ -16,7 +16,7 @@ from functools import lru_cache
 
 TASKS = ("arithmetic",)
 # Data sets of the embedded world besides the tasks' prompt/answer rows (``embedded:NAME``).
-DATASETS = ("demos", "mixed_demos", "comparisons", "rankings")
+DATASETS = ("demos", "mixed_demos", "comparisons", "rankings", "general")
 SPLITS = ("train", "test")
 ARITHMETIC_TEST_SIZE = 500
 _SEED = 1234
@@ -136,6 +136,12 @@ def comparisons(n: int = 1500, seed: int = 13) -> list[dict]:
     return out
 
 
+def general_prompts(n: int = 2000, seed: int = 17) -> list[dict]:
+    """Prompts with no gold answer: in all-scenario RL a reward model judges them (route 'general')."""
+    rows = random.Random(seed).sample(task_split("arithmetic", "train"), n)
+    return [{"prompt": r["prompt"]} for r in rows]
+
+
 def dataset(name: str) -> list[dict]:
     """An embedded data set by name (see DATASETS)."""
     if name == "demos":
@@ -146,4 +152,6 @@ def dataset(name: str) -> list[dict]:
         return comparisons()
     if name == "rankings":
         return rankings()
+    if name == "general":
+        return general_prompts()
     raise ValueError(f"unknown embedded data set {name!r}; expected one of {', '.join(DATASETS)}")

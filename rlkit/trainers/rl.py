@@ -46,7 +46,7 @@ from rlkit.algos import (
     value_loss,
 )
 from rlkit.config import RunConfig
-from rlkit.data import DataError, prompt_rows
+from rlkit.data import DataError, rl_rows
 from rlkit.evaluation import eval_rows, evaluate_model
 from rlkit.models import load_causal_lm, load_tokenizer
 from rlkit.outputs import write_model_card
@@ -137,11 +137,12 @@ def run_rl(cfg: RunConfig) -> dict:
 
     # ---------------------------------------------------------------------------------- set-up
     rewards = RewardSet(cfg.rewards)
-    rows = prompt_rows(cfg.data.train, split="train", answer="accuracy" in rewards.names)
-    if cfg.data.max_samples:
-        rows = rows[: cfg.data.max_samples]
-    if "accuracy" in rewards.names:
-        validate_gold_answers(rows, cfg.data.train)
+    acc_specs = [r for r in cfg.rewards if r.name == "accuracy"]
+    answer_routes = (True if any(r.routes is None for r in acc_specs)
+                     else {x for r in acc_specs for x in r.routes} if acc_specs else False)
+    rows = rl_rows(cfg.data, answer_routes)
+    if acc_specs:
+        validate_gold_answers([r for r in rows if r.get("answer") is not None], cfg.data.train)
     max_steps = t.max_steps or max(1, math.ceil(t.epochs * len(rows) / rl.prompts_per_step))
     set_seed(t.seed)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
@@ -255,14 +256,15 @@ def run_rl(cfg: RunConfig) -> dict:
                 groups = engine.generate(texts, params)
             with timer("reward"):
                 flat = [s for g in groups for s in g]
-                cols = {k: [r.get(k) for r in prompts_rows for _ in range(rl.num_generations)]
-                        for k in prompts_rows[0]}
+                keys = {k for r in prompts_rows for k in r}
+                cols = {k: [r.get(k) for r in prompts_rows for _ in range(rl.num_generations)] for k in keys}
                 cols["prompts"] = [x for x in texts for _ in range(rl.num_generations)]
                 cols["completion_lengths"] = [len(s.token_ids) for s in flat]
                 scored = rewards.score([s.text for s in flat], cols)
             for gi, (text, g) in enumerate(zip(texts, groups)):
                 sl = slice(gi * rl.num_generations, (gi + 1) * rl.num_generations)
-                item = (text, g, scored.total[sl], {k: v[sl] for k, v in scored.per_reward.items()})
+                item = (text, g, scored.total[sl], {k: v[sl] for k, v in scored.per_reward.items()},
+                        prompts_rows[gi].get("route"))
                 if rl.dynamic_sampling and len(set(scored.total[sl])) == 1:
                     dropped.append(item)
                 else:
@@ -275,10 +277,11 @@ def run_rl(cfg: RunConfig) -> dict:
                 break
         groups_used = (kept + dropped)[:per_proc]
 
-        prompt_ids, samples, gids, totals = [], [], [], []
+        prompt_ids, samples, gids, totals, routes = [], [], [], [], []
         per_reward: dict[str, list] = defaultdict(list)
-        for gi, (text, g, tot, per) in enumerate(groups_used):
+        for gi, (text, g, tot, per, route) in enumerate(groups_used):
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            routes.extend([route] * len(g))
             for j, s in enumerate(g):
                 prompt_ids.append(ids)
                 samples.append(s)
@@ -330,8 +333,9 @@ def run_rl(cfg: RunConfig) -> dict:
             kl_ctl.update(kl_now, B * world)
             metrics = {
                 "reward": _gmean(acc, totals),
-                **{f"reward/{k}": _gmean(acc, [x for x in v if x is not None]) for k, v in per_reward.items()},
+                **{f"reward/{k}": _gmean(acc, [x for x in v if x is not None]) for k, v in sorted(per_reward.items())},
                 **{f"reward/{k}/failures": _gmean(acc, [float(v)]) * world for k, v in failures.items()},
+                **_route_metrics(routes, totals, per_reward),
                 **stats,
                 "beta": kl_ctl.value,
                 "completion_len": _gmean(acc, [len(s.token_ids) for s in samples]),
@@ -463,8 +467,8 @@ def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: fl
                         acc.backward(vl * w)
                     sums["loss/value"] += float(vl.detach()) * w
                     for k in ("vf_clip_frac", "explained_variance", "value_mean"):
-                        if k in vm and math.isfinite(float(vm[k])):
-                            sums[k] += float(vm[k]) * w
+                        v_k = float(vm.get(k, 0.0))  # every process must report the same keys
+                        sums[k] += (v_k if math.isfinite(v_k) else 0.0) * w
             gn = acc.clip_grad_norm_(policy.parameters(), rl.max_grad_norm)
             sums["grad_norm"] += float(gn)
             optimizer.step()
@@ -479,6 +483,23 @@ def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: fl
             count += 1
     out = {k: v / count for k, v in sums.items()}
     return {k: _gmean(acc, [v]) for k, v in out.items()}
+
+
+def _route_metrics(routes: list, totals: list[float], per_reward: dict[str, list]) -> dict:
+    """``route/<r>/reward`` and ``route/<r>/<reward>`` for every route present (all-scenario RL).
+
+    Computed on this process's samples only: the routes present can differ between processes, and a
+    collective over a different set of keys would hang."""
+    out = {}
+    for r in sorted({x for x in routes if x is not None}):
+        idx = [i for i, x in enumerate(routes) if x == r]
+        out[f"route/{r}/reward"] = sum(totals[i] for i in idx) / len(idx)
+        out[f"route/{r}/share"] = len(idx) / max(1, len(routes))
+        for k, v in per_reward.items():
+            vals = [v[i] for i in idx if v[i] is not None]
+            if vals:
+                out[f"route/{r}/{k}"] = sum(vals) / len(vals)
+    return out
 
 
 def _sync(engine, model) -> None:

@@ -1,0 +1,169 @@
+"""Rejection sampling (DeepSeek-R1, stage 3): sample many, keep the verified ones, write SFT data.
+
+For each prompt, N samples from the model; each is scored by the recipe's rewards and kept only when every
+reward named in ``sample.thresholds`` reaches its threshold (by default: the answer verifies and the
+format is right). Truncated or over-long samples and repeated completions are dropped, at most
+``sample.max_per_prompt`` are kept per prompt, and non-reasoning SFT data can be mixed in. The output is
+``OUTPUT/data.jsonl``, SFT-ready (``messages`` with the chat template, else ``prompt``/``completion``),
+each row carrying its provenance (source model, reward scores, sample index), plus ``report.json`` and
+``pass_rate.png`` with the distribution of pass rates over prompts.
+
+    rlkit sample --model outputs/r1_zero --set sample.num_samples=16
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from rlkit.config import RunConfig
+from rlkit.data import DataError, rl_rows, sft_rows
+from rlkit.models import load_causal_lm, load_tokenizer
+from rlkit.rollout import SamplingParams, make_engine
+from rlkit.scoring import RewardSet
+from rlkit.templates import render_prompt
+from rlkit.tracking import progress_bar
+
+
+def run_sample(cfg: RunConfig) -> dict:
+    t0 = time.time()
+    sc = cfg.sample
+    out = Path(cfg.output_dir)
+    rewards = RewardSet(cfg.rewards)
+    acc_specs = [r for r in cfg.rewards if r.name == "accuracy"]
+    rows = rl_rows(cfg.data, True if acc_specs else False)
+    if sc.max_prompts:
+        rows = rows[: sc.max_prompts]
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    model = load_causal_lm(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    engine = make_engine(cfg.rl.engine, model, tokenizer, batch_size=sc.batch_size * sc.num_samples)
+    params = SamplingParams(n=sc.num_samples, max_new_tokens=sc.max_new_tokens, temperature=sc.temperature,
+                            top_p=sc.top_p)
+    template = cfg.data.template
+
+    kept: list[dict] = []
+    dropped: Counter = Counter()
+    pass_rates: list[float] = []
+    total = 0
+    with progress_bar("sampling", len(rows)) as advance:
+        for i in range(0, len(rows), sc.batch_size):
+            chunk = rows[i : i + sc.batch_size]
+            texts = [render_prompt(r["prompt"], template, tokenizer) for r in chunk]
+            groups = engine.generate(texts, params)
+            flat = [s for g in groups for s in g]
+            keys = {k for r in chunk for k in r}
+            cols = {k: [r.get(k) for r in chunk for _ in range(sc.num_samples)] for k in keys}
+            cols["prompts"] = [t for t in texts for _ in range(sc.num_samples)]
+            cols["completion_lengths"] = [len(s.token_ids) for s in flat]
+            scored = rewards.score([s.text for s in flat], cols)
+            for gi, (row, group) in enumerate(zip(chunk, groups)):
+                seen: set[str] = set()
+                n_pass = 0
+                taken = 0
+                for j, smp in enumerate(group):
+                    k = gi * sc.num_samples + j
+                    total += 1
+                    scores = {name: vals[k] for name, vals in scored.per_reward.items()}
+                    verified = all(scores.get(name) is not None and scores[name] >= th
+                                   for name, th in sc.thresholds.items())
+                    n_pass += verified
+                    if not verified:
+                        dropped["failed_rewards"] += 1
+                    elif not smp.finished:
+                        dropped["over_long"] += 1
+                    elif sc.dedupe and smp.text.strip() in seen:
+                        dropped["duplicate"] += 1
+                    elif taken >= sc.max_per_prompt:
+                        dropped["over_cap"] += 1
+                    else:
+                        seen.add(smp.text.strip())
+                        taken += 1
+                        kept.append(_sft_row(row, smp.text, template, cfg.model.path, scores, j))
+                pass_rates.append(n_pass / sc.num_samples)
+            advance(len(chunk))
+
+    if not kept:
+        passed = sum(round(p * sc.num_samples) for p in pass_rates)
+        raise DataError(
+            f"rejection sampling kept no samples: {passed} of {total} passed sample.thresholds "
+            f"{dict(sc.thresholds)} (after dropping {dict(dropped) or 'none'}); sample more, or lower the thresholds")
+    n_reasoning = len(kept)
+    if sc.mix_data:
+        mix = sft_rows(sc.mix_data)
+        mix = mix[: sc.mix_max] if sc.mix_max else mix
+        kept.extend({**_as_format(r, template, sc.mix_data), "source": sc.mix_data} for r in mix)
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "data.jsonl.tmp"
+    with tmp.open("w") as f:
+        for r in kept:
+            f.write(json.dumps(r) + "\n")
+    tmp.replace(out / "data.jsonl")
+    hist = Counter(round(p, 3) for p in pass_rates)
+    report = {
+        "source_model": cfg.model.path,
+        "prompts": len(rows),
+        "samples": total,
+        "kept": n_reasoning,
+        "mixed_in": len(kept) - n_reasoning,
+        "dropped": dict(dropped),
+        "mean_pass_rate": sum(pass_rates) / len(pass_rates),
+        "prompts_with_a_pass": sum(p > 0 for p in pass_rates) / len(pass_rates),
+        "pass_rate_histogram": {str(k): hist[k] for k in sorted(hist)},
+        "seconds": round(time.time() - t0, 1),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    _plot(pass_rates, out / "pass_rate.png", sc.num_samples)
+    return {k: v for k, v in report.items() if isinstance(v, (int, float))}
+
+
+def _sft_row(row: dict, completion: str, template: str, source: str, scores: dict, index: int) -> dict:
+    meta = {"source_model": source, "rewards": scores, "sample_index": index}
+    if row.get("answer") is not None:
+        meta["answer"] = row["answer"]
+    if template == "chat":
+        return {"messages": [{"role": "user", "content": row["prompt"]},
+                             {"role": "assistant", "content": completion.strip()}], **meta}
+    return {"prompt": row["prompt"], "completion": completion, **meta}
+
+
+def _as_format(row: dict, template: str, spec: str) -> dict:
+    """A mixed-in SFT row in the same format as the sampled rows (messages for chat, else prompt/completion)."""
+    if template == "chat":
+        if "messages" in row:
+            return row
+        return {"messages": [{"role": "user", "content": row["prompt"]},
+                             {"role": "assistant", "content": row["completion"]}]}
+    if "messages" not in row:
+        return row
+    msgs = row["messages"]
+    if len(msgs) != 2 or msgs[0]["role"] != "user":
+        raise DataError(f"{spec}: only single-turn conversations can be mixed into {template}-template samples; "
+                        "use data.template chat")
+    return {"prompt": msgs[0]["content"], "completion": " " + msgs[1]["content"] if template == "r1_zero"
+            else msgs[1]["content"]}
+
+
+def _plot(pass_rates: list[float], path: Path, n: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.hist(pass_rates, bins=[(k - 0.5) / n for k in range(n + 2)], edgecolor="white")
+    ax.set_xlabel(f"share of the {n} samples that passed")
+    ax.set_ylabel("prompts")
+    ax.set_title("rejection sampling: pass rate per prompt")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
