@@ -130,6 +130,8 @@ class RewardSpec(_Section):
 
 class RLConfig(_Section):
     engine: Literal["hf"] = Field("hf", description="Rollout engine.")
+    hf_cache: Literal["dynamic", "static"] = Field(
+        "dynamic", description="hf engine KV cache: static pre-allocates it (and compiles the decode step on CUDA).")
     prompts_per_step: int = Field(16, gt=0, description="Prompts per rollout batch, over all processes.")
     num_generations: int = Field(8, gt=0, description="Completions per prompt (the GRPO group size G).")
     max_new_tokens: int = Field(64, gt=0, description="Generation budget per completion.")
@@ -158,6 +160,8 @@ class RLConfig(_Section):
     mini_batch_size: int | None = Field(None, gt=0, description="Samples per optimizer step (per process); default: the whole batch.")
     micro_batch_size: int = Field(32, gt=0, description="Samples per forward/backward (gradient accumulation inside a mini-batch).")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
+    logprob_chunk: int | None = Field(
+        None, gt=0, description="Compute log-probs over chunks of this many tokens (full-vocabulary logits one chunk at a time).")
     reward_scale: float = Field(1.0, description="Multiply summed rewards by this.")
     reward_clip: float | None = Field(None, gt=0, description="Clip summed rewards to [-c, c].")
     dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal and refill the batch.")

@@ -132,6 +132,7 @@ def test_grpo_options_lora_dynamic_sampling_iterations(cli, tmp_path):
             "--set", "rl.dynamic_sampling=true", "--set", "rl.overlong_filter=true", "--set", "rl.num_iterations=2",
             "--set", "rl.mini_batch_size=8", "--set", "rl.micro_batch_size=4", "--set", "rl.advantage=rloo",
             "--set", "rl.loss_aggregation=seq_mean_token_sum_norm", "--set", "train.learning_rate=1e-3",
+            "--set", "rl.logprob_chunk=64", "--set", "train.gradient_checkpointing=true",
             "--set", "report_to=[jsonl, tensorboard]")
     assert r.exit_code == 0, r.output
     rows = [row for row in _metrics(out) if "reward" in row]

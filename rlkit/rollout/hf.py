@@ -2,6 +2,11 @@
 
 Greedy when ``temperature == 0``. With ``return_logprobs`` each sample carries the sampler's
 log-probs, computed from the processed scores of ``generate`` (temperature and top-p applied).
+
+``cache="static"`` pre-allocates the KV cache (transformers' StaticCache); on CUDA transformers then
+compiles the decode step. Prompt lengths are padded up to a multiple of ``bucket`` tokens so that the
+compiled shapes repeat and recompiles are rare. On CPU the static cache runs uncompiled (correct, not
+faster).
 """
 
 from __future__ import annotations
@@ -12,11 +17,16 @@ from rlkit.rollout.base import Sample, SamplingParams
 
 
 class HFEngine:
-    def __init__(self, model, tokenizer, batch_size: int = 64, return_logprobs: bool = False):
+    def __init__(self, model, tokenizer, batch_size: int = 64, return_logprobs: bool = False,
+                 cache: str = "dynamic", bucket: int = 64):
+        if cache not in ("dynamic", "static"):
+            raise ValueError(f"hf engine: unknown cache {cache!r}; expected dynamic or static")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.return_logprobs = return_logprobs
+        self.cache = cache
+        self.bucket = bucket
         self.stop_ids = set(_eos_ids(model, tokenizer))
 
     @torch.no_grad()
@@ -31,8 +41,11 @@ class HFEngine:
             torch.manual_seed(params.seed)
         for i in range(0, len(expanded), self.batch_size):
             chunk = expanded[i : i + self.batch_size]
-            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False,
+                      pad_to_multiple_of=self.bucket if self.cache == "static" else None).to(model.device)
+            extra = {"cache_implementation": "static"} if self.cache == "static" else {}
             gen = model.generate(
+                **extra,
                 **enc,
                 max_new_tokens=params.max_new_tokens,
                 do_sample=not greedy,

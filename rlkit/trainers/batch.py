@@ -62,20 +62,51 @@ def build_batch(prompt_ids: list[list[int]], samples: list[Sample], group_ids: l
                         torch.tensor(rewards, dtype=torch.float32), sampler_logp=sampler if has_sampler else None)
 
 
-def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0,
-                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, with_entropy: bool = False,
+                        chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs [B, T] of the completion tokens under ``model`` (logits divided by the sampling
     temperature, as the sampler saw them), and optionally the per-token entropy [B, T].
 
     Position ids follow the attention mask, so left padding gives the same positions as generation.
-    Only the last T+1 positions go through the LM head.
+    Only the last T+1 positions go through the LM head. With ``chunk_tokens``, the LM head runs over
+    chunks of that many completion tokens under activation checkpointing, so full-vocabulary logits
+    exist for one chunk at a time, in the forward and in the backward pass.
     """
     T = batch.completion_len
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
-                use_cache=False, logits_to_keep=T + 1)
-    logits = out.logits[:, -(T + 1) : -1, :].float() / temperature
     targets = batch.input_ids[:, -T:]
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    ent = entropy_from_logits(logits.detach()) if with_entropy else None
+    if chunk_tokens is None:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
+                    use_cache=False, logits_to_keep=T + 1)
+        logits = out.logits[:, -(T + 1) : -1, :].float() / temperature
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        ent = entropy_from_logits(logits.detach()) if with_entropy else None
+        return logp, ent
+    # The forward still goes through the (possibly DDP-wrapped) module; it computes logits for one position.
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
+                use_cache=False, logits_to_keep=1, output_hidden_states=True)
+    hidden = out.hidden_states[-1][:, -(T + 1) : -1, :]
+    head = _unwrap(model).get_output_embeddings()
+    B, H = hidden.shape[0], hidden.shape[-1]
+    flat_h, flat_t = hidden.reshape(B * T, H), targets.reshape(B * T)
+    lps, ents = [], []
+    for i in range(0, B * T, chunk_tokens):
+        h, tg = flat_h[i : i + chunk_tokens], flat_t[i : i + chunk_tokens]
+        lp, en = torch.utils.checkpoint.checkpoint(_head_logprobs, h, tg, head.weight, head.bias, temperature,
+                                                   with_entropy, use_reentrant=False)
+        lps.append(lp)
+        ents.append(en)
+    logp = torch.cat(lps).view(B, T)
+    ent = torch.cat(ents).view(B, T).detach() if with_entropy else None
     return logp, ent
+
+
+def _head_logprobs(h, targets, weight, bias, temperature: float, with_entropy: bool):
+    logits = torch.nn.functional.linear(h, weight, bias).float() / temperature
+    lp = torch.log_softmax(logits, dim=-1)
+    ent = -(lp.exp() * lp).sum(-1) if with_entropy else torch.zeros_like(targets, dtype=lp.dtype)
+    return lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), ent
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") and not hasattr(model, "get_output_embeddings") else model

@@ -208,7 +208,7 @@ def run_rl(cfg: RunConfig) -> dict:
             (out / "metrics.jsonl").unlink(missing_ok=True)
 
     unwrapped = acc.unwrap_model(policy)
-    engine = make_engine(rl.engine, unwrapped, tokenizer, batch_size=max(B, 1))
+    engine = make_engine(rl.engine, unwrapped, tokenizer, batch_size=max(B, 1), cache=rl.hf_cache)
     params = SamplingParams(n=rl.num_generations, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
                             top_p=rl.top_p)
     logger = MetricsLogger(out, cfg.report_to if main else [], run_name=cfg.name,
@@ -405,7 +405,7 @@ def _chunked_logprobs(model, batch: RolloutBatch, rl) -> torch.Tensor:
     parts = []
     for i in range(0, B, rl.micro_batch_size):
         idx = torch.arange(i, min(B, i + rl.micro_batch_size), device=batch.input_ids.device)
-        lp, _ = completion_logprobs(model, batch.select(idx), rl.temperature)
+        lp, _ = completion_logprobs(model, batch.select(idx), rl.temperature, chunk_tokens=rl.logprob_chunk)
         parts.append(lp)
     return torch.cat(parts)
 
@@ -437,7 +437,8 @@ def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: fl
                 last = ci == len(micro_chunks) - 1
                 ctx = contextlib.nullcontext() if last else acc.no_sync(policy)
                 with ctx:
-                    logp, ent = completion_logprobs(policy, mb, rl.temperature, with_entropy=True)
+                    logp, ent = completion_logprobs(policy, mb, rl.temperature, with_entropy=True,
+                                                    chunk_tokens=rl.logprob_chunk)
                     old = mb.old_logp if mb.old_logp is not None else logp.detach()
                     pl, pm = compute_policy_loss(rl.policy_loss, logp, old, mb.advantages, mb.completion_mask,
                                                  cfg=loss_cfg)
