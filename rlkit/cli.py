@@ -238,6 +238,48 @@ def eval_(
         typer.echo(f"wrote {output}")
 
 
+@app.command()
+@friendly_errors
+def bench(
+    model: Annotated[str, typer.Option("--model", "-m", help="'embedded', a model directory, or a preset shape (qwen2.5-0.5b-shape).")] = "embedded",
+    engines: Annotated[str, typer.Option("--engines", help="Comma-separated rollout engines: hf, hf_static.")] = "hf,hf_static",
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated numbers of sequences.")] = "8,32",
+    prompt_len: Annotated[int, typer.Option("--prompt-len", help="Prompt tokens.", min=1)] = 64,
+    gen_len: Annotated[int, typer.Option("--gen-len", help="Generated tokens per sequence (EOS ignored).", min=1)] = 64,
+    prompts: Annotated[int, typer.Option("--prompts", help="Prompts per GRPO step.", min=1)] = 4,
+    generations: Annotated[int, typer.Option("--generations", help="Completions per prompt in the GRPO step.", min=2)] = 8,
+    steps: Annotated[int, typer.Option("--steps", help="GRPO steps (the first warms up).", min=1)] = 3,
+    trl: Annotated[bool, typer.Option("--trl/--no-trl", help="Also time TRL's GRPOTrainer at the same settings.")] = True,
+    output: Annotated[Optional[Path], typer.Option("--output", help="Write the figures as JSON.")] = None,
+) -> None:
+    """Rollout tokens/s per engine, a full GRPO step per phase, and TRL's GRPOTrainer, side by side."""
+    from rlkit.bench import run_bench
+
+    try:
+        sizes = [int(x) for x in batch_sizes.split(",") if x]
+    except ValueError:
+        raise typer.BadParameter(f"--batch-sizes {batch_sizes!r}: expected comma-separated integers") from None
+    for e in engines.split(","):
+        if e not in ("hf", "hf_static"):
+            raise typer.BadParameter(f"--engines: unknown engine {e!r}; expected hf or hf_static")
+    r = run_bench(model, engines.split(","), sizes, prompt_len, gen_len, prompts, generations, steps, trl,
+                  str(output) if output else None)
+    c = _console()
+    c.print(f"[bold]rlkit bench[/] {r['model']} on {r['device']}  (prompt {prompt_len}, generate {gen_len} tokens)")
+    t = Table("engine", "sequences", "tokens/s")
+    for row in r["rollout"]:
+        t.add_row(row["engine"], str(row["sequences"]), f"{row['tokens_per_s']:,.0f}")
+    c.print(t)
+    t = Table("GRPO step", "s/step", "completion tokens/s", "peak GiB", "phases (s)")
+    for row in r["step"]:
+        phases = ", ".join(f"{k} {v:.2f}" for k, v in row["phases"].items())
+        t.add_row(row["trainer"], f"{row['step_seconds']:.2f}", f"{row['completion_tokens_per_s']:,.0f}",
+                  "-" if row["peak_gib"] is None else f"{row['peak_gib']:.1f}", phases)
+    c.print(t)
+    if output:
+        typer.echo(f"wrote {output}")
+
+
 @recipes_app.command("list")
 @friendly_errors
 def recipes_list() -> None:

@@ -13,6 +13,7 @@ class SamplingParams:
     temperature: float = 1.0        # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False        # generate exactly max_new_tokens (benchmarks)
 
 
 @dataclass

@@ -48,6 +48,7 @@ class HFEngine:
                 **extra,
                 **enc,
                 max_new_tokens=params.max_new_tokens,
+                min_new_tokens=params.max_new_tokens if params.ignore_eos else None,
                 do_sample=not greedy,
                 temperature=None if greedy else params.temperature,
                 top_p=None if greedy else params.top_p,

@@ -1,0 +1,195 @@
+"""``rlkit bench``: rollout tokens/s per engine, one full GRPO step (time per phase, completion tokens/s,
+peak GPU memory), and TRL's ``GRPOTrainer`` at the same settings, side by side in one run.
+
+    rlkit bench                                              # the embedded model on CPU (seconds)
+    rlkit bench --model qwen2.5-0.5b-shape --batch-sizes 32,128 --prompt-len 64 --gen-len 256 \\
+                --prompts 4 --generations 8 --output benchmarks/h100.json    # the reference GPU setting
+
+``--model`` is 'embedded', a model directory, or a preset shape built with random weights (no download):
+``qwen2.5-0.5b-shape`` (hidden 896, 24 layers, 14 heads / 2 KV heads, vocabulary 32,000). Rollouts sample
+with EOS ignored, so every sequence generates exactly ``--gen-len`` tokens; the first call of each
+engine warms up (and compiles) and the second is timed.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PRESETS = {
+    "qwen2.5-0.5b-shape": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                               intermediate_size=4864, vocab_size=32000, max_position_embeddings=4096,
+                               tie_word_embeddings=True),
+}
+
+
+def prepare_model(name: str, workdir: Path) -> str:
+    """A model directory for the bench: 'embedded', an existing path, or a random-weight preset."""
+    if name not in PRESETS:
+        from rlkit.models import resolve_model_path
+
+        return resolve_model_path(name)
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from rlkit.embedded import model_dir
+
+    out = workdir / name
+    if not (out / "config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(model_dir())
+        cfg = Qwen2Config(**PRESETS[name], eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                          bos_token_id=None)
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+    return str(out)
+
+
+def _prompts(n: int, prompt_len: int, tokenizer) -> list[str]:
+    """n distinct prompts of about prompt_len tokens (embedded questions under the R1-Zero template, cut)."""
+    from rlkit.embedded.tasks import task_split
+    from rlkit.templates import render_prompt
+
+    rows = task_split("arithmetic", "train")
+    out = []
+    for i in range(n):
+        ids = tokenizer(render_prompt(rows[i % len(rows)]["prompt"], "r1_zero"), add_special_tokens=False)["input_ids"]
+        out.append(tokenizer.decode(ids[-prompt_len:]))
+    return out
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def bench_rollout(model_path: str, engines: list[str], batch_sizes: list[int], prompt_len: int, gen_len: int) -> list[dict]:
+    from rlkit.models import load_causal_lm, load_tokenizer
+    from rlkit.rollout import SamplingParams, make_engine
+
+    tok = load_tokenizer(model_path)
+    model = load_causal_lm(model_path)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    rows = []
+    for name in engines:
+        kind, _, cache = name.partition("_")
+        for bs in batch_sizes:
+            engine = make_engine(kind, model, tok, batch_size=bs, cache=cache or "dynamic")
+            prompts = _prompts(bs, prompt_len, tok)
+            params = SamplingParams(n=1, max_new_tokens=gen_len, temperature=1.0, ignore_eos=True)
+            engine.generate(prompts, params)  # warm-up (and compile)
+            _sync()
+            t0 = time.perf_counter()
+            out = engine.generate(prompts, params)
+            _sync()
+            dt = time.perf_counter() - t0
+            tokens = sum(len(g[0].token_ids) for g in out)
+            rows.append({"engine": name, "sequences": bs, "tokens": tokens, "seconds": round(dt, 3),
+                         "tokens_per_s": round(tokens / dt, 1)})
+    del model
+    return rows
+
+
+def bench_rlkit_step(model_path: str, prompts: int, generations: int, gen_len: int, steps: int, engine_cache: str,
+                     workdir: Path) -> dict:
+    from rlkit.config import build_config
+    from rlkit.tracking import read_metrics
+    from rlkit.trainers.rl import run_rl
+
+    out = workdir / f"rlkit_grpo_{engine_cache}"
+    cfg = build_config([("bench", {
+        "kind": "grpo", "name": "bench", "output_dir": str(out), "report_to": ["jsonl"],
+        "model": {"path": model_path}, "data": {"train": "embedded:arithmetic", "template": "r1_zero"},
+        "train": {"max_steps": steps, "save_steps": 10_000, "learning_rate": 1e-6},
+        "rl": {"prompts_per_step": prompts, "num_generations": generations, "max_new_tokens": gen_len, "beta": 0.04,
+               "log_completions": 0, "eval_steps": 10_000, "hf_cache": engine_cache, "micro_batch_size": 32},
+        "eval": {"task": None}, "rewards": [{"name": "think_format"}]})])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    run_rl(cfg)
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "step_seconds" in r]
+    timed = rows[1:] or rows  # the first step warms up
+    step_s = sum(r["step_seconds"] for r in timed) / len(timed)
+    tokens = sum(r["completion_len"] for r in timed) / len(timed) * prompts * generations
+    phases = {k.removeprefix("time/"): round(sum(r.get(k, 0) for r in timed) / len(timed), 3)
+              for k in timed[0] if k.startswith("time/")}
+    return {"trainer": f"rlkit (hf, {engine_cache} cache)", "step_seconds": round(step_s, 3),
+            "completion_tokens_per_s": round(tokens / step_s, 1), "phases": phases, "peak_gib": _peak_gib()}
+
+
+def bench_trl_step(model_path: str, prompts: int, generations: int, gen_len: int, steps: int, workdir: Path) -> dict:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rlkit.models import load_tokenizer
+    from rlkit.rewards.format import think_answer_format
+
+    tok = load_tokenizer(model_path)
+    times: list[float] = []
+    lengths: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            _sync()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            _sync()
+            times.append(time.perf_counter() - self.t0)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "completions/mean_length" in logs:
+                lengths.append(float(logs["completions/mean_length"]))
+
+    def reward(completions, **_):
+        return think_answer_format(completions)
+
+    cuda = torch.cuda.is_available()
+    args = GRPOConfig(output_dir=str(workdir / "trl_grpo"), per_device_train_batch_size=prompts * generations,
+                      num_generations=generations, max_completion_length=gen_len, beta=0.04, max_steps=steps,
+                      learning_rate=1e-6, logging_steps=1, report_to="none", save_strategy="no", use_cpu=not cuda,
+                      bf16=cuda, temperature=1.0, disable_tqdm=True)
+    data = Dataset.from_list([{"prompt": p} for p in _prompts(prompts * steps * 4, 10_000, tok)])
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer = GRPOTrainer(model=model_path, reward_funcs=[reward], args=args, train_dataset=data,
+                          processing_class=tok, callbacks=[Timer()])
+    trainer.train()
+    timed = times[1:] or times
+    step_s = sum(timed) / len(timed)
+    mean_len = (sum(lengths[1:]) / len(lengths[1:])) if len(lengths) > 1 else (lengths[0] if lengths else gen_len)
+    return {"trainer": f"TRL {__import__('trl').__version__} GRPOTrainer (hf generate)", "step_seconds": round(step_s, 3),
+            "completion_tokens_per_s": round(mean_len * prompts * generations / step_s, 1), "phases": {},
+            "peak_gib": _peak_gib()}
+
+
+def _peak_gib() -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+
+
+def run_bench(model: str = "embedded", engines: list[str] | None = None, batch_sizes: list[int] | None = None,
+              prompt_len: int = 64, gen_len: int = 64, prompts: int = 4, generations: int = 8, steps: int = 3,
+              trl: bool = True, output: str | None = None) -> dict:
+    engines = engines or ["hf", "hf_static"]
+    batch_sizes = batch_sizes or [8, 32]
+    with tempfile.TemporaryDirectory(prefix="rlkit-bench-") as tmp:
+        work = Path(tmp)
+        path = prepare_model(model, work)
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+        report: dict = {"model": model, "device": device, "torch": torch.__version__,
+                        "settings": {"prompt_len": prompt_len, "gen_len": gen_len, "prompts": prompts,
+                                     "generations": generations, "steps": steps},
+                        "rollout": bench_rollout(path, engines, batch_sizes, prompt_len, gen_len), "step": []}
+        report["step"].append(bench_rlkit_step(path, prompts, generations, gen_len, steps, "dynamic", work))
+        if trl:
+            report["step"].append(bench_trl_step(path, prompts, generations, gen_len, steps, work))
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(report, indent=2) + "\n")
+    return report

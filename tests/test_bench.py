@@ -1,0 +1,21 @@
+import json
+
+
+def test_bench_runs_on_cpu_side_by_side_with_trl(cli, tmp_path):
+    out = tmp_path / "bench.json"
+    r = cli("bench", "--batch-sizes", "2", "--gen-len", 6, "--prompts", 2, "--generations", 2, "--steps", 2,
+            "--output", out)
+    assert r.exit_code == 0, r.output
+    report = json.loads(out.read_text())
+    assert [row["engine"] for row in report["rollout"]] == ["hf", "hf_static"]
+    assert all(row["tokens"] == 2 * 6 and row["tokens_per_s"] > 0 for row in report["rollout"])
+    ours, trl = report["step"]
+    assert ours["trainer"].startswith("rlkit") and trl["trainer"].startswith("TRL")
+    assert {"rollout", "reward", "reference", "advantage", "update", "sync"} <= set(ours["phases"])
+    assert ours["completion_tokens_per_s"] > 0 and trl["completion_tokens_per_s"] > 0
+    assert "GRPO step" in r.output
+
+
+def test_bench_bad_engine(cli):
+    r = cli("bench", "--engines", "warp")
+    assert r.exit_code != 0 and "unknown engine 'warp'" in r.output
