@@ -20,7 +20,9 @@ def load(recipe: str | Path | RunConfig, kind: str, *, model: str | None = None,
     """Resolve a recipe with overrides into a validated config (same precedence as the CLI)."""
     from rlkit.config import build_config
     from rlkit.recipe import load_config
+    from rlkit.tracking import quiet_libraries
 
+    quiet_libraries()
     flags = {"model.path": model, "data.train": dataset,
              "output_dir": str(output_dir) if output_dir is not None else None, "train.max_steps": max_steps}
     sets = [f"{k}={_yaml(v)}" for k, v in (overrides or {}).items()]
@@ -79,6 +81,8 @@ def evaluate(model: str = "embedded", *, task: str = "arithmetic", data: str | N
     """Evaluate a model directory (or 'embedded'); returns the report that ``rlkit eval --output`` writes."""
     from rlkit.config import EvalConfig
     from rlkit.evaluation import run_eval
+    from rlkit.tracking import quiet_libraries
 
+    quiet_libraries()
     cfg = EvalConfig(task=task, num_samples=num_samples, limit=limit, max_new_tokens=max_new_tokens)
     return run_eval(model, cfg, template, data=data)

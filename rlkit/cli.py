@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -14,6 +13,7 @@ from rich.table import Table
 
 from rlkit import __version__
 from rlkit.errors import RlkitError
+from rlkit.tracking import quiet_libraries
 
 app = typer.Typer(
     name="rlkit",
@@ -32,21 +32,6 @@ DatasetOpt = Annotated[Optional[str], typer.Option("--dataset", "-d", help="'emb
 OutputOpt = Annotated[Optional[str], typer.Option("--output-dir", "-o", help="Output directory. Overrides output_dir.")]
 StepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help="Stop after N optimizer steps. Overrides train.max_steps.", min=1)]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override any config key: --set train.learning_rate=1e-5 (repeatable).")]
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    try:
-        import datasets
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
-    except ImportError:
-        pass
 
 
 def friendly_errors(fn):
@@ -77,7 +62,7 @@ def main(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False,
 ) -> None:
     """rlkit: RL post-training that runs offline on a laptop and fast on GPUs."""
-    _quiet_libraries()
+    quiet_libraries()
 
 
 @app.command()

@@ -202,6 +202,9 @@ def _now() -> str:
 def run_pipeline(pipeline: Pipeline, output_dir: str | None = None, *, start_from: str | None = None,
                  only: str | None = None, sets: list[str] | None = None,
                  on_stage: Callable[[str, str], None] | None = None) -> dict:
+    from rlkit.tracking import quiet_libraries
+
+    quiet_libraries()
     out = Path(output_dir or pipeline.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.json"

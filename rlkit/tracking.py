@@ -14,6 +14,24 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 console = Console(stderr=True)
 
 
+def quiet_libraries() -> None:
+    """Keep the terminal for rlkit's own progress: no per-file download/loading bars, no advisory warnings."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        import datasets
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
 def available(report_to: Iterable[str]) -> list[str]:
     """The requested sinks whose packages are installed (TensorBoard and W&B are optional extras)."""
     import importlib.util
