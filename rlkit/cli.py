@@ -65,77 +65,47 @@ def main(
     quiet_libraries()
 
 
-@app.command()
-@friendly_errors
-def sft(
-    recipe: RecipeOpt = None,
-    model: ModelOpt = None,
-    dataset: DatasetOpt = None,
-    output_dir: OutputOpt = None,
-    max_steps: StepsOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """Supervised fine-tuning on demonstrations (TRL SFTTrainer). With no arguments: the embedded world."""
-    from rlkit.trainers.sft import run_sft
-
-    cfg = _training_config("sft", recipe, model, dataset, output_dir, max_steps, set_)
-    metrics = run_sft(cfg)
-    _print_metrics(f"sft → {cfg.output_dir}", metrics)
+TRAINING_COMMANDS = {
+    "sft": ("rlkit.trainers.sft:run_sft", "metrics",
+            "Supervised fine-tuning on demonstrations (TRL SFTTrainer). With no arguments: the embedded world."),
+    "rm": ("rlkit.trainers.rm:run_rm", "metrics",
+           "Train a Bradley-Terry reward model on comparisons or rankings (TRL RewardTrainer)."),
+    "grpo": ("rlkit.trainers.rl:run_rl", "before_after",
+             "GRPO with rule-based rewards (default recipe: r1_zero). Run it again after a crash to resume."),
+    "ppo": ("rlkit.trainers.rl:run_rl", "before_after",
+            "PPO against a reward model with a value model, GAE and a KL penalty (default recipe: ppo)."),
+}
 
 
-@app.command()
-@friendly_errors
-def rm(
-    recipe: RecipeOpt = None,
-    model: ModelOpt = None,
-    dataset: DatasetOpt = None,
-    output_dir: OutputOpt = None,
-    max_steps: StepsOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """Train a Bradley-Terry reward model on comparisons or rankings (TRL RewardTrainer)."""
-    from rlkit.trainers.rm import run_rm
+def _add_training_command(kind: str, runner: str, report: str, help_text: str) -> None:
+    """sft, rm, grpo and ppo share their options: recipe < --set < named flags, then one runner call."""
 
-    cfg = _training_config("rm", recipe, model, dataset, output_dir, max_steps, set_)
-    _print_metrics(f"rm → {cfg.output_dir}", run_rm(cfg))
+    def command(
+        recipe: RecipeOpt = None,
+        model: ModelOpt = None,
+        dataset: DatasetOpt = None,
+        output_dir: OutputOpt = None,
+        max_steps: StepsOpt = None,
+        set_: SetOpt = None,
+    ) -> None:
+        import importlib
 
+        module, fn = runner.split(":")
+        cfg = _training_config(kind, recipe, model, dataset, output_dir, max_steps, set_)
+        result = getattr(importlib.import_module(module), fn)(cfg)
+        if report == "before_after":
+            if result and "seconds" in result:
+                _print_before_after(f"{kind} → {cfg.output_dir}", result)
+        else:
+            _print_metrics(f"{kind} → {cfg.output_dir}", result)
 
-@app.command()
-@friendly_errors
-def grpo(
-    recipe: RecipeOpt = None,
-    model: ModelOpt = None,
-    dataset: DatasetOpt = None,
-    output_dir: OutputOpt = None,
-    max_steps: StepsOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """GRPO with rule-based rewards (default recipe: r1_zero). Run it again after a crash to resume."""
-    from rlkit.trainers.rl import run_rl
-
-    cfg = _training_config("grpo", recipe, model, dataset, output_dir, max_steps, set_)
-    result = run_rl(cfg)
-    if result and "seconds" in result:
-        _print_before_after(f"grpo → {cfg.output_dir}", result)
+    command.__doc__ = help_text
+    command.__name__ = kind
+    app.command(name=kind)(friendly_errors(command))
 
 
-@app.command()
-@friendly_errors
-def ppo(
-    recipe: RecipeOpt = None,
-    model: ModelOpt = None,
-    dataset: DatasetOpt = None,
-    output_dir: OutputOpt = None,
-    max_steps: StepsOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """PPO against a reward model with a value model, GAE and a KL penalty (default recipe: ppo)."""
-    from rlkit.trainers.rl import run_rl
-
-    cfg = _training_config("ppo", recipe, model, dataset, output_dir, max_steps, set_)
-    result = run_rl(cfg)
-    if result and "seconds" in result:
-        _print_before_after(f"ppo → {cfg.output_dir}", result)
+for _kind, (_runner, _report, _help) in TRAINING_COMMANDS.items():
+    _add_training_command(_kind, _runner, _report, _help)
 
 
 @app.command()

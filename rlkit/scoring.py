@@ -37,6 +37,17 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
+def score_groups(rewards: "RewardSet", rows: list[dict], prompts: list[str], groups: list[list]) -> ScoredBatch:
+    """Score ``groups[i]`` (the samples of prompt i) with every dataset column of ``rows[i]``, plus the
+    rendered ``prompts`` and the ``completion_lengths`` in tokens, repeated per sample."""
+    flat = [s for g in groups for s in g]
+    keys = {k for r in rows for k in r}
+    cols = {k: [r.get(k) for r, g in zip(rows, groups) for _ in g] for k in keys}
+    cols["prompts"] = [p for p, g in zip(prompts, groups) for _ in g]
+    cols["completion_lengths"] = [len(s.token_ids) for s in flat]
+    return rewards.score([s.text for s in flat], cols)
+
+
 class RewardSet:
     """The rewards a recipe lists: ``[{name, weight, params}]``, built and checked up front."""
 

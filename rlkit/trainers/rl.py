@@ -51,7 +51,7 @@ from rlkit.evaluation import eval_rows, evaluate_model
 from rlkit.models import load_causal_lm, load_tokenizer
 from rlkit.outputs import write_model_card
 from rlkit.rollout import SamplingParams, make_engine
-from rlkit.scoring import RewardSet
+from rlkit.scoring import RewardSet, score_groups
 from rlkit.templates import render_prompt
 from rlkit.tracking import MetricsLogger, console, plot_metrics
 from rlkit.trainers.batch import RolloutBatch, build_batch, completion_logprobs
@@ -255,12 +255,7 @@ def run_rl(cfg: RunConfig) -> dict:
             with timer("rollout"):
                 groups = engine.generate(texts, params)
             with timer("reward"):
-                flat = [s for g in groups for s in g]
-                keys = {k for r in prompts_rows for k in r}
-                cols = {k: [r.get(k) for r in prompts_rows for _ in range(rl.num_generations)] for k in keys}
-                cols["prompts"] = [x for x in texts for _ in range(rl.num_generations)]
-                cols["completion_lengths"] = [len(s.token_ids) for s in flat]
-                scored = rewards.score([s.text for s in flat], cols)
+                scored = score_groups(rewards, prompts_rows, texts, groups)
             for gi, (text, g) in enumerate(zip(texts, groups)):
                 sl = slice(gi * rl.num_generations, (gi + 1) * rl.num_generations)
                 item = (text, g, scored.total[sl], {k: v[sl] for k, v in scored.per_reward.items()},

@@ -25,7 +25,7 @@ from rlkit.config import RunConfig
 from rlkit.data import DataError, rl_rows, sft_rows
 from rlkit.models import load_causal_lm, load_tokenizer
 from rlkit.rollout import SamplingParams, make_engine
-from rlkit.scoring import RewardSet
+from rlkit.scoring import RewardSet, score_groups
 from rlkit.templates import render_prompt
 from rlkit.tracking import progress_bar
 
@@ -59,12 +59,7 @@ def run_sample(cfg: RunConfig) -> dict:
             chunk = rows[i : i + sc.batch_size]
             texts = [render_prompt(r["prompt"], template, tokenizer) for r in chunk]
             groups = engine.generate(texts, params)
-            flat = [s for g in groups for s in g]
-            keys = {k for r in chunk for k in r}
-            cols = {k: [r.get(k) for r in chunk for _ in range(sc.num_samples)] for k in keys}
-            cols["prompts"] = [t for t in texts for _ in range(sc.num_samples)]
-            cols["completion_lengths"] = [len(s.token_ids) for s in flat]
-            scored = rewards.score([s.text for s in flat], cols)
+            scored = score_groups(rewards, chunk, texts, groups)
             for gi, (row, group) in enumerate(zip(chunk, groups)):
                 seen: set[str] = set()
                 n_pass = 0
