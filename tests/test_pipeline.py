@@ -50,6 +50,10 @@ def test_pipeline_runs_skips_and_reruns_changed_stages(tmp_path):
     p.run(only="rm", on_stage=lambda n, st: events.append((n, st)))
     assert [n for n, st in events if st == "running"] == ["rm"]
 
+    events.clear()
+    p.run(start_from="rm", on_stage=lambda n, st: events.append((n, st)))
+    assert [n for n, st in events if st == "running"] == ["rm", "ppo"]
+
 
 def test_pipeline_reference_errors(tmp_path):
     with pytest.raises(ConfigError, match="refers to unknown stage 'sfft'; did you mean 'sft'"):
