@@ -58,3 +58,10 @@ def reward_model(completions: list[str], prompt: list[str], path: str, template:
                  batch_size: int = 32, **_) -> list[float]:
     """The reward model's scalar score for each (prompt, completion); ``prompt`` is the dataset column."""
     return score_texts(path, rm_texts(_load(path)[1], prompt, completions, template), batch_size)
+
+
+def _prepare(path: str, **_) -> None:
+    _load(path)
+
+
+reward_model.prepare = _prepare

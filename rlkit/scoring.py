@@ -6,6 +6,8 @@ raises is retried sample by sample; a sample that still raises, or for which the
 ``None`` means "not applicable" (the weighted sum skips it; the metric averages the rest). A reward that
 fails on every sample of a batch is reported loudly, so a run never goes on silently scoring zeros.
 A reward with ``routes`` applies only to samples whose ``route`` column is one of them (others: None).
+A reward function may carry a ``prepare(**params)`` attribute, called once when the set is built, so that
+bad parameters (a reward model path that does not exist) fail before training starts.
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ class RewardSet:
             if key in self.fns:
                 raise RewardError(f"reward '{key}' is listed twice; give one an 'alias'")
             self.fns[key] = get_reward(s.name)
+            prepare = getattr(self.fns[key], "prepare", None)
+            if prepare is not None:  # e.g. load a reward model now: a bad path fails before training starts
+                prepare(**dict(s.params))
         self.warn_all_failed = warn_all_failed
 
     @property

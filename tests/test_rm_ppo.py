@@ -95,6 +95,12 @@ def test_ppo_bad_inputs(cli, tmp_path):
                            "--max-steps", 1, "--output-dir", tmp_path / "x"),
                        "expected a reward model", "LlamaForCausalLM")
     assert_clean_error(cli("ppo", "--set", "rl.advantage=grpo"), "ppo uses 'gae'")
+    missing = tmp_path / "no-rm"
+    assert_clean_error(cli("ppo", "--set", "rl.value_model=policy", "--output-dir", tmp_path / "p",
+                           "--set", f"rewards=[{{name: reward_model, params: {{path: '{missing}'}}}}]"), "no-rm")
+    # the default recipe expects `rlkit rm`'s output: without it, a hint instead of a traceback
+    assert_clean_error(cli("ppo", "--output-dir", tmp_path / "q", "--set", "rewards=[{name: reward_model, "
+                           "params: {path: nosuch-org/nosuch-rm}}]"), "nosuch-org/nosuch-rm", "rlkit rm")
     assert_clean_error(cli("ppo", "--set", "rl.ptx_coef=0.1"), "ptx_data")
     rank = tmp_path / "rank.jsonl"
     rank.write_text(json.dumps({"prompt": "q", "responses": ["one"]}) + "\n")

@@ -84,7 +84,12 @@ def load_reward_model(path: str, dtype: str = "auto", trust_remote_code: bool = 
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     resolved = resolve_model_path(path)
-    config = AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        hint = "" if init else "; train one with `rlkit rm` (or `rlkit run instructgpt`)"
+        raise ModelError(f"{path}: not a local model directory, nor a model in the local Hugging Face cache "
+                         f"({str(e).splitlines()[0]}){hint}") from None
     archs = getattr(config, "architectures", None) or []
     if not init and not any(a.endswith("ForSequenceClassification") for a in archs):
         found = archs[0] if archs else config.model_type
