@@ -25,7 +25,7 @@ from rlkit.models import ModelError, load_tokenizer, pick_dtype, resolve_model_p
 from rlkit.outputs import write_model_card
 from rlkit.templates import render_prompt
 from rlkit.tracking import MetricsLogger, available, plot_metrics
-from rlkit.trainers.sft import jsonl_callback
+from rlkit.trainers.sft import jsonl_callback, quiet_progress
 
 
 class GroupBatchSampler(torch.utils.data.Sampler):
@@ -135,7 +135,7 @@ def run_rm(cfg: RunConfig) -> dict:
         activation_checkpointing=t.gradient_checkpointing, max_length=t.max_length,
         report_to=[r for r in available(cfg.report_to) if r in ("tensorboard", "wandb")] or "none",
         eval_strategy="no", center_rewards_coefficient=cfg.rm.center_rewards_coefficient,
-        dataset_num_proc=None, logging_first_step=True,
+        dataset_num_proc=None, logging_first_step=True, disable_tqdm=False,
     )
     logger = MetricsLogger(out, [r for r in cfg.report_to if r == "jsonl"], run_name=cfg.name)
     train_ds = Dataset.from_list(to_preference_examples(train_pairs, cfg.data.template, tokenizer))
@@ -152,6 +152,7 @@ def run_rm(cfg: RunConfig) -> dict:
 
     trainer = GroupedRewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                    processing_class=tokenizer, callbacks=[jsonl_callback(logger)])
+    quiet_progress(trainer)
     last = get_last_checkpoint(str(out)) if out.is_dir() else None
     if last:
         print(f"resuming from {last}", flush=True)

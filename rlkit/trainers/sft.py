@@ -70,6 +70,23 @@ def jsonl_callback(logger: MetricsLogger):
     return JsonlCallback()
 
 
+def quiet_progress(trainer) -> None:
+    """Replace the trainer's progress callback with one that shows the latest loss (and accuracy) on the bar
+    instead of printing every log dict; the full logs go to metrics.jsonl."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class BarProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state.is_world_process_zero and self.training_bar is not None and logs:
+                shown = {k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "accuracy", "margin", "grad_norm")}
+                if shown:
+                    self.training_bar.set_postfix(shown, refresh=False)
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(BarProgress())
+
+
 def run_sft(cfg: RunConfig) -> dict:
     """Train, save a Hugging Face directory in ``cfg.output_dir``, return headline metrics."""
     from datasets import Dataset
@@ -119,6 +136,7 @@ def run_sft(cfg: RunConfig) -> dict:
         dataset_num_proc=None,
         save_only_model=False,
         logging_first_step=True,
+        disable_tqdm=False,  # rlkit quiets library logging, which would otherwise turn the bar off
     )
     # TensorBoard and W&B come from the trainer's own callbacks; metrics.jsonl from ours.
     logger = MetricsLogger(out, [r for r in cfg.report_to if r == "jsonl"], run_name=cfg.name)
@@ -130,6 +148,7 @@ def run_sft(cfg: RunConfig) -> dict:
         peft_config=peft_config,
         callbacks=[jsonl_callback(logger)],
     )
+    quiet_progress(trainer)
     last = get_last_checkpoint(str(out)) if out.is_dir() else None
     if last:
         print(f"resuming from {last}", flush=True)
