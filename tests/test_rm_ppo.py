@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 from transformers import AutoModelForSequenceClassification
 
 from rlkit.data import DataError, preference_rows
