@@ -306,7 +306,7 @@ def run_rl(cfg: RunConfig) -> dict:
         with timer("advantage"):
             token_rewards = None
             if rl.kl_in == "reward" and batch.ref_logp is not None:
-                token_rewards = -kl_ctl.value * compute_kl("k1", batch.old_logp, batch.ref_logp) * batch.completion_mask
+                token_rewards = -kl_ctl.value * compute_kl(rl.kl_estimator, batch.old_logp, batch.ref_logp) * batch.completion_mask
             batch.advantages, batch.returns = compute_advantages(
                 rl.advantage, rewards=batch.rewards, mask=batch.completion_mask, group_ids=batch.group_ids,
                 values=batch.values, token_rewards=token_rewards,
@@ -333,6 +333,7 @@ def run_rl(cfg: RunConfig) -> dict:
                 **_route_metrics(routes, totals, per_reward),
                 **stats,
                 "beta": kl_ctl.value,
+                **({"reward/kl_penalty": _gmean(acc, token_rewards.sum(-1).tolist())} if token_rewards is not None else {}),
                 "completion_len": _gmean(acc, [len(s.token_ids) for s in samples]),
                 "truncated_frac": _gmean(acc, [float(not s.finished) for s in samples]),
                 "groups_kept_frac": len(kept) / max(1, len(kept) + len(dropped)) if rl.dynamic_sampling else 1.0,
