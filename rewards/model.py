@@ -12,7 +12,7 @@ from functools import lru_cache
 import torch
 
 from rlkit.rewards import register
-from rlkit.templates import render_prompt
+from rlkit.templates import full_text
 
 
 @lru_cache(maxsize=4)
@@ -30,11 +30,7 @@ def _load(path: str):
 
 def rm_texts(tokenizer, prompts: list[str], completions: list[str], template: str) -> list[str]:
     """What the reward model reads: a chat conversation, or prompt + completion + EOS (as TRL trains it)."""
-    if template == "chat":
-        return [tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": c}],
-                                              tokenize=False) for p, c in zip(prompts, completions)]
-    sep = " " if template == "r1_zero" else ""
-    return [render_prompt(p, template) + sep + c + tokenizer.eos_token for p, c in zip(prompts, completions)]
+    return [full_text(p, c, template, tokenizer) for p, c in zip(prompts, completions)]
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from rlkit.config import EvalConfig
 from rlkit.data import prompt_rows
 from rlkit.models import load_causal_lm, load_tokenizer
 from rlkit.rewards.format import is_well_formed
-from rlkit.rewards.math_answer import is_correct
+from rlkit.rewards.math_answer import scores as answer_scores
 from rlkit.rollout import SamplingParams, make_engine
 from rlkit.templates import render_prompt
 
@@ -43,7 +43,7 @@ def evaluate_model(model, tokenizer, rows: list[dict], cfg: EvalConfig, template
     prompts = [render_prompt(r["prompt"], template, tokenizer) for r in rows]
     engine = make_engine("hf", model, tokenizer, batch_size=cfg.batch_size)
     greedy = engine.generate(prompts, SamplingParams(n=1, max_new_tokens=cfg.max_new_tokens, temperature=0), progress)
-    correct = [is_correct(g[0].text, r["answer"]) for g, r in zip(greedy, rows)]
+    correct = [s == 1.0 for s in answer_scores([g[0].text for g in greedy], [r["answer"] for r in rows])]
     formatted = [is_well_formed(g[0].text, p) for g, p in zip(greedy, prompts)]
     n = len(rows)
     metrics = {
@@ -55,7 +55,8 @@ def evaluate_model(model, tokenizer, rows: list[dict], cfg: EvalConfig, template
     if k > 1:
         params = SamplingParams(n=k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
         sampled = engine.generate(prompts, params, progress)
-        per = [[is_correct(s.text, r["answer"]) for s in group] for group, r in zip(sampled, rows)]
+        flat = answer_scores([s.text for g in sampled for s in g], [r["answer"] for r in rows for _ in range(k)])
+        per = [[x == 1.0 for x in flat[i * k : (i + 1) * k]] for i in range(n)]
         metrics[f"avg@{k}"] = sum(sum(c) for c in per) / (n * k)
         metrics[f"pass@{k}"] = sum(any(c) for c in per) / n
         metrics[f"format@{k}"] = sum(is_well_formed(s.text, p) for g, p in zip(sampled, prompts) for s in g) / (n * k)

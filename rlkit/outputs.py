@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from rlkit.config import RunConfig, to_yaml
 from rlkit.models import resolve_model_path
+from rlkit.tracking import plot_metrics
+
+
+def finish_run(out: Path, cfg: RunConfig, logger, metrics: dict, plot_keys: list[str], stage: str,
+               label: str | None = None) -> None:
+    """Close the metric sinks, then write ``training.png``, the model card and ``rlkit_result.json``."""
+    logger.close()
+    plot_metrics(out / "metrics.jsonl", out / "training.png", plot_keys, title=f"rlkit {label or stage}: {cfg.name}")
+    write_model_card(out, cfg, metrics, stage=stage)
+    (out / "rlkit_result.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 def write_model_card(out: Path, cfg: RunConfig, metrics: dict, stage: str) -> None:

@@ -26,6 +26,26 @@ R1_ZERO = (
 TEMPLATES = ("r1_zero", "chat", "plain")
 
 
+def completion_text(completion: str, template: str) -> str:
+    """The completion as it follows a rendered prompt: after R1-Zero's "Assistant:" it starts with a space.
+
+    >>> completion_text("<think> x </think>", "r1_zero")
+    ' <think> x </think>'
+    """
+    if template == "r1_zero" and not completion.startswith((" ", "\n")):
+        return " " + completion
+    return completion
+
+
+def full_text(prompt: str, completion: str, template: str, tokenizer) -> str:
+    """Prompt and completion as one training text: a chat conversation, or the rendered prompt, the
+    completion and EOS (what TRL's trainers see for non-conversational data)."""
+    if template == "chat":
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], tokenize=False)
+    return render_prompt(prompt, template, tokenizer) + completion_text(completion, template) + tokenizer.eos_token
+
+
 def render_prompt(prompt: str, template: str, tokenizer: Any = None) -> str:
     """Render one prompt with the named template; ``chat`` needs a tokenizer with a chat template."""
     if template == "r1_zero":

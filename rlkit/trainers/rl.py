@@ -49,11 +49,11 @@ from rlkit.config import RunConfig
 from rlkit.data import DataError, rl_rows
 from rlkit.evaluation import eval_rows, evaluate_model
 from rlkit.models import load_causal_lm, load_tokenizer
-from rlkit.outputs import write_model_card
+from rlkit.outputs import finish_run
 from rlkit.rollout import SamplingParams, make_engine
 from rlkit.scoring import RewardSet, score_groups
-from rlkit.templates import render_prompt
-from rlkit.tracking import MetricsLogger, console, plot_metrics
+from rlkit.templates import full_text, render_prompt
+from rlkit.tracking import MetricsLogger, console
 from rlkit.trainers.batch import RolloutBatch, build_batch, completion_logprobs
 from rlkit.trainers.critic import critic_values, load_critic
 
@@ -81,14 +81,16 @@ class PromptStream:
 
     def __init__(self, rows: list[dict], seed: int, pos: int = 0):
         self.rows, self.seed, self.pos = rows, seed, pos
+        self._epoch, self._perm = -1, []
 
     def take(self, n: int) -> list[dict]:
         out = []
         for _ in range(n):
             epoch, i = divmod(self.pos, len(self.rows))
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            perm = torch.randperm(len(self.rows), generator=g)
-            out.append(self.rows[int(perm[i])])
+            if epoch != self._epoch:
+                g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+                self._epoch, self._perm = epoch, torch.randperm(len(self.rows), generator=g).tolist()
+            out.append(self.rows[self._perm[i]])
             self.pos += 1
         return out
 
@@ -299,8 +301,7 @@ def run_rl(cfg: RunConfig) -> dict:
             policy.train()
         if critic is not None:
             with timer("values"), torch.no_grad():
-                batch.values = torch.cat([critic_values(critic, batch.select(torch.arange(
-                    i, min(B, i + rl.micro_batch_size), device=acc.device))) for i in range(0, B, rl.micro_batch_size)])
+                batch.values = _in_chunks(batch, rl.micro_batch_size, lambda mb: critic_values(critic, mb))
 
         # advantage
         with timer("advantage"):
@@ -324,18 +325,21 @@ def run_rl(cfg: RunConfig) -> dict:
         step += 1
         # log
         with timer("log"):
-            kl_now = stats.get("kl", 0.0)
-            kl_ctl.update(kl_now, B * world)
+            series = {
+                "reward": totals,
+                **{f"reward/{k}": [x for x in v if x is not None] for k, v in sorted(per_reward.items())},
+                **{f"reward/{k}/failures": [float(v) * world] for k, v in sorted(failures.items())},
+                **{k: [v] for k, v in stats.items()},
+                **({"reward/kl_penalty": token_rewards.sum(-1).tolist()} if token_rewards is not None else {}),
+                "completion_len": [len(s.token_ids) for s in samples],
+                "truncated_frac": [float(not s.finished) for s in samples],
+            }
+            reduced = _gmeans(acc, series)  # one all-reduce for every averaged metric
+            kl_ctl.update(reduced.get("kl", 0.0), B * world)
             metrics = {
-                "reward": _gmean(acc, totals),
-                **{f"reward/{k}": _gmean(acc, [x for x in v if x is not None]) for k, v in sorted(per_reward.items())},
-                **{f"reward/{k}/failures": _gmean(acc, [float(v)]) * world for k, v in failures.items()},
+                **reduced,
                 **_route_metrics(routes, totals, per_reward),
-                **stats,
                 "beta": kl_ctl.value,
-                **({"reward/kl_penalty": _gmean(acc, token_rewards.sum(-1).tolist())} if token_rewards is not None else {}),
-                "completion_len": _gmean(acc, [len(s.token_ids) for s in samples]),
-                "truncated_frac": _gmean(acc, [float(not s.finished) for s in samples]),
                 "groups_kept_frac": len(kept) / max(1, len(kept) + len(dropped)) if rl.dynamic_sampling else 1.0,
                 "rollout_rounds": rounds,
                 "lr": scheduler.get_last_lr()[0],
@@ -373,17 +377,13 @@ def run_rl(cfg: RunConfig) -> dict:
         tokenizer.save_pretrained(str(out))
         if critic is not None:
             acc.unwrap_model(critic).model.save_pretrained(str(out / "critic"))
-        after = {k: v for k, v in _last_eval(out / "metrics.jsonl").items()}
+        after = _last_eval(out / "metrics.jsonl")
         before = history.get("before", {})
         result.update({"before/" + k.removeprefix("eval/"): v for k, v in before.items() if "seconds" not in k})
         result.update({"after/" + k.removeprefix("eval/"): v for k, v in after.items() if "seconds" not in k})
         result["seconds"] = round(time.time() - t_start, 1)
-        logger.close()
-        plot_metrics(out / "metrics.jsonl", out / "training.png",
-                     ["reward", "reward/accuracy", "eval/pass@1", "kl", "completion_len"],
-                     title=f"rlkit {cfg.kind}: {cfg.name}")
-        write_model_card(out, cfg, result, stage=cfg.kind)
-        (out / "rlkit_result.json").write_text(json.dumps(result, indent=2) + "\n")
+        finish_run(out, cfg, logger, result, ["reward", "reward/accuracy", "eval/pass@1", "kl", "completion_len"],
+                   stage=cfg.kind)
     acc.wait_for_everyone()
     acc.end_training()
     return result
@@ -396,14 +396,16 @@ def _to(batch: RolloutBatch, device) -> RolloutBatch:
     return RolloutBatch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.__dict__.items()})
 
 
-def _chunked_logprobs(model, batch: RolloutBatch, rl) -> torch.Tensor:
+def _in_chunks(batch: RolloutBatch, size: int, fn) -> torch.Tensor:
+    """``fn`` over micro-batches of ``size`` samples, concatenated: [B, T]."""
     B = batch.input_ids.shape[0]
-    parts = []
-    for i in range(0, B, rl.micro_batch_size):
-        idx = torch.arange(i, min(B, i + rl.micro_batch_size), device=batch.input_ids.device)
-        lp, _ = completion_logprobs(model, batch.select(idx), rl.temperature, chunk_tokens=rl.logprob_chunk)
-        parts.append(lp)
-    return torch.cat(parts)
+    return torch.cat([fn(batch.select(torch.arange(i, min(B, i + size), device=batch.input_ids.device)))
+                      for i in range(0, B, size)])
+
+
+def _chunked_logprobs(model, batch: RolloutBatch, rl) -> torch.Tensor:
+    return _in_chunks(batch, rl.micro_batch_size, lambda mb: completion_logprobs(
+        model, mb, rl.temperature, chunk_tokens=rl.logprob_chunk)[0])
 
 
 def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: float, critic=None, ptx=None) -> dict:
@@ -414,7 +416,7 @@ def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: fl
     loss_cfg = PolicyLossConfig(clip_low=rl.epsilon, clip_high=rl.epsilon_high, dual_clip=rl.dual_clip,
                                 aggregation=rl.loss_aggregation,
                                 aggregation_constant=float(rl.max_new_tokens))
-    sums: dict[str, float] = defaultdict(float)
+    sums: dict[str, torch.Tensor | float] = defaultdict(float)  # device tensors: no host sync per micro-batch
     count = 0
     for _ in range(rl.num_iterations):
         order = torch.randperm(B).to(batch.input_ids.device) if mini < B else torch.arange(B, device=batch.input_ids.device)
@@ -426,7 +428,7 @@ def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: fl
                 with acc.no_sync(policy):
                     ptx_loss = ptx.loss(policy, acc.device)
                     acc.backward(rl.ptx_coef * ptx_loss)
-                sums["loss/ptx"] += float(ptx_loss.detach())
+                sums["loss/ptx"] += ptx_loss.detach()
             for ci, c0 in enumerate(micro_chunks):
                 idx = mini_idx[c0 : c0 + rl.micro_batch_size]
                 mb = batch.select(idx)
@@ -448,13 +450,13 @@ def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: fl
                     w = _loss_weight(rl.loss_aggregation, mb.completion_mask, mini_mask)
                     acc.backward(loss * w)
                 mask = mb.completion_mask
-                sums["loss/policy"] += float(pl.detach()) * w
-                sums["entropy"] += float(masked_mean(ent, mask)) * w
+                sums["loss/policy"] += pl.detach() * w
+                sums["entropy"] += masked_mean(ent, mask) * w
                 for k in ("clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl"):
                     if k in pm:
-                        sums[k] += float(pm[k]) * w
+                        sums[k] += pm[k].detach() * w
                 if kl_tok is not None:
-                    sums["kl"] += float(masked_mean(kl_tok.detach(), mask)) * w
+                    sums["kl"] += masked_mean(kl_tok.detach(), mask) * w
                 if critic is not None:
                     cmodel = critic[0]
                     with contextlib.nullcontext() if last else acc.no_sync(cmodel):
@@ -462,12 +464,11 @@ def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: fl
                         vl, vm = value_loss(v, mb.values, mb.returns, mask, clip=rl.value_clip,
                                             aggregation=rl.loss_aggregation, constant=float(rl.max_new_tokens))
                         acc.backward(vl * w)
-                    sums["loss/value"] += float(vl.detach()) * w
+                    sums["loss/value"] += vl.detach() * w
                     for k in ("vf_clip_frac", "explained_variance", "value_mean"):
-                        v_k = float(vm.get(k, 0.0))  # every process must report the same keys
-                        sums[k] += (v_k if math.isfinite(v_k) else 0.0) * w
-            gn = acc.clip_grad_norm_(policy.parameters(), rl.max_grad_norm)
-            sums["grad_norm"] += float(gn)
+                        # every process must report the same keys; NaN (constant returns) counts as 0
+                        sums[k] += torch.nan_to_num(torch.as_tensor(vm.get(k, 0.0), dtype=torch.float32).detach()) * w
+            sums["grad_norm"] += acc.clip_grad_norm_(policy.parameters(), rl.max_grad_norm).detach()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -478,8 +479,10 @@ def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: fl
                 csched.step()
                 copt.zero_grad(set_to_none=True)
             count += 1
-    out = {k: v / count for k, v in sums.items()}
-    return {k: _gmean(acc, [v]) for k, v in out.items()}
+    keys = list(sums)
+    values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=acc.device).reshape(())
+                          for k in keys]).div(count).tolist()
+    return dict(zip(keys, values))
 
 
 def _route_metrics(routes: list, totals: list[float], per_reward: dict[str, list]) -> dict:
@@ -505,12 +508,15 @@ def _sync(engine, model) -> None:
         sync(model)
 
 
-def _gmean(acc, values: list[float]) -> float:
-    """Mean over all processes' values."""
-    t = torch.tensor([sum(values), float(len(values))], dtype=torch.float64, device=acc.device)
+def _gmeans(acc, series: dict[str, list[float]]) -> dict[str, float]:
+    """The mean of each list over all processes' values, in one all-reduce. Every process must pass the
+    same keys in the same order (a list may be empty on some)."""
+    if not series:
+        return {}
+    t = torch.tensor([[sum(v), float(len(v))] for v in series.values()], dtype=torch.float64, device=acc.device)
     if acc.num_processes > 1:
         t = acc.reduce(t, "sum")
-    return float(t[0] / t[1]) if t[1] > 0 else 0.0
+    return {k: (s / n if n > 0 else 0.0) for k, (s, n) in zip(series, t.tolist())}
 
 
 def _save_checkpoint(acc, out: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int,
@@ -556,13 +562,8 @@ class _PtxStream:
         from rlkit.data import sft_rows
 
         rows = sft_rows(rl.ptx_data)
-        texts = []
-        for r in rows:
-            if "messages" in r:
-                texts.append(tokenizer.apply_chat_template(r["messages"], tokenize=False))
-            else:
-                sep = " " if template == "r1_zero" else ""
-                texts.append(render_prompt(r["prompt"], template, tokenizer) + sep + r["completion"] + tokenizer.eos_token)
+        texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) if "messages" in r
+                 else full_text(r["prompt"], r["completion"], template, tokenizer) for r in rows]
         self.ids = [tokenizer(x, add_special_tokens=False)["input_ids"][:512] for x in texts]
         self.batch, self.pad, self.pos = rl.ptx_batch_size, tokenizer.pad_token_id, 0
         self.order = torch.randperm(len(self.ids), generator=torch.Generator().manual_seed(seed)).tolist()

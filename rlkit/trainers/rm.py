@@ -12,7 +12,6 @@ the prompts (``rm.eval_fraction``) is held out and reported as pair accuracy and
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
@@ -22,9 +21,9 @@ import torch
 from rlkit.config import RunConfig
 from rlkit.data import DataError, preference_rows
 from rlkit.models import ModelError, load_tokenizer, pick_dtype, resolve_model_path
-from rlkit.outputs import write_model_card
-from rlkit.templates import render_prompt
-from rlkit.tracking import MetricsLogger, available, plot_metrics
+from rlkit.outputs import finish_run
+from rlkit.templates import completion_text, render_prompt
+from rlkit.tracking import MetricsLogger, available
 from rlkit.trainers.sft import jsonl_callback, quiet_progress
 
 
@@ -73,8 +72,8 @@ def to_preference_examples(rows: list[dict], template: str, tokenizer) -> list[d
                         "rejected": [{"role": "assistant", "content": r["rejected"]}]})
         else:
             p = render_prompt(r["prompt"], template, tokenizer) if r["prompt"] else ""
-            sep = " " if template == "r1_zero" else ""
-            out.append({"prompt": p, "chosen": sep + r["chosen"], "rejected": sep + r["rejected"]})
+            out.append({"prompt": p, "chosen": completion_text(r["chosen"], template),
+                        "rejected": completion_text(r["rejected"], template)})
     return out
 
 
@@ -168,9 +167,6 @@ def run_rm(cfg: RunConfig) -> dict:
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(str(out))
     metrics["seconds"] = round(time.time() - t0, 1)
-    logger.close()
-    plot_metrics(out / "metrics.jsonl", out / "training.png", ["train/loss", "train/accuracy", "train/margin"],
-                 title=f"rlkit rm: {cfg.name}")
-    write_model_card(out, cfg, metrics, stage="reward-model")
-    (out / "rlkit_result.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    finish_run(out, cfg, logger, metrics, ["train/loss", "train/accuracy", "train/margin"], stage="reward-model",
+               label="rm")
     return metrics

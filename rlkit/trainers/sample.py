@@ -26,7 +26,7 @@ from rlkit.data import DataError, rl_rows, sft_rows
 from rlkit.models import load_causal_lm, load_tokenizer
 from rlkit.rollout import SamplingParams, make_engine
 from rlkit.scoring import RewardSet, score_groups
-from rlkit.templates import render_prompt
+from rlkit.templates import completion_text, render_prompt
 from rlkit.tracking import progress_bar
 
 
@@ -144,8 +144,7 @@ def _as_format(row: dict, template: str, spec: str) -> dict:
     if len(msgs) != 2 or msgs[0]["role"] != "user":
         raise DataError(f"{spec}: only single-turn conversations can be mixed into {template}-template samples; "
                         "use data.template chat")
-    return {"prompt": msgs[0]["content"], "completion": " " + msgs[1]["content"] if template == "r1_zero"
-            else msgs[1]["content"]}
+    return {"prompt": msgs[0]["content"], "completion": completion_text(msgs[1]["content"], template)}
 
 
 def _plot(pass_rates: list[float], path: Path, n: int) -> None:

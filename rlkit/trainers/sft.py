@@ -16,7 +16,6 @@ Outputs a Hugging Face directory (merged weights when LoRA is on, plus ``adapter
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -25,9 +24,9 @@ import torch
 from rlkit.config import RunConfig
 from rlkit.data import DataError, is_embedded, sft_rows
 from rlkit.models import load_causal_lm, load_tokenizer
-from rlkit.outputs import write_model_card
-from rlkit.templates import render_prompt
-from rlkit.tracking import MetricsLogger, available, plot_metrics
+from rlkit.outputs import finish_run
+from rlkit.templates import completion_text, render_prompt
+from rlkit.tracking import MetricsLogger, available
 
 
 def to_sft_examples(rows: list[dict], template: str, tokenizer, spec: str) -> list[dict]:
@@ -49,11 +48,8 @@ def to_sft_examples(rows: list[dict], template: str, tokenizer, spec: str) -> li
             out.append({"prompt": [{"role": "user", "content": r["prompt"]}],
                         "completion": [{"role": "assistant", "content": r["completion"]}]})
         else:
-            prompt = render_prompt(r["prompt"], template, tokenizer)
-            completion = r["completion"]
-            if template == "r1_zero" and not completion.startswith((" ", "\n")):
-                completion = " " + completion
-            out.append({"prompt": prompt, "completion": completion})
+            out.append({"prompt": render_prompt(r["prompt"], template, tokenizer),
+                        "completion": completion_text(r["completion"], template)})
     return out
 
 
@@ -172,9 +168,5 @@ def run_sft(cfg: RunConfig) -> dict:
         report = evaluate_model(final, tokenizer, eval_data, cfg.eval, cfg.eval.template or cfg.data.template)
         metrics.update({f"eval/{k}": v for k, v in report.metrics.items()})
         logger.log(trainer.state.global_step, {f"eval/{k}": v for k, v in report.metrics.items()})
-    logger.close()
-    plot_metrics(out / "metrics.jsonl", out / "training.png", ["train/loss", "train/learning_rate", "train/grad_norm"],
-                 title=f"rlkit sft: {cfg.name}")
-    write_model_card(out, cfg, metrics, stage="sft")
-    (out / "rlkit_result.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    finish_run(out, cfg, logger, metrics, ["train/loss", "train/learning_rate", "train/grad_norm"], stage="sft")
     return metrics
