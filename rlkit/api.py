@@ -40,32 +40,36 @@ def _yaml(v: Any) -> str:
     return v if isinstance(v, str) else json.dumps(v)
 
 
-def sft(recipe: str | Path | RunConfig = "sft", **kwargs) -> dict:
-    """Supervised fine-tuning; returns the headline metrics. Keyword arguments as in :func:`load`."""
+def sft(recipe: str | Path | RunConfig = "sft", resume: str = "auto", **kwargs) -> dict:
+    """Supervised fine-tuning; returns the headline metrics. Keyword arguments as in :func:`load`;
+    ``resume``: auto (resume an unchanged run), anyway (resume although the config changed) or overwrite."""
     from rlkit.trainers.sft import run_sft
 
-    return run_sft(load(recipe, "sft", **kwargs))
+    return run_sft(load(recipe, "sft", **kwargs), resume=resume)
 
 
-def grpo(recipe: str | Path | RunConfig = "r1_zero", **kwargs) -> dict:
-    """GRPO; returns before/after eval metrics, steps and seconds. Keyword arguments as in :func:`load`."""
+def grpo(recipe: str | Path | RunConfig = "r1_zero", resume: str = "auto", **kwargs) -> dict:
+    """GRPO; returns before/after eval metrics, steps and seconds. Keyword arguments as in :func:`load`;
+    ``resume``: auto (resume an unchanged run), anyway (resume although the config changed) or overwrite."""
     from rlkit.trainers.rl import run_rl
 
-    return run_rl(load(recipe, "grpo", **kwargs))
+    return run_rl(load(recipe, "grpo", **kwargs), resume=resume)
 
 
-def rm(recipe: str | Path | RunConfig = "rm", **kwargs) -> dict:
-    """Reward model training; returns held-out pair accuracy and margin. Keyword arguments as in :func:`load`."""
+def rm(recipe: str | Path | RunConfig = "rm", resume: str = "auto", **kwargs) -> dict:
+    """Reward model training; returns held-out pair accuracy and margin. Keyword arguments as in :func:`load`;
+    ``resume``: auto (resume an unchanged run), anyway (resume although the config changed) or overwrite."""
     from rlkit.trainers.rm import run_rm
 
-    return run_rm(load(recipe, "rm", **kwargs))
+    return run_rm(load(recipe, "rm", **kwargs), resume=resume)
 
 
-def ppo(recipe: str | Path | RunConfig = "ppo", **kwargs) -> dict:
-    """PPO against a reward model; returns before/after eval metrics. Keyword arguments as in :func:`load`."""
+def ppo(recipe: str | Path | RunConfig = "ppo", resume: str = "auto", **kwargs) -> dict:
+    """PPO against a reward model; returns before/after eval metrics. Keyword arguments as in :func:`load`;
+    ``resume``: auto (resume an unchanged run), anyway (resume although the config changed) or overwrite."""
     from rlkit.trainers.rl import run_rl
 
-    return run_rl(load(recipe, "ppo", **kwargs))
+    return run_rl(load(recipe, "ppo", **kwargs), resume=resume)
 
 
 def sample(recipe: str | Path | RunConfig = "sample", **kwargs) -> dict:

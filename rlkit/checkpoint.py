@@ -4,11 +4,16 @@
 ``rlkit_state/``: optimizer, scheduler, per-process RNG states and ``state.json`` (step, data position,
 KL coefficient, ...). A checkpoint is written as ``checkpoint-N.tmp`` and renamed when complete, so a
 crash mid-write never leaves a directory that resume would pick up.
+
+Nothing is unpickled on resume: optimizer and scheduler states are read with ``torch.load(...,
+weights_only=True)`` (tensors, numbers, strings and containers only), RNG states are JSON plus a
+safetensors file, and a file that needs more than that is a :class:`CheckpointError` naming it.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import re
 import shutil
@@ -17,22 +22,66 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rlkit.errors import RlkitError
+
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+class CheckpointError(RlkitError):
+    """A checkpoint file that cannot be read safely."""
+
+
+def save_rng_state(directory: Path, rank: int) -> None:
+    """Python and numpy RNG states as JSON, torch (and CUDA) generator states as safetensors."""
+    from safetensors.torch import save_file
+
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    (directory / f"rng_{rank}.json").write_text(json.dumps({
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}))
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(tensors, str(directory / f"rng_{rank}.safetensors"))
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def load_rng_state(directory: Path, rank: int) -> bool:
+    """Restore this process's RNG states; False when the checkpoint has none for this rank."""
+    from safetensors.torch import load_file
+
+    js, st = directory / f"rng_{rank}.json", directory / f"rng_{rank}.safetensors"
+    if not (js.is_file() and st.is_file()):
+        return False
+    try:
+        state = json.loads(js.read_text())
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        tensors = load_file(str(st))
+    except Exception as e:  # a torn or edited file: name it rather than guess
+        raise CheckpointError(f"{js.parent}: unreadable RNG state ({type(e).__name__}: {e})") from None
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda_{i}"] for i in range(len(tensors) - 1)]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    return True
+
+
+def safe_load(path: Path):
+    """``torch.load`` of tensors and plain containers only: a file that would need to unpickle arbitrary
+    objects (and could run code) is refused with a one-line error."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing from the checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refusing to load: the file holds more than tensors and plain values "
+                              f"(weights_only load failed: {first[:200]})") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {str(e).strip()[:200]})") from None
 
 
 def last_checkpoint(output_dir: str | Path) -> Path | None:
@@ -55,13 +104,14 @@ def tmp_dir(output_dir: str | Path, step: int) -> Path:
 def begin(output_dir: str | Path, step: int) -> Path:
     """Create a fresh temporary directory for the checkpoint of ``step`` (main process only)."""
     tmp = tmp_dir(output_dir, step)
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in Path(output_dir).glob("checkpoint-*.tmp"):  # left by a run killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
     (tmp / "rlkit_state").mkdir(parents=True)
     return tmp
 
 
 def save_process_state(tmp: Path, rank: int) -> None:
-    torch.save(rng_state(), tmp / "rlkit_state" / f"rng_{rank}.pt")
+    save_rng_state(tmp / "rlkit_state", rank)
 
 
 def save_main_state(tmp: Path, model, tokenizer, optimizer, scheduler, state: dict,
@@ -89,14 +139,33 @@ def commit(output_dir: str | Path, step: int, keep: int) -> Path:
     return final
 
 
+def apply_learning_rate(optimizer, scheduler, lr: float) -> None:
+    """After a checkpoint's optimizer and scheduler are loaded: make ``lr`` the peak learning rate (a run
+    resumed with a changed train.learning_rate), keeping the schedule's position."""
+    scheduler = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps it
+    groups = optimizer.param_groups
+    old = [g.get("initial_lr", g["lr"]) for g in groups]
+    if all(o == lr for o in old):
+        return
+    for g, o in zip(groups, old):
+        g["lr"] = g["lr"] * lr / o if o else lr
+        g["initial_lr"] = lr
+    if hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = [lr] * len(groups)
+    if hasattr(scheduler, "_last_lr"):
+        scheduler._last_lr = [g["lr"] for g in groups]
+
+
 def load_state(ckpt: Path, rank: int, optimizer, scheduler, extra: dict | None = None) -> dict:
     """Restore optimizer, scheduler, ``extra`` objects and this process's RNG; return state.json."""
     st = ckpt / "rlkit_state"
-    optimizer.load_state_dict(torch.load(st / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(st / "scheduler.pt", weights_only=False))
+    try:
+        state = json.loads((st / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{st / 'state.json'}: unreadable ({e})") from None
+    optimizer.load_state_dict(safe_load(st / "optimizer.pt"))
+    scheduler.load_state_dict(safe_load(st / "scheduler.pt"))
     for name, obj in (extra or {}).items():
-        obj.load_state_dict(torch.load(st / f"{name}.pt", weights_only=False))
-    rng = st / f"rng_{rank}.pt"
-    if rng.is_file():
-        set_rng_state(torch.load(rng, weights_only=False))
-    return json.loads((st / "state.json").read_text())
+        obj.load_state_dict(safe_load(st / f"{name}.pt"))
+    load_rng_state(st, rank)
+    return state

@@ -10,12 +10,42 @@ from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
+from typer.core import TyperGroup
+
+try:  # typer >= 0.22 carries its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_errors
 
 from rlkit import __version__
 from rlkit.errors import RlkitError
 from rlkit.tracking import quiet_libraries
 
+class OneLineErrors(TyperGroup):
+    """Usage errors (a bad option value, a missing argument) in the same one-line ``error:`` form and with
+    the same exit code 2 as every other bad input, instead of click's usage box."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click_errors.NoArgsIsHelpError as e:
+            e.show()
+            sys.exit(0)
+        except click_errors.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            typer.secho(f"error: {' '.join(e.format_message().split())}{where}", fg="red", err=True)
+            sys.exit(e.exit_code)
+        except click_errors.Abort:
+            typer.secho("interrupted", fg="yellow", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     name="rlkit",
     help="RL post-training for language models: SFT, reward models, PPO, GRPO and the R1 pipelines.",
     no_args_is_help=True,
@@ -23,7 +53,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-recipes_app = typer.Typer(help="List and inspect recipes.", no_args_is_help=True)
+recipes_app = typer.Typer(cls=OneLineErrors, help="List and inspect recipes.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
 
 RecipeOpt = Annotated[Optional[str], typer.Option("--recipe", "-r", help="Recipe name (see `rlkit recipes list`) or path to a YAML file.")]
@@ -32,23 +62,33 @@ DatasetOpt = Annotated[Optional[str], typer.Option("--dataset", "-d", help="'emb
 OutputOpt = Annotated[Optional[str], typer.Option("--output-dir", "-o", help="Output directory. Overrides output_dir.")]
 StepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help="Stop after N optimizer steps. Overrides train.max_steps.", min=1)]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override any config key: --set train.learning_rate=1e-5 (repeatable).")]
+ResumeAnywayOpt = Annotated[bool, typer.Option("--resume-anyway", help="Resume a run although its config changed (the changes are listed).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Discard the checkpoints and metrics in the output directory and start over.")]
 
 
 def friendly_errors(fn):
-    """Bad input: one red line on stderr, exit code 2, no traceback."""
+    """Bad input: one red line on stderr, exit code 2, no traceback. A run stopped by a signal: one yellow
+    line and 130 (SIGINT) or 143 (SIGTERM); a diverged run: one line and 3."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except RlkitError as e:
-            typer.secho(f"error: {e}", fg="red", err=True)
-            raise typer.Exit(2) from None
+            text = " ".join(str(e).split("\n"))
+            typer.secho(f"{e.prefix}: {text}", fg="yellow" if e.prefix == "interrupted" else "red", err=True)
+            raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
-            typer.secho("interrupted; the last checkpoint is kept", fg="yellow", err=True)
+            typer.secho("interrupted: stopped at once; the last checkpoint is kept", fg="yellow", err=True)
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _resume_mode(resume_anyway: bool, overwrite: bool) -> str:
+    if resume_anyway and overwrite:
+        raise RlkitError("--resume-anyway and --overwrite: choose one")
+    return "anyway" if resume_anyway else "overwrite" if overwrite else "auto"
 
 
 def _version(value: bool) -> None:
@@ -87,12 +127,15 @@ def _add_training_command(kind: str, runner: str, report: str, help_text: str) -
         output_dir: OutputOpt = None,
         max_steps: StepsOpt = None,
         set_: SetOpt = None,
+        resume_anyway: ResumeAnywayOpt = False,
+        overwrite: OverwriteOpt = False,
     ) -> None:
         import importlib
 
         module, fn = runner.split(":")
+        mode = _resume_mode(resume_anyway, overwrite)
         cfg = _training_config(kind, recipe, model, dataset, output_dir, max_steps, set_)
-        result = getattr(importlib.import_module(module), fn)(cfg)
+        result = getattr(importlib.import_module(module), fn)(cfg, resume=mode)
         if report == "before_after":
             if result and "seconds" in result:
                 _print_before_after(f"{kind} → {cfg.output_dir}", result)
@@ -158,7 +201,7 @@ def eval_(
     model_arg: Annotated[Optional[str], typer.Argument(metavar="[MODEL]", help="Model directory or hub name (default: embedded).")] = None,
     model: ModelOpt = None,
     task: Annotated[Optional[str], typer.Option("--task", "-t", help="Built-in task, e.g. arithmetic.")] = None,
-    data: Annotated[Optional[str], typer.Option("--data", help="JSONL/parquet with 'prompt' and 'answer' columns (instead of --task).")] = None,
+    data: Annotated[Optional[str], typer.Option("--dataset", "--data", "-d", help="JSONL/parquet with 'prompt' and 'answer' columns (instead of --task).")] = None,
     recipe: RecipeOpt = None,
     template: Annotated[Optional[str], typer.Option("--template", help="Prompt template: r1_zero, chat or plain (default: the recipe's; r1_zero without a recipe).")] = None,
     num_samples: Annotated[Optional[int], typer.Option("--num-samples", "-k", help="K samples per prompt for avg@K / pass@K (greedy pass@1 is always reported).", min=1)] = None,

@@ -59,6 +59,10 @@ class DataConfig(_Section):
     max_samples: int | None = Field(None, gt=0, description="Use at most this many training rows.")
     route: str | None = Field(None, description="Route name for the rows of data.train (when mixing sources).")
     mix: list[MixSource] = Field(default_factory=list, description="More prompt sources mixed into RL data, each with a route.")
+    on_overlong: Literal["error", "drop"] = Field(
+        "error", description="A row too long for the model (SFT/RM: longer than train.max_length; RL: prompt plus "
+        "rl.max_new_tokens beyond the model's context): 'error' names the first such row, 'drop' leaves them out "
+        "and says how many.")
 
 
 class TrainConfig(_Section):
@@ -107,7 +111,9 @@ class SampleConfig(_Section):
 
 
 class EvalConfig(_Section):
-    task: str | None = Field("arithmetic", description="Built-in task to evaluate on (when no JSONL is given).")
+    task: str | None = Field(
+        None, description="Built-in task to evaluate on. Default: with data.eval set, that; else the task's test split "
+        "when training on the embedded world; else no evaluation (a user's data set is never scored on a built-in task).")
     split: Literal["train", "test"] = Field("test", description="Split of the built-in task.")
     template: Literal["r1_zero", "chat", "plain"] | None = Field(
         None, description="Prompt template for eval; default: the data template."
@@ -126,6 +132,8 @@ class RewardSpec(_Section):
     params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments passed to the reward.")
     alias: str | None = Field(None, description="Metric name, when one reward is listed twice.")
     routes: list[str] | None = Field(None, description="Apply only to samples whose 'route' column is one of these.")
+    timeout: float = Field(10.0, gt=0, description="Seconds one call of this reward may take; a call that runs longer "
+                           "is a failure (its samples score 0 and are counted) and the run goes on.")
 
 
 class RLConfig(_Section):
@@ -177,6 +185,8 @@ class RLConfig(_Section):
     ptx_batch_size: int = Field(8, gt=0, description="PPO-ptx sequences per mini-batch.")
     eval_steps: int = Field(20, gt=0, description="Evaluate on the held-out split every N steps (and before and after).")
     log_completions: int = Field(1, ge=0, description="Print this many sample completions at each log step.")
+    reward_check: bool = Field(True, description="Before training, score probe completions (honest answer, known "
+                               "reward hacks) with the rewards and print a one-line summary (see `rlkit rewards check`).")
 
 
 class RunConfig(_Section):
@@ -200,46 +210,176 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
-        from rlkit.algos import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES
-
-        rl = self.rl
-        for key, value, registry in (("rl.advantage", rl.advantage, ADVANTAGES),
-                                     ("rl.loss_aggregation", rl.loss_aggregation, AGGREGATIONS),
-                                     ("rl.policy_loss", rl.policy_loss, POLICY_LOSSES)):
-            if value not in registry:
-                raise ValueError(f"{key}: unknown name '{value}'; known: {', '.join(registry)}")
-        if self.kind == "ppo":
-            if not self.rewards:
-                raise ValueError("rewards: ppo needs a reward, e.g. [{name: reward_model, params: {path: outputs/rm}}]")
-            if rl.advantage != "gae":
-                raise ValueError(f"rl.advantage: ppo uses 'gae' with its value model, not '{rl.advantage}' (that is grpo)")
-            if rl.ptx_coef > 0 and not rl.ptx_data:
-                raise ValueError("rl.ptx_data: rl.ptx_coef > 0 needs demonstration data for the ptx loss")
-        if self.kind == "grpo":
-            if not self.rewards:
-                raise ValueError("rewards: grpo needs at least one reward")
-            if rl.advantage == "gae":
-                raise ValueError("rl.advantage: 'gae' needs a value model; use rlkit ppo, or grpo/dr_grpo/rloo/reinforce_pp")
-            if rl.advantage in ("grpo", "dr_grpo", "rloo") and rl.num_generations < 2:
-                raise ValueError(f"rl.num_generations: advantage '{rl.advantage}' compares samples of a prompt; needs >= 2")
-            if rl.dynamic_sampling and rl.num_generations < 2:
-                raise ValueError("rl.dynamic_sampling: needs rl.num_generations >= 2")
-            if rl.kl_controller == "adaptive" and rl.kl_target is None:
-                raise ValueError("rl.kl_target: the adaptive KL controller needs a target")
-            if rl.kl_controller == "adaptive" and rl.beta == 0:
-                raise ValueError("rl.beta: the adaptive KL controller needs an initial beta > 0")
-            if rl.epsilon_high is not None and rl.epsilon_high < rl.epsilon:
-                raise ValueError("rl.epsilon_high: must be >= rl.epsilon (clip-higher)")
-        if self.kind == "sample":
-            if not self.rewards:
-                raise ValueError("rewards: rejection sampling needs the rewards to filter by")
-            names = {r.alias or r.name for r in self.rewards}
-            for key in self.sample.thresholds:
-                if key not in names:
-                    raise ValueError(f"sample.thresholds: '{key}' is not one of the listed rewards ({', '.join(sorted(names))})")
+        _check_used_keys(self)
+        _CHECKS[self.kind](self)
         if self.eval.num_samples > 1 and self.eval.temperature <= 0:
             raise ValueError("eval.num_samples > 1 needs eval.temperature > 0")
         return self
+
+
+# ------------------------------------------------------------------------------------- per-command checks
+
+# Which keys each command reads (a dotted prefix covers everything under it). Setting any other key is an
+# error, so every accepted key does something.
+_RL_TRAIN = tuple(f"train.{k}" for k in ("learning_rate", "epochs", "max_steps", "warmup_ratio", "lr_scheduler",
+                                         "weight_decay", "seed", "logging_steps", "save_steps", "save_total_limit",
+                                         "gradient_checkpointing", "bf16"))
+_BASE = ("kind", "name", "description", "output_dir", "model")
+USED_KEYS: dict[str, tuple[str, ...]] = {
+    "sft": (*_BASE, "report_to", "data.train", "data.eval", "data.template", "data.max_samples", "data.on_overlong",
+            "train", "sft", "eval"),
+    "rm": (*_BASE, "report_to", "data.train", "data.template", "data.max_samples", "data.on_overlong", "train", "rm"),
+    "grpo": (*_BASE, "report_to", "data", *_RL_TRAIN, "rl", "eval", "rewards"),
+    "ppo": (*_BASE, "report_to", "data", *_RL_TRAIN, "rl", "eval", "rewards"),
+    "sample": ("kind", "name", "description", "output_dir", "model.path", "model.dtype", "model.trust_remote_code",
+               "data", "train.seed", "sample", "rl.engine", "rewards"),
+}
+# rl keys that only the value model (GAE, rlkit ppo) reads
+_VALUE_KEYS = ("rl.value_model", "rl.value_learning_rate", "rl.value_clip", "rl.whiten_advantages", "rl.lam")
+
+
+def _set_paths(model: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted paths of the leaf keys that were given explicitly (not left at their defaults)."""
+    out = []
+    for name in sorted(model.model_fields_set):
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            out.extend(_set_paths(value, f"{prefix}{name}.") or [f"{prefix}{name}"])
+        else:
+            out.append(prefix + name)
+    return out
+
+
+def _covered(path: str, prefixes: tuple[str, ...]) -> bool:
+    return any(path == p or path.startswith(p + ".") for p in prefixes)
+
+
+def _check_used_keys(cfg: RunConfig) -> None:
+    used = USED_KEYS[cfg.kind]
+    for path in _set_paths(cfg):
+        if not _covered(path, used):
+            users = [k for k, keys in USED_KEYS.items() if _covered(path, keys)]
+            raise ValueError(f"{path}: rlkit {cfg.kind} does not use this key (it is read by "
+                             f"{', '.join('rlkit ' + u for u in users) or 'no command'}); remove it")
+    if cfg.kind == "grpo":
+        for path in _set_paths(cfg.rl, "rl."):
+            if path in _VALUE_KEYS:
+                raise ValueError(f"{path}: only used with a value model (rl.advantage gae, rlkit ppo); remove it")
+
+
+def applicable(layer: dict, kind: str) -> dict:
+    """The part of a config layer that ``kind`` reads: a pipeline's defaults apply to each stage only
+    where they mean something for that stage's command."""
+    used = USED_KEYS[kind]
+
+    def walk(d: dict, prefix: str) -> dict:
+        out = {}
+        for k, v in d.items():
+            path = prefix + str(k)
+            if _covered(path, used):
+                out[k] = v
+            elif isinstance(v, dict) and any(u.startswith(path + ".") for u in used):
+                sub = walk(v, path + ".")
+                if sub:
+                    out[k] = sub
+        return out
+
+    return walk(layer, "")
+
+
+def _check_rl(cfg: RunConfig) -> None:
+    from rlkit.algos import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES
+
+    rl = cfg.rl
+    for key, value, registry in (("rl.advantage", rl.advantage, ADVANTAGES),
+                                 ("rl.loss_aggregation", rl.loss_aggregation, AGGREGATIONS),
+                                 ("rl.policy_loss", rl.policy_loss, POLICY_LOSSES)):
+        if value not in registry:
+            raise ValueError(f"{key}: unknown name '{value}'; known: {', '.join(registry)}")
+    if not cfg.rewards:
+        raise ValueError("rewards: ppo needs a reward, e.g. [{name: reward_model, params: {path: outputs/rm}}]"
+                         if cfg.kind == "ppo" else "rewards: grpo needs at least one reward")
+    if rl.ptx_coef > 0 and not rl.ptx_data:
+        raise ValueError("rl.ptx_data: rl.ptx_coef > 0 needs demonstration data for the ptx loss")
+    if rl.ptx_coef == 0 and "ptx_data" in rl.model_fields_set:
+        raise ValueError("rl.ptx_data: only used with rl.ptx_coef > 0")
+    if rl.kl_controller == "adaptive" and rl.kl_target is None:
+        raise ValueError("rl.kl_target: the adaptive KL controller needs a target")
+    if rl.kl_controller == "adaptive" and rl.beta == 0:
+        raise ValueError("rl.beta: the adaptive KL controller needs an initial beta > 0")
+    if rl.kl_controller == "fixed":
+        for key in ("kl_target", "kl_horizon"):
+            if key in rl.model_fields_set:
+                raise ValueError(f"rl.{key}: only used by the adaptive KL controller (rl.kl_controller: adaptive)")
+    if rl.epsilon_high is not None and rl.epsilon_high < rl.epsilon:
+        raise ValueError("rl.epsilon_high: must be >= rl.epsilon (clip-higher)")
+    if rl.policy_loss == "reinforce":
+        if rl.num_iterations > 1 or rl.mini_batch_size is not None:
+            raise ValueError("rl.policy_loss: reinforce is only correct with one update per rollout batch "
+                             "(rl.num_iterations 1 and no rl.mini_batch_size); use ppo_clip")
+        for key in ("epsilon", "epsilon_high", "dual_clip"):
+            if key in rl.model_fields_set:
+                raise ValueError(f"rl.{key}: only used by policy_loss ppo_clip")
+    if not rl.dynamic_sampling and "max_resample_rounds" in rl.model_fields_set:
+        raise ValueError("rl.max_resample_rounds: only used with rl.dynamic_sampling")
+
+
+def _check_ppo(cfg: RunConfig) -> None:
+    _check_rl(cfg)
+    if cfg.rl.advantage != "gae":
+        raise ValueError(f"rl.advantage: ppo uses 'gae' with its value model, not '{cfg.rl.advantage}' (that is grpo)")
+
+
+def _check_grpo(cfg: RunConfig) -> None:
+    _check_rl(cfg)
+    rl = cfg.rl
+    if rl.advantage == "gae":
+        raise ValueError("rl.advantage: 'gae' needs a value model; use rlkit ppo, or grpo/dr_grpo/rloo/reinforce_pp")
+    if rl.advantage in ("grpo", "dr_grpo", "rloo") and rl.num_generations < 2:
+        raise ValueError(f"rl.num_generations: advantage '{rl.advantage}' compares samples of a prompt; needs >= 2")
+    if rl.dynamic_sampling and rl.num_generations < 2:
+        raise ValueError("rl.dynamic_sampling: needs rl.num_generations >= 2")
+
+
+def _check_sample(cfg: RunConfig) -> None:
+    if not cfg.rewards:
+        raise ValueError("rewards: rejection sampling needs the rewards to filter by")
+    names = {r.alias or r.name for r in cfg.rewards}
+    for key in cfg.sample.thresholds:
+        if key not in names:
+            raise ValueError(f"sample.thresholds: '{key}' is not one of the listed rewards ({', '.join(sorted(names))})")
+
+
+_CHECKS = {"sft": lambda cfg: None, "rm": lambda cfg: None, "grpo": _check_grpo, "ppo": _check_ppo,
+           "sample": _check_sample}
+
+
+# --------------------------------------------------------------------------------- what changes a result
+
+# Keys that never change what a run produces (its weights or data): naming, reporting, logging,
+# checkpoint cadence and evaluation. A pipeline stage's hash leaves them out, and a run resumes across
+# changes to them.
+RESULT_NEUTRAL = ("name", "description", "output_dir", "report_to", "train.logging_steps", "train.save_steps",
+                  "train.save_total_limit", "rl.log_completions", "rl.reward_check", "rl.eval_steps", "eval")
+# Changing these on resume extends or shortens a run; they still change its result.
+RESUMABLE_CHANGES = ("train.max_steps", "train.epochs")
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): d}
+
+
+def result_differences(old: dict, new: dict, ignore: tuple[str, ...] = RESULT_NEUTRAL + RESUMABLE_CHANGES
+                       ) -> list[tuple[str, Any, Any]]:
+    """``(key, old, new)`` for every key of two config dumps that differs and may change the result."""
+    a, b = _flatten(old), _flatten(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not _covered(k, ignore)]
 
 
 # --------------------------------------------------------------------------------------------- loading

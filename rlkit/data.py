@@ -41,19 +41,29 @@ def _embedded(spec: str, default_split: str) -> tuple[str, str]:
     return task, split
 
 
+def read_text(path: Path) -> str:
+    """A data file's text; a file that is not UTF-8 is a one-line error naming the line and byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                        "save the file as UTF-8") from None
+
+
 def read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: malformed JSON line ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    for i, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{i}: malformed JSON line ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
     return rows
 
 
@@ -77,7 +87,7 @@ def load_rows(spec: str, default_split: str = "train") -> list[dict]:
             rows = read_jsonl(path)
         elif path.suffix == ".json":
             try:
-                rows = json.loads(path.read_text(encoding="utf-8"))
+                rows = json.loads(read_text(path))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
             if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
@@ -190,16 +200,18 @@ def preference_rows(spec: str, max_samples: int | None = None) -> list[dict]:
     return out
 
 
-def rl_rows(data_cfg, answer_routes: set[str] | None | bool) -> list[dict]:
+def rl_rows(data_cfg, answer_routes: set[str] | None | bool, check=None) -> list[dict]:
     """Prompt rows for RL from ``data.train`` and the ``data.mix`` sources, each row tagged with its route.
 
     ``answer_routes``: which rows need a gold ``answer`` (True: all rows; a set: rows of those routes;
-    False/None: none), i.e. where a reward that checks answers applies.
+    False/None: none), i.e. where a reward that checks answers applies. ``check(spec, rows) -> rows``
+    filters or validates each source's rows (prompt lengths, say).
     """
     sources = [(data_cfg.train, data_cfg.route, data_cfg.max_samples)]
     sources += [(m.data, m.route, m.max_samples) for m in data_cfg.mix]
     out = []
     for spec, route, max_n in sources:
+        kept = []
         rows = load_rows(spec, default_split="train")
         rows = rows[:max_n] if max_n else rows
         require_columns(rows, spec, ("prompt",))
@@ -215,5 +227,25 @@ def rl_rows(data_cfg, answer_routes: set[str] | None | bool) -> list[dict]:
                 raise DataError(f"{spec}: row {i}: 'prompt' must be a string")
             if r.get("answer") is not None:
                 r["answer"] = str(r["answer"])
-            out.append(r)
+            kept.append(r)
+        out.extend(check(spec, kept) if check is not None else kept)
     return out
+
+
+def check_lengths(rows: list, lengths: list[int], limit: int, spec: str, mode: str, why: str) -> list:
+    """Rows whose length in tokens exceeds ``limit``: with mode 'error' the first is a DataError naming its
+    row; with 'drop' they are left out with a one-line count. ``why`` completes "the row is N tokens, ..."."""
+    over = [i for i, n in enumerate(lengths) if n > limit]
+    if not over:
+        return rows
+    if mode == "error":
+        i = over[0]
+        raise DataError(f"{spec}: row {i + 1} is {lengths[i]} tokens, {why} ({len(over)} of {len(rows)} rows are); "
+                        "shorten them or set data.on_overlong=drop to leave them out")
+    if len(over) == len(rows):
+        raise DataError(f"{spec}: every row is too long ({why}); nothing left to train on")
+    from rlkit.tracking import console
+
+    console.print(f"[yellow]{spec}: dropped {len(over)} of {len(rows)} rows longer than {limit} tokens ({why})[/]")
+    skip = set(over)
+    return [r for i, r in enumerate(rows) if i not in skip]

@@ -1,7 +1,26 @@
-"""The one exception type the CLI turns into a one-line message and a non-zero exit code."""
+"""The exception types the CLI turns into a one-line message and a non-zero exit code."""
 
 from __future__ import annotations
 
 
 class RlkitError(Exception):
     """Bad input from the user: a file, line, key or value, and what was expected."""
+
+    exit_code = 2
+    prefix = "error"
+
+
+class RunInterrupted(RlkitError):
+    """A run stopped on a signal after saving what it had (SIGINT: exit 130, SIGTERM: exit 143)."""
+
+    prefix = "interrupted"
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Diverged(RlkitError):
+    """Training produced a non-finite loss, gradient or weight; nothing after the last good checkpoint is kept."""
+
+    exit_code = 3

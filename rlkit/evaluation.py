@@ -16,8 +16,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from rlkit.config import EvalConfig
-from rlkit.data import prompt_rows
+from rlkit.config import EvalConfig, RunConfig
+from rlkit.data import is_embedded, prompt_rows
+from rlkit.embedded.tasks import TASKS
 from rlkit.models import load_causal_lm, load_tokenizer
 from rlkit.rewards.format import is_well_formed
 from rlkit.rewards.math_answer import scores as answer_scores
@@ -31,8 +32,21 @@ class EvalReport:
     examples: list[dict]
 
 
+def eval_spec(cfg: RunConfig) -> str | None:
+    """Where a training run evaluates: ``data.eval``; else ``eval.task``; else, when it trains on the
+    embedded world, that world's task; else nowhere (a user's data set is never scored on a built-in task)."""
+    if cfg.data.eval:
+        return cfg.data.eval
+    if cfg.eval.task:
+        return f"embedded:{cfg.eval.task}:{cfg.eval.split}"
+    if is_embedded(cfg.data.train):
+        name = cfg.data.train.split(":")[1]
+        return f"embedded:{name if name in TASKS else TASKS[0]}:{cfg.eval.split}"
+    return None
+
+
 def eval_rows(cfg: EvalConfig, data: str | None) -> tuple[str, list[dict]]:
-    spec = data or f"embedded:{cfg.task}:{cfg.split}"
+    spec = data or f"embedded:{cfg.task or TASKS[0]}:{cfg.split}"
     rows = prompt_rows(spec, split=cfg.split)
     return spec, rows[: cfg.limit] if cfg.limit else rows
 

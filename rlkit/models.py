@@ -89,6 +89,19 @@ def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = Fal
     return model
 
 
+def context_length(path: str, trust_remote_code: bool = False) -> int | None:
+    """The model's context in tokens (``max_position_embeddings``), or None when its config does not say."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: could not load a model config ({_first_line(e)})") from None
+    config = getattr(config, "text_config", None) or config
+    n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(n) if n else None
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__

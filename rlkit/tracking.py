@@ -93,11 +93,34 @@ def _plain(v):
     return v
 
 
+def _rows(text: str) -> list[dict]:
+    """Parse metrics.jsonl rows, skipping a line torn by a kill mid-write (or otherwise unreadable)."""
+    out = []
+    for line in text.split("\n"):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            out.append(row)
+    return out
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return _rows(p.read_text(errors="replace"))
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume: keep the rows up to the checkpoint's ``step`` and drop the killed run's later rows and any
+    torn last line, rewriting the file atomically."""
+    if path.is_file():
+        keep = [r for r in read_metrics(path) if r["step"] <= step]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        tmp.replace(path)
 
 
 def plot_metrics(path: str | Path, out_png: str | Path, keys: list[str], title: str = "") -> Path | None:

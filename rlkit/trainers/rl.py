@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import random
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 
 from rlkit import checkpoint as ckpt
+from rlkit import runs
 from rlkit.algos import (
     AdvantageConfig,
     aggregate,
@@ -46,14 +46,15 @@ from rlkit.algos import (
     value_loss,
 )
 from rlkit.config import RunConfig
-from rlkit.data import DataError, rl_rows
-from rlkit.evaluation import eval_rows, evaluate_model
-from rlkit.models import load_causal_lm, load_tokenizer
+from rlkit.data import DataError, check_lengths, rl_rows
+from rlkit.errors import Diverged
+from rlkit.evaluation import eval_rows, eval_spec, evaluate_model
+from rlkit.models import context_length, load_causal_lm, load_tokenizer
 from rlkit.outputs import finish_run
 from rlkit.rollout import SamplingParams, make_engine
 from rlkit.scoring import RewardSet, score_groups
 from rlkit.templates import full_text, render_prompt
-from rlkit.tracking import MetricsLogger, console
+from rlkit.tracking import MetricsLogger, console, truncate_metrics
 from rlkit.trainers.batch import RolloutBatch, build_batch, completion_logprobs
 from rlkit.trainers.critic import critic_values, load_critic
 
@@ -120,7 +121,16 @@ def _loss_weight(mode: str, micro_mask: torch.Tensor, mini_mask: torch.Tensor) -
     return micro_mask.shape[0] / mini_mask.shape[0]
 
 
-def run_rl(cfg: RunConfig) -> dict:
+KL_CLAMP = 20.0  # bound on |log pi - log pi_ref| before a KL estimator (verl's choice): exp() stays finite
+
+
+def run_rl(cfg: RunConfig, resume: str = "auto") -> dict:
+    """Train (or resume) the run ``cfg`` describes; ``resume``: auto | anyway | overwrite (see rlkit.runs)."""
+    with runs.guarded_run(cfg, resume, ckpt.last_checkpoint) as stop:
+        return _run_rl(cfg, stop)
+
+
+def _run_rl(cfg: RunConfig, stop: runs.GracefulStop) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
@@ -142,12 +152,24 @@ def run_rl(cfg: RunConfig) -> dict:
     acc_specs = [r for r in cfg.rewards if r.name == "accuracy"]
     answer_routes = (True if any(r.routes is None for r in acc_specs)
                      else {x for r in acc_specs for x in r.routes} if acc_specs else False)
-    rows = rl_rows(cfg.data, answer_routes)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    context = context_length(cfg.model.path, cfg.model.trust_remote_code)
+
+    def fits(spec: str, source_rows: list[dict]) -> list[dict]:
+        """Prompts that leave room for rl.max_new_tokens in the model's context."""
+        if context is None:
+            return source_rows
+        texts = [render_prompt(r["prompt"], cfg.data.template, tokenizer) for r in source_rows]
+        lengths = [len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        return check_lengths(source_rows, lengths, context - rl.max_new_tokens, spec, cfg.data.on_overlong,
+                             f"which with rl.max_new_tokens {rl.max_new_tokens} exceeds the model's context of "
+                             f"{context} tokens")
+
+    rows = rl_rows(cfg.data, answer_routes, check=fits)
     if acc_specs:
         validate_gold_answers([r for r in rows if r.get("answer") is not None], cfg.data.train)
     max_steps = t.max_steps or max(1, math.ceil(t.epochs * len(rows) / rl.prompts_per_step))
     set_seed(t.seed)
-    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     resume_from = ckpt.last_checkpoint(out)
     policy = load_causal_lm(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code)
     ref_model = None
@@ -161,7 +183,7 @@ def run_rl(cfg: RunConfig) -> dict:
             policy = get_peft_model(policy, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
                                                        target_modules=lc.target_modules, task_type="CAUSAL_LM"))
     else:
-        if rl.beta > 0 or rl.kl_in == "reward":
+        if rl.beta > 0:  # beta 0: no KL anywhere, so no reference model
             ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
         if resume_from is not None:
             policy = load_causal_lm(str(resume_from), cfg.model.dtype, cfg.model.trust_remote_code)
@@ -196,13 +218,16 @@ def run_rl(cfg: RunConfig) -> dict:
     step, history = 0, {}
     if resume_from is not None:
         state = ckpt.load_state(resume_from, rank, optimizer, scheduler, extra_state)
+        ckpt.apply_learning_rate(optimizer, scheduler, t.learning_rate)  # --resume-anyway with a new rate
+        if critic_opt is not None:
+            ckpt.apply_learning_rate(critic_opt, critic_sched, rl.value_learning_rate or t.learning_rate)
         step, stream.pos, history = state["step"], state["data_pos"], state.get("history", {})
         if ptx is not None:
             ptx.pos = state.get("ptx_pos", 0)
         kl_ctl.load_state_dict(state["kl_controller"])
         if main:
             print(f"resuming from {resume_from} (step {step})", flush=True)
-            _truncate_metrics(out / "metrics.jsonl", step)
+            truncate_metrics(out / "metrics.jsonl", step)
     else:
         torch.manual_seed(t.seed * 1009 + rank)
         random.seed(t.seed * 1009 + rank)
@@ -217,7 +242,11 @@ def run_rl(cfg: RunConfig) -> dict:
                            config=cfg.model_dump(mode="json")) if main else None
     eval_cfg = cfg.eval
     eval_template = eval_cfg.template or cfg.data.template
-    eval_data = eval_rows(eval_cfg, cfg.data.eval)[1] if eval_cfg.task or cfg.data.eval else None
+    spec = eval_spec(cfg)
+    eval_data = eval_rows(eval_cfg, spec)[1] if spec else None
+    if eval_data is None and main and "before" not in history:
+        console.print("[yellow]no evaluation: set data.eval to a held-out split of your data to get before/after "
+                      "pass@1[/]")
 
     def run_eval() -> dict:
         if eval_data is None or not main:
@@ -232,7 +261,7 @@ def run_rl(cfg: RunConfig) -> dict:
     acc.wait_for_everyone()
 
     def reference_logprobs(batch: RolloutBatch) -> torch.Tensor | None:
-        if ref_model is None and cfg.model.lora is None:
+        if rl.beta == 0:
             return None
         with torch.no_grad():
             if ref_model is not None:
@@ -244,135 +273,143 @@ def run_rl(cfg: RunConfig) -> dict:
     progress = _Progress(max_steps, step, cfg.kind) if main else None
     policy.train()
     # --------------------------------------------------------------------------------- the loop
-    while step < max_steps:
-        step_t0 = time.time()
-        # rollout + reward (+ dynamic sampling)
-        kept: list[tuple] = []
-        dropped: list[tuple] = []
-        rounds = 0
-        failures: dict[str, int] = defaultdict(int)
-        while True:
-            prompts_rows = stream.take(rl.prompts_per_step)[rank * per_proc : (rank + 1) * per_proc]
-            texts = [render_prompt(r["prompt"], cfg.data.template, tokenizer) for r in prompts_rows]
-            with timer("rollout"):
-                groups = engine.generate(texts, params)
-            with timer("reward"):
-                scored = score_groups(rewards, prompts_rows, texts, groups)
-            for gi, (text, g) in enumerate(zip(texts, groups)):
-                sl = slice(gi * rl.num_generations, (gi + 1) * rl.num_generations)
-                item = (text, g, scored.total[sl], {k: v[sl] for k, v in scored.per_reward.items()},
-                        prompts_rows[gi].get("route"))
-                if rl.dynamic_sampling and len(set(scored.total[sl])) == 1:
-                    dropped.append(item)
-                else:
-                    kept.append(item)
-            for k, v in scored.failures.items():
-                failures[k] += v
-            rounds += 1
-            need = torch.tensor(float(rl.dynamic_sampling and len(kept) < per_proc), device=acc.device)
-            if rounds > rl.max_resample_rounds or acc.reduce(need, "sum").item() == 0:
-                break
-        groups_used = (kept + dropped)[:per_proc]
+    try:
+        while step < max_steps:
+            step_t0 = time.time()
+            # rollout + reward (+ dynamic sampling)
+            kept: list[tuple] = []
+            dropped: list[tuple] = []
+            rounds = 0
+            failures: dict[str, int] = defaultdict(int)
+            while True:
+                prompts_rows = stream.take(rl.prompts_per_step)[rank * per_proc : (rank + 1) * per_proc]
+                texts = [render_prompt(r["prompt"], cfg.data.template, tokenizer) for r in prompts_rows]
+                with timer("rollout"):
+                    groups = _generate(engine, texts, params, step + 1)
+                with timer("reward"):
+                    scored = score_groups(rewards, prompts_rows, texts, groups)
+                for gi, (text, g) in enumerate(zip(texts, groups)):
+                    sl = slice(gi * rl.num_generations, (gi + 1) * rl.num_generations)
+                    item = (text, g, scored.total[sl], {k: v[sl] for k, v in scored.per_reward.items()},
+                            prompts_rows[gi].get("route"))
+                    if rl.dynamic_sampling and len(set(scored.total[sl])) == 1:
+                        dropped.append(item)
+                    else:
+                        kept.append(item)
+                for k, v in scored.failures.items():
+                    failures[k] += v
+                rounds += 1
+                need = torch.tensor(float(rl.dynamic_sampling and len(kept) < per_proc), device=acc.device)
+                if rounds > rl.max_resample_rounds or acc.reduce(need, "sum").item() == 0:
+                    break
+            groups_used = (kept + dropped)[:per_proc]
 
-        prompt_ids, samples, gids, totals, routes = [], [], [], [], []
-        per_reward: dict[str, list] = defaultdict(list)
-        for gi, (text, g, tot, per, route) in enumerate(groups_used):
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            routes.extend([route] * len(g))
-            for j, s in enumerate(g):
-                prompt_ids.append(ids)
-                samples.append(s)
-                gids.append(gi)
-                r = tot[j] * rl.reward_scale
-                totals.append(max(-rl.reward_clip, min(rl.reward_clip, r)) if rl.reward_clip else r)
-            for k, v in per.items():
-                per_reward[k].extend(v)
-        batch = build_batch(prompt_ids, samples, gids, totals, tokenizer.pad_token_id, rl.overlong_filter)
-        batch = _to(batch, acc.device)
+            prompt_ids, samples, gids, totals, routes = [], [], [], [], []
+            per_reward: dict[str, list] = defaultdict(list)
+            for gi, (text, g, tot, per, route) in enumerate(groups_used):
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                routes.extend([route] * len(g))
+                for j, s in enumerate(g):
+                    prompt_ids.append(ids)
+                    samples.append(s)
+                    gids.append(gi)
+                    r = tot[j] * rl.reward_scale
+                    totals.append(max(-rl.reward_clip, min(rl.reward_clip, r)) if rl.reward_clip else r)
+                for k, v in per.items():
+                    per_reward[k].extend(v)
+            batch = build_batch(prompt_ids, samples, gids, totals, tokenizer.pad_token_id, rl.overlong_filter)
+            batch = _to(batch, acc.device)
 
-        # reference and old log-probs
-        with timer("reference"):
-            need_old = rl.num_iterations > 1 or n_minibatches > 1 or rl.kl_in == "reward"
-            policy.eval()
-            if need_old:
-                with torch.no_grad():
-                    batch.old_logp = _chunked_logprobs(unwrapped, batch, rl)
-            batch.ref_logp = reference_logprobs(batch)
-            policy.train()
-        if critic is not None:
-            with timer("values"), torch.no_grad():
-                batch.values = _in_chunks(batch, rl.micro_batch_size, lambda mb: critic_values(critic, mb))
+            # reference and old log-probs
+            with timer("reference"):
+                need_old = rl.num_iterations > 1 or n_minibatches > 1 or (rl.kl_in == "reward" and rl.beta > 0)
+                policy.eval()
+                if need_old:
+                    with torch.no_grad():
+                        batch.old_logp = _chunked_logprobs(unwrapped, batch, rl)
+                batch.ref_logp = reference_logprobs(batch)
+                policy.train()
+            if critic is not None:
+                with timer("values"), torch.no_grad():
+                    batch.values = _in_chunks(batch, rl.micro_batch_size, lambda mb: critic_values(critic, mb))
 
-        # advantage
-        with timer("advantage"):
-            token_rewards = None
-            if rl.kl_in == "reward" and batch.ref_logp is not None:
-                token_rewards = -kl_ctl.value * compute_kl(rl.kl_estimator, batch.old_logp, batch.ref_logp) * batch.completion_mask
-            batch.advantages, batch.returns = compute_advantages(
-                rl.advantage, rewards=batch.rewards, mask=batch.completion_mask, group_ids=batch.group_ids,
-                values=batch.values, token_rewards=token_rewards,
-                cfg=AdvantageConfig(gamma=rl.gamma, lam=rl.lam, std_normalize=rl.std_normalize,
-                                    whiten=rl.whiten_advantages))
+            # advantage
+            with timer("advantage"):
+                token_rewards = None
+                if rl.kl_in == "reward" and batch.ref_logp is not None:
+                    token_rewards = -kl_ctl.value * compute_kl(rl.kl_estimator, batch.old_logp, batch.ref_logp,
+                                                               clamp=KL_CLAMP) * batch.completion_mask
+                batch.advantages, batch.returns = compute_advantages(
+                    rl.advantage, rewards=batch.rewards, mask=batch.completion_mask, group_ids=batch.group_ids,
+                    values=batch.values, token_rewards=token_rewards,
+                    cfg=AdvantageConfig(gamma=rl.gamma, lam=rl.lam, std_normalize=rl.std_normalize,
+                                        whiten=rl.whiten_advantages))
 
-        # update
-        with timer("update"):
-            stats = _update(policy, optimizer, scheduler, acc, batch, rl, kl_ctl.value,
-                            critic=(critic, critic_opt, critic_sched) if critic is not None else None, ptx=ptx)
+            # update
+            with timer("update"):
+                stats = _update(policy, optimizer, scheduler, acc, batch, rl, kl_ctl.value,
+                                critic=(critic, critic_opt, critic_sched) if critic is not None else None, ptx=ptx)
 
-        with timer("sync"):
-            _sync(engine, unwrapped)
+            _check_finite(stats, policy, step + 1)
 
-        step += 1
-        # log
-        with timer("log"):
-            series = {
-                "reward": totals,
-                **{f"reward/{k}": [x for x in v if x is not None] for k, v in sorted(per_reward.items())},
-                **{f"reward/{k}/failures": [float(v) * world] for k, v in sorted(failures.items())},
-                **{k: [v] for k, v in stats.items()},
-                **({"reward/kl_penalty": token_rewards.sum(-1).tolist()} if token_rewards is not None else {}),
-                "completion_len": [len(s.token_ids) for s in samples],
-                "truncated_frac": [float(not s.finished) for s in samples],
-            }
-            reduced = _gmeans(acc, series)  # one all-reduce for every averaged metric
-            kl_ctl.update(reduced.get("kl", 0.0), B * world)
-            metrics = {
-                **reduced,
-                **_route_metrics(routes, totals, per_reward),
-                "beta": kl_ctl.value,
-                "groups_kept_frac": len(kept) / max(1, len(kept) + len(dropped)) if rl.dynamic_sampling else 1.0,
-                "rollout_rounds": rounds,
-                "lr": scheduler.get_last_lr()[0],
-                "step_seconds": time.time() - step_t0,
-                "completion_tokens_per_s": sum(len(s.token_ids) for s in samples) * world
-                / max(timer.times.get("rollout", 1e-9), 1e-9),
-            }
-            if step % rl.eval_steps == 0 or step == max_steps:
-                acc.wait_for_everyone()
-                metrics.update(run_eval())
-            metrics.update(timer.pop())
-            if main:
-                logger.log(step, metrics)
-                progress.update(step, metrics)
-                if rl.log_completions and (step % t.logging_steps == 0 or step == 1):
-                    s0 = samples[0]
-                    progress.note(f"[dim]step {step} sample (reward {totals[0]:.2f}):[/] {s0.text[:200]!r}")
-            if step % t.save_steps == 0 or step == max_steps:
-                _save_checkpoint(acc, out, step, unwrapped, tokenizer, optimizer, scheduler,
-                                 {"step": step, "data_pos": stream.pos, "kl_controller": kl_ctl.state_dict(),
-                                  "history": history, "max_steps": max_steps, "ptx_pos": ptx.pos if ptx else 0},
-                                 t.save_total_limit, extra_state,
-                                 acc.unwrap_model(critic).model if critic is not None else None)
-    if progress is not None:
-        progress.close()
+            with timer("sync"):
+                _sync(engine, unwrapped)
+
+            step += 1
+            # log
+            with timer("log"):
+                series = {
+                    "reward": totals,
+                    **{f"reward/{k}": [x for x in v if x is not None] for k, v in sorted(per_reward.items())},
+                    **{f"reward/{k}/failures": [float(v) * world] for k, v in sorted(failures.items())},
+                    **{k: [v] for k, v in stats.items()},
+                    **({"reward/kl_penalty": token_rewards.sum(-1).tolist()} if token_rewards is not None else {}),
+                    "completion_len": [len(s.token_ids) for s in samples],
+                    "truncated_frac": [float(not s.finished) for s in samples],
+                }
+                reduced = _gmeans(acc, series)  # one all-reduce for every averaged metric
+                kl_ctl.update(reduced.get("kl", 0.0), B * world)
+                metrics = {
+                    **reduced,
+                    **_route_metrics(routes, totals, per_reward),
+                    "beta": kl_ctl.value,
+                    "groups_kept_frac": len(kept) / max(1, len(kept) + len(dropped)) if rl.dynamic_sampling else 1.0,
+                    "rollout_rounds": rounds,
+                    "lr": scheduler.get_last_lr()[0],
+                    "step_seconds": time.time() - step_t0,
+                    "completion_tokens_per_s": sum(len(s.token_ids) for s in samples) * world
+                    / max(timer.times.get("rollout", 1e-9), 1e-9),
+                }
+                if step % rl.eval_steps == 0 or step == max_steps:
+                    acc.wait_for_everyone()
+                    metrics.update(run_eval())
+                metrics.update(timer.pop())
+                if main:
+                    logger.log(step, metrics)
+                    progress.update(step, metrics)
+                    if rl.log_completions and (step % t.logging_steps == 0 or step == 1):
+                        s0 = samples[0]
+                        progress.note(f"[dim]step {step} sample (reward {totals[0]:.2f}):[/] {s0.text[:200]!r}")
+                stopping = _any_process(acc, stop.requested is not None)
+                if step % t.save_steps == 0 or step == max_steps or stopping:
+                    _save_checkpoint(acc, out, step, unwrapped, tokenizer, optimizer, scheduler,
+                                     {"step": step, "data_pos": stream.pos, "kl_controller": kl_ctl.state_dict(),
+                                      "history": history, "max_steps": max_steps, "ptx_pos": ptx.pos if ptx else 0},
+                                     t.save_total_limit, extra_state,
+                                     acc.unwrap_model(critic).model if critic is not None else None)
+                if stopping:
+                    raise stop.interrupted(f"saved {out / f'checkpoint-{step}'}")
+    finally:
+        if progress is not None:
+            progress.close()
 
     # -------------------------------------------------------------------------------- finish
     acc.wait_for_everyone()
     result: dict = {"steps": step, "processes": world}
     if main:
-        final = unwrapped.merge_and_unload() if cfg.model.lora is not None else unwrapped
         if cfg.model.lora is not None:
-            unwrapped.save_pretrained(str(out / "adapter"))
+            unwrapped.save_pretrained(str(out / "adapter"))  # the adapter first: merging folds it away
+        final = unwrapped.merge_and_unload() if cfg.model.lora is not None else unwrapped
         final.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
         if critic is not None:
@@ -443,7 +480,7 @@ def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: fl
                     loss = pl
                     kl_tok = None
                     if mb.ref_logp is not None:
-                        kl_tok = compute_kl(rl.kl_estimator, logp, mb.ref_logp)
+                        kl_tok = compute_kl(rl.kl_estimator, logp, mb.ref_logp, clamp=KL_CLAMP)
                         if rl.kl_in == "loss" and beta > 0:
                             loss = loss + beta * aggregate(kl_tok, mb.completion_mask, rl.loss_aggregation,
                                                            float(rl.max_new_tokens))
@@ -502,6 +539,39 @@ def _route_metrics(routes: list, totals: list[float], per_reward: dict[str, list
     return out
 
 
+def _generate(engine, texts: list[str], params: SamplingParams, step: int):
+    """Roll out; sampling from a model whose logits went non-finite means training diverged."""
+    try:
+        return engine.generate(texts, params)
+    except RuntimeError as e:
+        if "inf" in str(e) or "nan" in str(e):
+            raise Diverged(f"step {step}: training diverged: the policy's probabilities are not finite "
+                           f"({str(e).splitlines()[0]}); {_LAST_GOOD}") from None
+        raise
+
+
+_LAST_GOOD = ("the last good checkpoint is kept; lower train.learning_rate (or raise rl.beta) and run again "
+              "with --resume-anyway to continue from it, or --overwrite to start over")
+
+
+def _check_finite(stats: dict, policy, step: int) -> None:
+    """Stop on a non-finite loss, gradient norm or weight, before anything of this step is saved."""
+    bad = [k for k in ("loss/policy", "loss/value", "grad_norm") if k in stats and not math.isfinite(stats[k])]
+    params = [p for p in policy.parameters() if p.requires_grad]
+    if not bad and params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        bad = ["weights"]
+    if bad:
+        shown = ", ".join(f"{k}={stats[k]}" if k in stats else k for k in bad)
+        raise Diverged(f"step {step}: training diverged (non-finite {shown}); {_LAST_GOOD}")
+
+
+def _any_process(acc, flag: bool) -> bool:
+    """True on every process when ``flag`` is true on any (a signal may reach processes at different times)."""
+    if acc.num_processes == 1:
+        return flag
+    return bool(acc.reduce(torch.tensor(float(flag), device=acc.device), "sum").item() > 0)
+
+
 def _sync(engine, model) -> None:
     sync = getattr(engine, "sync_weights", None)
     if sync is not None:
@@ -535,13 +605,6 @@ def _save_checkpoint(acc, out: Path, step: int, model, tokenizer, optimizer, sch
     if acc.is_main_process:
         ckpt.commit(out, step, keep)
     acc.wait_for_everyone()
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from (the killed run's lost steps)."""
-    if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
 
 
 def _last_eval(path: Path) -> dict:

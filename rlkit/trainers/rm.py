@@ -18,13 +18,16 @@ from pathlib import Path
 
 import torch
 
+from rlkit import runs
 from rlkit.config import RunConfig
-from rlkit.data import DataError, preference_rows
+from rlkit.data import DataError, check_lengths, preference_rows
 from rlkit.models import ModelError, load_tokenizer, pick_dtype, resolve_model_path
 from rlkit.outputs import finish_run
 from rlkit.templates import completion_text, render_prompt
 from rlkit.tracking import MetricsLogger, available
-from rlkit.trainers.sft import jsonl_callback, quiet_progress
+from rlkit.trainers import hf_trainer
+from rlkit.trainers.hf_trainer import jsonl_callback, last_trainer_checkpoint, quiet_progress
+from rlkit.trainers.sft import example_lengths, length_limit
 
 
 class GroupBatchSampler(torch.utils.data.Sampler):
@@ -102,9 +105,14 @@ def load_reward_model(path: str, dtype: str = "auto", trust_remote_code: bool = 
         raise ModelError(f"{path}: could not load a reward model ({str(e).splitlines()[0]})") from None
 
 
-def run_rm(cfg: RunConfig) -> dict:
+def run_rm(cfg: RunConfig, resume: str = "auto") -> dict:
+    """Train (or resume) a reward model into ``cfg.output_dir``; ``resume``: auto | anyway | overwrite."""
+    with runs.guarded_run(cfg, resume, last_trainer_checkpoint) as stop:
+        return _run_rm(cfg, stop)
+
+
+def _run_rm(cfg: RunConfig, stop: runs.GracefulStop) -> dict:
     from datasets import Dataset
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import RewardConfig, RewardTrainer
 
     t0 = time.time()
@@ -137,9 +145,19 @@ def run_rm(cfg: RunConfig) -> dict:
         dataset_num_proc=None, logging_first_step=True, disable_tqdm=False,
     )
     logger = MetricsLogger(out, [r for r in cfg.report_to if r == "jsonl"], run_name=cfg.name)
-    train_ds = Dataset.from_list(to_preference_examples(train_pairs, cfg.data.template, tokenizer))
-    eval_ds = Dataset.from_list(to_preference_examples(eval_pairs, cfg.data.template, tokenizer)) if eval_pairs else None
-    train_groups = [p["group"] for p in train_pairs]
+    limit, why = length_limit(cfg)
+
+    def fitting(pairs: list[dict]) -> list[tuple[dict, dict]]:
+        examples = to_preference_examples(pairs, cfg.data.template, tokenizer)
+        lengths = [max(a, b) for a, b in zip(example_lengths(examples, tokenizer, "chosen"),
+                                              example_lengths(examples, tokenizer, "rejected"))]
+        return check_lengths(list(zip(pairs, examples)), lengths, limit, cfg.data.train, cfg.data.on_overlong, why)
+
+    train_kept = fitting(train_pairs)
+    eval_kept = fitting(eval_pairs) if eval_pairs else []
+    train_ds = Dataset.from_list([ex for _, ex in train_kept])
+    eval_ds = Dataset.from_list([ex for _, ex in eval_kept]) if eval_kept else None
+    train_groups = [p["group"] for p, _ in train_kept]
 
     class GroupedRewardTrainer(RewardTrainer):
         def get_train_dataloader(self):
@@ -152,10 +170,7 @@ def run_rm(cfg: RunConfig) -> dict:
     trainer = GroupedRewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                    processing_class=tokenizer, callbacks=[jsonl_callback(logger)])
     quiet_progress(trainer)
-    last = get_last_checkpoint(str(out)) if out.is_dir() else None
-    if last:
-        print(f"resuming from {last}", flush=True)
-    result = trainer.train(resume_from_checkpoint=last)
+    result = hf_trainer.train(trainer, out, stop, logger)
     metrics = {"train_loss": result.training_loss, "steps": trainer.state.global_step,
                "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs)}
     if eval_ds is not None:

@@ -21,12 +21,15 @@ from pathlib import Path
 
 import torch
 
+from rlkit import runs
 from rlkit.config import RunConfig
-from rlkit.data import DataError, is_embedded, sft_rows
-from rlkit.models import load_causal_lm, load_tokenizer
+from rlkit.data import DataError, check_lengths, sft_rows
+from rlkit.models import context_length, load_causal_lm, load_tokenizer
 from rlkit.outputs import finish_run
 from rlkit.templates import completion_text, render_prompt
 from rlkit.tracking import MetricsLogger, available
+from rlkit.trainers import hf_trainer
+from rlkit.trainers.hf_trainer import jsonl_callback, last_trainer_checkpoint, quiet_progress
 
 
 def to_sft_examples(rows: list[dict], template: str, tokenizer, spec: str) -> list[dict]:
@@ -53,40 +56,35 @@ def to_sft_examples(rows: list[dict], template: str, tokenizer, spec: str) -> li
     return out
 
 
-def jsonl_callback(logger: MetricsLogger):
-    """A TrainerCallback that mirrors the trainer's logs into metrics.jsonl."""
-    from transformers import TrainerCallback
-
-    class JsonlCallback(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and state.is_world_process_zero:
-                logger.log(state.global_step, {k if k.startswith(("train", "eval")) else f"train/{k}": v
-                                               for k, v in logs.items()})
-
-    return JsonlCallback()
-
-
-def quiet_progress(trainer) -> None:
-    """Replace the trainer's progress callback with one that shows the latest loss (and accuracy) on the bar
-    instead of printing every log dict; the full logs go to metrics.jsonl."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    class BarProgress(ProgressCallback):
-        def on_log(self, args, state, control, logs=None, **kw):
-            if state.is_world_process_zero and self.training_bar is not None and logs:
-                shown = {k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "accuracy", "margin", "grad_norm")}
-                if shown:
-                    self.training_bar.set_postfix(shown, refresh=False)
-
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(BarProgress())
+def example_lengths(examples: list[dict], tokenizer, second: str = "completion") -> list[int]:
+    """Tokens of prompt + ``second`` for each TRL example (conversational or text; text gets an EOS)."""
+    out = []
+    for ex in examples:
+        if isinstance(ex["prompt"], list):
+            out.append(len(tokenizer.apply_chat_template(ex["prompt"] + ex[second], tokenize=True,
+                                                         return_dict=False)))
+        else:
+            out.append(len(tokenizer(ex["prompt"] + ex[second], add_special_tokens=False)["input_ids"]) + 1)
+    return out
 
 
-def run_sft(cfg: RunConfig) -> dict:
-    """Train, save a Hugging Face directory in ``cfg.output_dir``, return headline metrics."""
+def length_limit(cfg: RunConfig) -> tuple[int, str]:
+    """train.max_length, capped by the model's context; and the reason text for over-long rows."""
+    context = context_length(cfg.model.path, cfg.model.trust_remote_code)
+    if context is not None and context < cfg.train.max_length:
+        return context, f"more than the model's context of {context} tokens"
+    return cfg.train.max_length, f"more than train.max_length {cfg.train.max_length}"
+
+
+def run_sft(cfg: RunConfig, resume: str = "auto") -> dict:
+    """Train (or resume), save a Hugging Face directory in ``cfg.output_dir``, return headline metrics.
+    ``resume``: auto | anyway | overwrite (see :mod:`rlkit.runs`)."""
+    with runs.guarded_run(cfg, resume, last_trainer_checkpoint) as stop:
+        return _run_sft(cfg, stop)
+
+
+def _run_sft(cfg: RunConfig, stop: runs.GracefulStop) -> dict:
     from datasets import Dataset
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
     t0 = time.time()
@@ -95,6 +93,9 @@ def run_sft(cfg: RunConfig) -> dict:
     tokenizer.padding_side = "right"
     rows = sft_rows(cfg.data.train, cfg.data.max_samples)
     examples = to_sft_examples(rows, cfg.data.template, tokenizer, cfg.data.train)
+    limit, why = length_limit(cfg)
+    examples = check_lengths(examples, example_lengths(examples, tokenizer), limit, cfg.data.train,
+                             cfg.data.on_overlong, why)
     model = load_causal_lm(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code)
 
     peft_config = None
@@ -145,10 +146,7 @@ def run_sft(cfg: RunConfig) -> dict:
         callbacks=[jsonl_callback(logger)],
     )
     quiet_progress(trainer)
-    last = get_last_checkpoint(str(out)) if out.is_dir() else None
-    if last:
-        print(f"resuming from {last}", flush=True)
-    result = trainer.train(resume_from_checkpoint=last)
+    result = hf_trainer.train(trainer, out, stop, logger)
 
     final = trainer.model
     if peft_config is not None:
@@ -160,10 +158,10 @@ def run_sft(cfg: RunConfig) -> dict:
 
     metrics = {"train_loss": result.training_loss, "steps": trainer.state.global_step,
                "examples": len(examples), "seconds": round(time.time() - t0, 1)}
-    if cfg.eval.task and (is_embedded(cfg.data.train) or cfg.data.eval):
-        from rlkit.evaluation import eval_rows, evaluate_model
+    from rlkit.evaluation import eval_rows, eval_spec, evaluate_model
 
-        spec, eval_data = eval_rows(cfg.eval, cfg.data.eval)
+    if eval_spec(cfg):
+        spec, eval_data = eval_rows(cfg.eval, eval_spec(cfg))
         final.eval()
         report = evaluate_model(final, tokenizer, eval_data, cfg.eval, cfg.eval.template or cfg.data.template)
         metrics.update({f"eval/{k}": v for k, v in report.metrics.items()})

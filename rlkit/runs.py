@@ -1,0 +1,181 @@
+"""What every training command does around its loop so that no run costs the user work.
+
+- The output directory is checked up front (a file, an unwritable path or a parent that is a file is a
+  one-line error) and locked (``.rlkit.lock``, an ``flock`` the OS drops when the process dies, even on
+  SIGKILL), so two runs cannot write into one directory.
+- ``rlkit_run.json`` records the config a run started with. Resuming with a config that differs in
+  anything that changes the result (see :data:`rlkit.config.RESULT_NEUTRAL`; ``train.max_steps`` and
+  ``train.epochs`` may change to extend a run) is refused with the differences listed, unless the user
+  says ``--resume-anyway`` (continue with the new settings) or ``--overwrite`` (discard the checkpoints and
+  start over).
+- SIGTERM and SIGINT stop a run at the end of the current step, after a checkpoint of that step is saved;
+  a second signal stops at once (the last checkpoint is kept either way). The run then exits with one line
+  and 143 (SIGTERM) or 130 (SIGINT).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from rlkit.config import RunConfig, result_differences
+from rlkit.errors import RlkitError, RunInterrupted
+
+RESUME_MODES = ("auto", "anyway", "overwrite")
+RUN_FILE = "rlkit_run.json"
+LOCK_FILE = ".rlkit.lock"
+
+
+class OutputError(RlkitError):
+    """An output directory that cannot be used."""
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launch (accelerate/torchrun set RANK), or a plain single process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def prepare_output_dir(out: Path) -> None:
+    """Create ``out`` or fail with one line saying why (a file in the way, no permission, ...)."""
+    for parent in [out, *out.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                what = "the output directory" if parent == out else f"its parent {parent}"
+                raise OutputError(f"{out}: cannot use it as the output directory: {what} is a file")
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot create the output directory ({e.strerror or e})") from None
+    probe = out / f".rlkit-write-test-{os.getpid()}"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(f"{out}: the output directory is not writable ({e.strerror or e})") from None
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``OUTPUT/.rlkit.lock`` for the life of the run."""
+
+    def __init__(self, out: Path):
+        self.path = out / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise OutputError(f"{self.path.parent}: another rlkit run is writing to this directory ({holder}); "
+                              "wait for it to finish or choose another --output-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)[:300]}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
+def clear_run(out: Path) -> None:
+    """``--overwrite``: forget the previous run in ``out`` (checkpoints, metrics, run record)."""
+    for p in out.iterdir():
+        if p.name.startswith("checkpoint-") or p.name in ("runs", "metrics.jsonl", RUN_FILE, "rlkit_result.json"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def check_resume(out: Path, cfg: RunConfig, resuming: bool, mode: str) -> None:
+    """Refuse to resume with a config that changes the result, unless ``mode`` says otherwise; record the
+    config a fresh run starts with."""
+    record = out / RUN_FILE
+    new = cfg.model_dump(mode="json")
+    if resuming and record.is_file():
+        try:
+            old = json.loads(record.read_text())["config"]
+        except (OSError, ValueError, KeyError):
+            old = None
+        diffs = result_differences(old, new) if old is not None else []
+        if diffs and mode == "auto":
+            shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:4])
+            more = f" (and {len(diffs) - 4} more)" if len(diffs) > 4 else ""
+            raise OutputError(
+                f"{out}: the run there was started with a different config ({shown}{more}); run the original "
+                "command to resume it, add --resume-anyway to resume with the new settings, or --overwrite to "
+                "start over")
+        if diffs:
+            print("resuming with a changed config (--resume-anyway): "
+                  + "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs), flush=True)
+        if not diffs:
+            return
+    tmp = record.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"config": new}, indent=2) + "\n")
+    tmp.replace(record)
+
+
+class GracefulStop:
+    """SIGTERM/SIGINT → ``requested`` is set and the loop stops after saving the current step; a second
+    signal raises KeyboardInterrupt at once. Handlers are installed on the main thread only."""
+
+    def __init__(self):
+        self.requested: int | None = None
+        self._old: dict[int, object] = {}
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signum
+        print(f"\nreceived {signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+              "(send it again to stop now)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old.clear()
+
+    def interrupted(self, what: str) -> RunInterrupted:
+        """The exception that ends the run once a stop was requested; ``what`` says what was saved."""
+        name = signal.Signals(self.requested).name if self.requested else "a signal"
+        code = 128 + int(self.requested or signal.SIGINT)
+        return RunInterrupted(f"stopped by {name}; {what}; run the same command to resume", exit_code=code)
+
+
+@contextlib.contextmanager
+def guarded_run(cfg: RunConfig, resume: str, has_checkpoint):
+    """Around a training run: check and lock the output directory, apply ``resume`` (auto | anyway |
+    overwrite), record the config, and catch SIGTERM/SIGINT. ``has_checkpoint(out) -> bool``.
+    Yields the :class:`GracefulStop`. Only the main process of a launch touches the directory."""
+    if resume not in RESUME_MODES:
+        raise RlkitError(f"resume: unknown mode {resume!r}; expected one of {', '.join(RESUME_MODES)}")
+    out = Path(cfg.output_dir)
+    lock = RunLock(out)
+    if is_main_process():
+        prepare_output_dir(out)
+        lock.acquire()
+    try:
+        if is_main_process():
+            if resume == "overwrite":
+                clear_run(out)
+            check_resume(out, cfg, bool(has_checkpoint(out)), resume)
+        with GracefulStop() as stop:
+            yield stop
+    finally:
+        lock.release()
