@@ -38,7 +38,7 @@ class OneLineErrors(TyperGroup):
             where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
             typer.secho(f"error: {' '.join(e.format_message().split())}{where}", fg="red", err=True)
             sys.exit(e.exit_code)
-        except click_errors.Abort:
+        except typer.Abort:
             typer.secho("interrupted", fg="yellow", err=True)
             sys.exit(130)
         sys.exit(rv if isinstance(rv, int) else 0)

@@ -84,9 +84,17 @@ def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = Fal
         model = AutoModelForCausalLM.from_pretrained(
             resolved, dtype=pick_dtype(dtype), trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{path}: could not load the model ({_first_line(e)})") from None
+    except Exception as e:  # OSError, ValueError, a corrupt safetensors file (SafetensorError), ...
+        raise ModelError(f"{path}: could not load the model ({weights_problem(e)})") from None
     return model
+
+
+def weights_problem(e: BaseException) -> str:
+    """A one-line reason for a failed load; a corrupt or truncated weights file says so."""
+    text = _first_line(e)
+    if type(e).__name__ == "SafetensorError" or "safetensors" in text.lower() or "header" in text.lower():
+        return f"the weights file is corrupt or truncated: {text}"
+    return text
 
 
 def context_length(path: str, trust_remote_code: bool = False) -> int | None:

@@ -487,13 +487,14 @@ def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: fl
                     w = _loss_weight(rl.loss_aggregation, mb.completion_mask, mini_mask)
                     acc.backward(loss * w)
                 mask = mb.completion_mask
+                wt = _loss_weight("token_mean", mask, mini_mask)  # per-token metrics: the mini-batch's token mean
                 sums["loss/policy"] += pl.detach() * w
-                sums["entropy"] += masked_mean(ent, mask) * w
+                sums["entropy"] += masked_mean(ent, mask) * wt
                 for k in ("clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl"):
                     if k in pm:
-                        sums[k] += pm[k].detach() * w
+                        sums[k] += pm[k].detach() * wt
                 if kl_tok is not None:
-                    sums["kl"] += masked_mean(kl_tok.detach(), mask) * w
+                    sums["kl"] += masked_mean(kl_tok.detach(), mask) * wt
                 if critic is not None:
                     cmodel = critic[0]
                     with contextlib.nullcontext() if last else acc.no_sync(cmodel):

@@ -21,7 +21,7 @@ import torch
 from rlkit import runs
 from rlkit.config import RunConfig
 from rlkit.data import DataError, check_lengths, preference_rows
-from rlkit.models import ModelError, load_tokenizer, pick_dtype, resolve_model_path
+from rlkit.models import ModelError, load_tokenizer, pick_dtype, resolve_model_path, weights_problem
 from rlkit.outputs import finish_run
 from rlkit.templates import completion_text, render_prompt
 from rlkit.tracking import MetricsLogger, available
@@ -101,8 +101,8 @@ def load_reward_model(path: str, dtype: str = "auto", trust_remote_code: bool = 
     try:
         return AutoModelForSequenceClassification.from_pretrained(
             resolved, num_labels=1, dtype=pick_dtype(dtype), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{path}: could not load a reward model ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # OSError, ValueError, a corrupt safetensors file, ...
+        raise ModelError(f"{path}: could not load a reward model ({weights_problem(e)})") from None
 
 
 def run_rm(cfg: RunConfig, resume: str = "auto") -> dict:
