@@ -345,6 +345,8 @@ def _console():
 def _print_before_after(title: str, result: dict) -> None:
     _console().print(f"[bold]{title}[/]  ({result['steps']} steps, {result['seconds']:.0f} s)")
     keys = [k.removeprefix("before/") for k in result if k.startswith("before/")]
+    if not keys:
+        return
     table = Table("metric", "before", "after")
     for k in keys:
         b, a = result.get(f"before/{k}"), result.get(f"after/{k}")
