@@ -38,9 +38,13 @@ def test_unknown_top_level_key_and_bad_value():
 
 
 def test_config_is_frozen():
+    from pydantic import ValidationError
+
     cfg = build_config([])
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.train.learning_rate = 1.0
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.rl = cfg.rl
 
 
 def test_parse_set_types():

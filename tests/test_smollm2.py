@@ -41,8 +41,15 @@ def test_sft_and_eval_on_smollm2(cli, smollm2_dir, tmp_path):
     report = tmp_path / "eval.json"
     r = cli("eval", out, "--template", "chat", "--limit", 4, "--max-new-tokens", 24, "--output", report)
     assert r.exit_code == 0, r.output
-    m = json.loads(report.read_text())["metrics"]
-    assert m["n_prompts"] == 4 and 0.0 <= m["pass@1"] <= 1.0
+    rep = json.loads(report.read_text())
+    m, examples = rep["metrics"], rep["examples"]
+    assert m["n_prompts"] == 4 and len(examples) == 4
+    # pass@1 is the share of greedy completions whose answer verifies, scored as the accuracy reward does
+    from rlkit.rewards.math_answer import accuracy
+
+    rescored = [accuracy([e["completion"]], answer=[e["answer"]])[0] == 1.0 for e in examples]
+    assert [e["correct"] for e in examples] == rescored
+    assert m["pass@1"] == sum(rescored) / 4
 
 
 def test_grpo_on_smollm2(cli, smollm2_dir, tmp_path):
