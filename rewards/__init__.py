@@ -39,6 +39,20 @@ def _load_builtins() -> None:
         importlib.import_module(mod)
 
 
+def _import(module: str):
+    """Import a reward module; the working directory counts, as with ``python -m`` (the ``rlkit`` console
+    script does not put it on the path)."""
+    import sys
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module.split(".")[0] or "" in sys.path or "." in sys.path:
+            raise
+        sys.path.append("")
+        return importlib.import_module(module)
+
+
 def get_reward(name: str) -> RewardFn:
     """A reward by registered name, dotted path, or ``rlkit.rewards`` entry point."""
     _load_builtins()
@@ -53,11 +67,15 @@ def get_reward(name: str) -> RewardFn:
     if "." in name or ":" in name:
         module, _, attr = name.partition(":") if ":" in name else name.rpartition(".")
         try:
-            fn = getattr(importlib.import_module(module), attr)
-        except ImportError as e:
-            raise RewardError(f"reward '{name}': module '{module}' failed to import ({e})") from None
+            fn = getattr(_import(module), attr)
         except AttributeError:
             raise RewardError(f"reward '{name}': module '{module}' has no attribute '{attr}'") from None
+        except SyntaxError as e:
+            where = f"{e.filename}:{e.lineno}" if e.filename else module
+            raise RewardError(f"reward '{name}': {where}: syntax error ({e.msg})") from None
+        except Exception as e:  # ImportError, or whatever the module raised while importing
+            raise RewardError(f"reward '{name}': module '{module}' failed to import "
+                              f"({type(e).__name__}: {e})") from None
         if not callable(fn):
             raise RewardError(f"reward '{name}': '{attr}' is not callable")
         return fn

@@ -2,8 +2,8 @@
 
 >>> think_answer_format(["<think> 4 + 7 = 11 </think> <answer> 11 </answer>", "11"])
 [1.0, 0.0]
->>> tag_count(["<think> a </think> <answer> 1 </answer>", "<think> a </think><think> b </think>"])
-[1.0, 0.25]
+>>> tag_count(["<think> a </think> <answer> 1 </answer>", "<think> a </think><think> b </think> <answer> 1 </answer>"])
+[1.0, 0.5]
 """
 
 from __future__ import annotations
@@ -32,19 +32,29 @@ def is_well_formed(completion: str, prompt: str | None = None) -> bool:
 
 @register("think_format")
 def think_answer_format(completions: list[str], prompts: list[str] | None = None, **_) -> list[float]:
-    """1.0 for a strictly well-formed ``<think>…</think><answer>…</answer>`` completion, else 0.0."""
+    """1.0 for a strictly well-formed ``<think>…</think><answer>…</answer>`` completion, else 0.0.
+    A prompt that already opened ``<think>`` counts as the completion's opening tag.
+
+    >>> think_answer_format(["<think> a </think> <answer> 1 </answer> <answer> 2 </answer>", " a </think> <answer> 1 </answer>"],
+    ...                     prompts=["Assistant:", "Assistant: <think>"])
+    [0.0, 1.0]
+    """
     prompts = prompts or [None] * len(completions)
     return [float(is_well_formed(c, p)) for c, p in zip(completions, prompts)]
 
 
 @register("tag_count")
 def tag_count(completions: list[str], prompts: list[str] | None = None, **_) -> list[float]:
-    """0.25 for each of the four tags that occurs exactly once: a dense signal that penalises repeated blocks."""
+    """0.25 for each of the four tags that occurs exactly once: a dense signal that penalises repeated blocks.
+
+    >>> tag_count(["<think> a </think> <answer> 1 </answer>", "<think> a </think> <answer> 1 </answer> <answer> 2 </answer>", "7"])
+    [1.0, 0.5, 0.0]
+    """
     prompts = prompts or [None] * len(completions)
     out = []
     for c, p in zip(completions, prompts):
         text = _opened_by_prompt(c, p)
-        out.append(sum(0.25 for t in TAGS if text.count(t) == 1))
+        out.append(0.25 * sum(text.count(t) == 1 for t in TAGS))
     return out
 
 
@@ -61,7 +71,11 @@ def language_consistency(completions: list[str], prompts: list[str] | None = Non
                          **_) -> list[float | None]:
     """DeepSeek-R1's language-consistency reward: the share of words in the reasoning (the ``<think>``
     block, or the whole completion without one) written in the target language's script.
-    None when the reasoning has no words. ``language``: en or zh."""
+    None when the reasoning has no words. ``language``: en or zh.
+
+    >>> language_consistency(["<think> add the digits </think> <answer> 3 </answer>", "<think> 先 add 数字 </think>", "<think> 1 + 2 </think>"])
+    [1.0, 0.3333333333333333, None]
+    """
     if language not in _SCRIPTS:
         raise ValueError(f"language reward: unknown language {language!r}; expected one of {', '.join(_SCRIPTS)}")
     in_script = _SCRIPTS[language]

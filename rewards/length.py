@@ -15,6 +15,11 @@ from rlkit.rewards import register
 @register("soft_overlong")
 def soft_overlong(completions: list[str], completion_lengths: list[int], max_len: int = 512, cache: int = 128,
                   **_) -> list[float]:
+    """0 up to ``max_len - cache`` tokens, then a linear penalty down to -1 at ``max_len``, -1 beyond it.
+
+    >>> soft_overlong(["a", "b"], completion_lengths=[100, 600], max_len=512, cache=128)
+    [0.0, -1.0]
+    """
     if not 0 < cache <= max_len:
         raise ValueError(f"soft_overlong: need 0 < cache <= max_len, got cache={cache}, max_len={max_len}")
     out = []

@@ -5,7 +5,12 @@ math-verify guards its parser with SIGALRM timeouts, which only work on a proces
 the main thread each check runs in-process under a hard per-call timeout; off the main thread (a reward
 called from a thread pool, say) the checks go to a small process pool whose workers do the same on their
 own main threads. A check that times out or crashes yields NaN, which the reward runner records as a
-failure and scores 0.
+failure and scores 0. Because the reward bounds its own time this way, it is marked ``self_timed`` and the
+reward runner calls it on its own thread, without a time limit of its own.
+
+Gold answers and answer blocks are read as LaTeX math (``$...$`` is added when missing), so ``2\\pi`` is
+2π, not 2. ``gold_error`` says why a gold answer cannot be checked (``accuracy.check_row`` runs it on each
+dataset row before training starts).
 
 >>> accuracy(["<think> 4 + 7 = 11 </think> <answer> 11 </answer>", "<answer> 12 </answer>"], answer=["11", "11"])
 [1.0, 0.0]
@@ -19,8 +24,10 @@ import math
 import multiprocessing as mp
 import re
 import threading
+from functools import lru_cache
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+from sympy.core.function import AppliedUndef
 
 from rlkit.rewards import register
 
@@ -32,7 +39,11 @@ _pool_lock = threading.Lock()
 
 
 def extract_answer(completion: str, mode: str = "tags") -> str | None:
-    """The text to check: the last ``<answer>`` block; with mode 'any', fall back to the whole text."""
+    """The text to check: the last ``<answer>`` block; with mode 'any', fall back to the whole text.
+
+    >>> extract_answer("<answer> 1 </answer> <answer> 2 </answer>"), extract_answer("2"), extract_answer("2", "any")
+    ('2', None, '2')
+    """
     blocks = _ANSWER.findall(completion)
     if blocks:
         return blocks[-1].strip()
@@ -41,13 +52,59 @@ def extract_answer(completion: str, mode: str = "tags") -> str | None:
     return None
 
 
-def _gold_text(answer: str) -> str:
-    return answer if "$" in answer or "\\" in answer else f"${answer}$"
+def _math_text(answer: str) -> str:
+    """An answer as math-verify should read it: as LaTeX math. Without ``$`` math-verify reads bare LaTeX
+    only in part (``2\\pi`` as 2) or not at all (``\\sqrt{2}``)."""
+    return answer if "$" in answer or "\\boxed" in answer else f"${answer}$"
 
 
 def parse_gold(answer: str, timeout: int | None = TIMEOUT_S):
     """Parse a gold answer; an empty result means math-verify cannot check against it."""
-    return parse(_gold_text(answer), extraction_config=_CONFIG, parsing_timeout=timeout)
+    return parse(_math_text(answer), extraction_config=_CONFIG, parsing_timeout=timeout)
+
+
+_PLAIN_NUMBER = re.compile(r"-?\d+(\.\d+)?")
+_LIST = re.compile(r"\[[^\[\],;]*\]|\[\s*['\"].*\]")  # [7], ['7', '8']: a list stored as text
+_WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")    # a word of 3+ letters that is not a LaTeX command
+
+
+def gold_error(answer) -> str | None:
+    r"""Why math-verify cannot check completions against this gold answer, or None when it can.
+
+    >>> [gold_error(a) for a in ["42", r"\frac{1}{2}", r"2\pi", "(1, 2)", "x^2+1"]]
+    [None, None, None, None, None]
+    >>> gold_error("banana")
+    "gold answer 'banana' is read by math-verify as a product of one-letter symbols (a*a*a*b*n*n), not as a word"
+    """
+    return _gold_error(str(answer).strip())
+
+
+@lru_cache(maxsize=65536)
+def _gold_error(text: str) -> str | None:
+    if not text:
+        return "empty gold answer"
+    if _PLAIN_NUMBER.fullmatch(text):
+        return None
+    if _LIST.fullmatch(text):
+        return f"gold answer {text!r} looks like a list, not an answer (was the 'answer' column a JSON list?)"
+    on_main = threading.current_thread() is threading.main_thread()  # math-verify's timeout is SIGALRM
+    try:
+        parsed = parse(_math_text(text), extraction_config=_CONFIG, parsing_timeout=TIMEOUT_S if on_main else None,
+                       raise_on_error=True)
+    except Exception as e:  # math-verify's TimeoutException, or a sympy failure
+        return f"gold answer {text!r} cannot be parsed by math-verify ({type(e).__name__})"
+    expr = next((p for p in parsed if not isinstance(p, str)), None)
+    if expr is None:
+        return f"gold answer {text!r} cannot be parsed by math-verify as a number or expression"
+    names = [str(s) for s in getattr(expr, "free_symbols", ())]
+    names += [f.func.__name__ for f in expr.atoms(AppliedUndef)] if hasattr(expr, "atoms") else []  # sin(x): i*s*n(x)
+    one_letter = {n.lower() for n in names if len(n) == 1}
+    for word in _WORD.findall(text):
+        letters = set(word.lower()) - {"e", "i"}  # e and i become Euler's number and the imaginary unit
+        if letters and letters <= one_letter:
+            return (f"gold answer {text!r} is read by math-verify as a product of one-letter symbols "
+                    f"({expr}), not as a word")
+    return None
 
 
 def _check(completion: str, answer: str, mode: str, timeout: int | None) -> float:
@@ -55,8 +112,10 @@ def _check(completion: str, answer: str, mode: str, timeout: int | None) -> floa
     pred_text = extract_answer(completion, mode)
     if pred_text is None:
         return 0.0
+    if _ANSWER.search(completion):
+        pred_text = _math_text(pred_text)
     try:
-        gold = parse(_gold_text(answer), extraction_config=_CONFIG, parsing_timeout=timeout, raise_on_error=True)
+        gold = parse(_math_text(answer), extraction_config=_CONFIG, parsing_timeout=timeout, raise_on_error=True)
         pred = parse(pred_text, extraction_config=_CONFIG, parsing_timeout=timeout, raise_on_error=True)
         if not gold or not pred:
             return 0.0
@@ -104,5 +163,20 @@ def scores(completions: list[str], answers: list[str], mode: str = "tags") -> li
 
 @register("accuracy")
 def accuracy(completions: list[str], answer: list[str], mode: str = "tags", **_) -> list[float]:
-    """1.0 when the extracted answer verifies against the gold ``answer`` column, else 0.0 (NaN: check failed)."""
+    r"""1.0 when the extracted answer verifies against the gold ``answer`` column, else 0.0 (NaN: check failed).
+    ``mode``: 'tags' reads the last ``<answer>`` block (or ``\boxed{}``); 'any' falls back to the whole text.
+
+    >>> accuracy([r"<answer> $\frac{1}{2}$ </answer>", r"<answer> 2\pi </answer>", "the answer is 2"],
+    ...          answer=["0.5", "2", "2"])
+    [1.0, 0.0, 0.0]
+    """
     return scores(completions, answer, mode)
+
+
+def _check_row(row: dict) -> str | None:
+    return gold_error(row["answer"])
+
+
+accuracy.requires = ("answer",)   # columns each applicable row must have (RewardSet.check_rows)
+accuracy.check_row = _check_row   # the gold answer must be one math-verify can check against
+accuracy.self_timed = True        # bounds its own time (above): the reward runner calls it directly

@@ -52,7 +52,11 @@ def score_texts(path: str, texts: list[str], batch_size: int = 32, max_length: i
 @register("reward_model")
 def reward_model(completions: list[str], prompt: list[str], path: str, template: str = "chat",
                  batch_size: int = 32, **_) -> list[float]:
-    """The reward model's scalar score for each (prompt, completion); ``prompt`` is the dataset column."""
+    """The reward model's scalar score for each (prompt, completion); ``prompt`` is the dataset column.
+
+    >>> reward_model(["Paris."], prompt=["Capital of France?"], path="outputs/rm")  # doctest: +SKIP
+    [1.73]
+    """
     return score_texts(path, rm_texts(_load(path)[1], prompt, completions, template), batch_size)
 
 

@@ -55,6 +55,8 @@ app = typer.Typer(
 )
 recipes_app = typer.Typer(cls=OneLineErrors, help="List and inspect recipes.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
+rewards_app = typer.Typer(cls=OneLineErrors, help="Inspect a recipe's rewards.", no_args_is_help=True)
+app.add_typer(rewards_app, name="rewards")
 
 RecipeOpt = Annotated[Optional[str], typer.Option("--recipe", "-r", help="Recipe name (see `rlkit recipes list`) or path to a YAML file.")]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="'embedded', a local HF model directory, or a hub name. Overrides model.path.")]
@@ -174,7 +176,7 @@ def run(
     output_dir: OutputOpt = None,
     from_: Annotated[Optional[str], typer.Option("--from", help="Re-run this stage and every stage after it.")] = None,
     only: Annotated[Optional[str], typer.Option("--only", help="Re-run only this stage (its inputs must be finished).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Change a default of every stage (train.max_steps=5; a stage's own setting wins) or a key of one stage (ppo.train.max_steps=5).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Change a default of every stage that reads it (defaults.train.max_steps=5, or train.max_steps=5; a stage's own setting wins) or a key of one stage (stages.ppo.train.max_steps=5, or ppo.train.max_steps=5 when the stage name is not also a config section).")] = None,
 ) -> None:
     """Run a pipeline recipe's stages in order; run it again to resume (finished stages are skipped)."""
     from rlkit.pipeline import load_pipeline
@@ -276,6 +278,33 @@ def bench(
     c.print(t)
     if output:
         typer.echo(f"wrote {output}")
+
+
+@rewards_app.command("check")
+@friendly_errors
+def rewards_check(
+    recipe: RecipeOpt = None,
+    model: ModelOpt = None,
+    dataset: DatasetOpt = None,
+    set_: SetOpt = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit with code 1 when a hack scores as high as the honest answer.")] = False,
+) -> None:
+    """Score an honest answer and known reward hacks (no reasoning, an empty <think>, repeated <answer>
+    blocks, the answer outside the tags, padding) with a recipe's rewards; flag every hack that scores as
+    high as the honest answer. `rlkit grpo` runs it first and prints the summary line."""
+    from rlkit.recipe import load_config
+    from rlkit.reward_check import format_table, run_reward_check_cli, summary_line
+
+    cfg = load_config(recipe, default_recipe="r1_zero", sets=set_,
+                      flags={"model.path": model, "data.train": dataset})
+    report = run_reward_check_cli(cfg)
+    c = _console()
+    c.print(format_table(report))
+    c.print(summary_line(report))
+    for name, err in report.errors.items():
+        c.print(f"[yellow]reward '{name}' failed on a probe: {err}[/]")
+    if strict and report.hacks:
+        raise typer.Exit(1)
 
 
 @recipes_app.command("list")

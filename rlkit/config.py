@@ -360,7 +360,8 @@ _CHECKS = {"sft": lambda cfg: None, "rm": lambda cfg: None, "grpo": _check_grpo,
 # checkpoint cadence and evaluation. A pipeline stage's hash leaves them out, and a run resumes across
 # changes to them.
 RESULT_NEUTRAL = ("name", "description", "output_dir", "report_to", "train.logging_steps", "train.save_steps",
-                  "train.save_total_limit", "rl.log_completions", "rl.reward_check", "rl.eval_steps", "eval")
+                  "train.save_total_limit", "rl.log_completions", "rl.reward_check", "rl.eval_steps", "eval",
+                  "data.eval")
 # Changing these on resume extends or shortens a run; they still change its result.
 RESUMABLE_CHANGES = ("train.max_steps", "train.epochs")
 

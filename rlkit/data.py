@@ -200,12 +200,11 @@ def preference_rows(spec: str, max_samples: int | None = None) -> list[dict]:
     return out
 
 
-def rl_rows(data_cfg, answer_routes: set[str] | None | bool, check=None) -> list[dict]:
+def rl_rows(data_cfg, check=None) -> list[dict]:
     """Prompt rows for RL from ``data.train`` and the ``data.mix`` sources, each row tagged with its route.
 
-    ``answer_routes``: which rows need a gold ``answer`` (True: all rows; a set: rows of those routes;
-    False/None: none), i.e. where a reward that checks answers applies. ``check(spec, rows) -> rows``
-    filters or validates each source's rows (prompt lengths, say).
+    ``check(spec, rows) -> rows`` validates or filters each source's rows (the columns and gold answers
+    the rewards need, prompt lengths), so that errors name the source file and its row.
     """
     sources = [(data_cfg.train, data_cfg.route, data_cfg.max_samples)]
     sources += [(m.data, m.route, m.max_samples) for m in data_cfg.mix]
@@ -219,10 +218,6 @@ def rl_rows(data_cfg, answer_routes: set[str] | None | bool, check=None) -> list
             r = dict(r)
             if route is not None:
                 r["route"] = route
-            needs = answer_routes is True or (isinstance(answer_routes, set) and r.get("route") in answer_routes)
-            if needs and r.get("answer") is None:
-                where = f" (route '{r.get('route')}')" if r.get("route") else ""
-                raise DataError(f"{spec}: row {i}{where} has no 'answer' column, which the accuracy reward needs")
             if not isinstance(r["prompt"], str):
                 raise DataError(f"{spec}: row {i}: 'prompt' must be a string")
             if r.get("answer") is not None:

@@ -2,17 +2,43 @@
 
 A pipeline recipe has ``stages:``, each a stage config (``kind: sft | rm | grpo | ppo``, optionally
 ``recipe: NAME`` to start from a single-stage recipe) whose string values may name an earlier stage as
-``stage:NAME`` (its output directory). Keys under ``defaults:`` apply to every stage.
+``stage:NAME`` (its output directory). Keys under ``defaults:`` (and ``--set defaults.*``) apply to each
+stage whose command reads them (:func:`rlkit.config.applicable`); a key that no stage reads is an error.
 
 ``OUTPUT/manifest.json`` records each stage's status, resolved config, inputs, output path, wall time and
-headline metrics. Running the same command again skips finished stages whose config and inputs hash the
-same, continues an interrupted stage from its checkpoint, and re-runs (from scratch) a stage whose config
-or inputs changed. ``--from STAGE`` re-runs that stage and those after it; ``--only STAGE`` re-runs one.
-``--set key=value`` changes the defaults of every stage (a stage's own setting wins);
-``--set STAGE.key=value`` changes one stage.
+headline metrics. Running the same command again skips finished stages whose hash is the same, continues
+an interrupted stage from its checkpoint, and re-runs (from scratch) a stage whose hash changed.
+``--from STAGE`` re-runs that stage and those after it; ``--only STAGE`` re-runs one.
+
+What the hash covers: what changes the weights or data a stage produces, i.e. its resolved config minus
+:data:`rlkit.config.RESULT_NEUTRAL` (names, where outputs go, logging, checkpoint cadence, metric sinks,
+the reward probe, and every evaluation setting: ``eval.*``, ``rl.eval_steps``), plus the hashes of the
+outputs of the stages it reads. Those outputs' paths enter as ``stage:NAME``, so moving the whole output
+directory changes no hash. Changing only a result-neutral key skips a finished stage and says which keys
+it ignored (the recorded metrics keep the old evaluation settings; ``rlkit eval OUTPUT/STAGE``
+re-evaluates), and resumes an interrupted one. (An RL stage that evaluates with sampling shares the random
+stream with its rollouts, so there another eval setting would give an equally valid but not bit-identical
+run; the stage is still not re-run for it.) The comparison re-hashes the config the manifest recorded for
+the stage by today's rules, so manifests of older rlkit versions and fields added to rlkit since do not
+re-run a finished stage; each entry records the hashes of the inputs it read (``input_hashes``), so a
+stage that read an earlier version of an input re-runs even after ``--only``.
+
+A finished stage's output is never deleted: when the stage must run again (its hash changed, or
+``--from``/``--only``), the old output moves to ``OUTPUT/.superseded/STAGE-<UTC time>/`` and the manifest
+lists it under the stage's ``superseded``; delete those directories yourself once you no longer need them.
+
+``--set`` overrides, each ``KEY.PATH=VALUE``:
+
+- ``--set defaults.train.max_steps=5``: a default of every stage that reads it (a stage's own setting wins);
+- ``--set stages.ppo.train.max_steps=50``: one stage;
+- ``--set train.max_steps=5`` (the head is a config key, not a stage): the same as ``defaults.``;
+- ``--set ppo.train.max_steps=50`` (the head is a stage, not a config key): the same as ``stages.ppo.``;
+- a head that is both, e.g. ``sft`` in ``instructgpt`` (a stage and the ``sft:`` config section), is an
+  error that names both spellings.
 
     rlkit run instructgpt                 # SFT -> RM -> PPO on the embedded world
     rlkit run instructgpt --only ppo --set ppo.train.max_steps=50
+    rlkit run instructgpt --set stages.sft.data.train=demos.jsonl
 """
 
 from __future__ import annotations
@@ -21,13 +47,17 @@ import datetime as dt
 import difflib
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, get_args
 
-from rlkit.config import ConfigError, RunConfig, build_config, load_yaml, parse_set
+from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
+
+from rlkit.errors import RunInterrupted
+from rlkit.config import (RESULT_NEUTRAL, ConfigError, RunConfig, _check_unknown, applicable, build_config,
+                          load_yaml, parse_set)
 from rlkit.recipe import recipe_path
 
 STAGE_REF = "stage:"
@@ -62,9 +92,13 @@ class Pipeline:
 
     def validate(self) -> None:
         seen: list[str] = []
+        kinds = get_args(RunConfig.model_fields["kind"].annotation)
         for s in self.stages:
             if s.name in seen:
                 raise ConfigError(f"{self.source}: stage '{s.name}' is defined twice")
+            if s.kind not in kinds:
+                raise ConfigError(f"{self.source}: stage '{s.name}': unknown kind '{s.kind}'; "
+                                  f"kinds: {', '.join(kinds)}")
             for ref in s.refs():
                 if ref == s.name:
                     raise ConfigError(f"{self.source}: stage '{s.name}' refers to itself (stage:{ref}), a cycle")
@@ -79,6 +113,7 @@ class Pipeline:
             seen.append(s.name)
         if not self.stages:
             raise ConfigError(f"{self.source}: a pipeline needs at least one stage under 'stages:'")
+        check_shared(self, self.defaults, f"{self.source} (defaults)")
 
     def stage(self, name: str) -> Stage:
         for s in self.stages:
@@ -90,6 +125,26 @@ class Pipeline:
             sets: list[str] | None = None, on_stage: Callable[[str, str], None] | None = None) -> dict:
         """Run (or resume) the pipeline; returns the manifest."""
         return run_pipeline(self, output_dir, start_from=start_from, only=only, sets=sets, on_stage=on_stage)
+
+
+def check_shared(pipeline: Pipeline, layer: dict, source: str) -> None:
+    """Keys for every stage (``defaults:``, ``--set defaults.*``) must exist and be read by some stage."""
+    _check_unknown(layer, RunConfig, source)
+    kept = [applicable(layer, s.kind) for s in pipeline.stages]
+    for key, value in _flatten(layer).items():
+        if value != {} and not any(_has_key(k, key) for k in kept):
+            kinds = ", ".join(sorted({s.kind for s in pipeline.stages}))
+            raise ConfigError(f"{source}: {key}: no stage of this pipeline uses this key (its stages run rlkit "
+                              f"{kinds}); remove it")
+
+
+def _has_key(d: dict, key: str) -> bool:
+    node: Any = d
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _find_refs(obj: Any) -> list[str]:
@@ -144,17 +199,52 @@ def load_pipeline(name_or_path: str) -> Pipeline:
 
 
 def stage_sets(pipeline: Pipeline, sets: list[str] | None) -> tuple[dict[str, dict], dict]:
-    """Split ``--set`` overrides into per-stage ones (``STAGE.key=v``) and ones for every stage."""
-    names = {s.name for s in pipeline.stages}
+    """Split ``--set`` overrides into per-stage ones and ones for every stage's defaults.
+
+    ``stages.NAME.key=v`` is one stage and ``defaults.key=v`` every stage, always; a bare ``HEAD.key=v`` is
+    a stage when HEAD names a stage and is not a config key, the defaults when HEAD is a config key and not
+    a stage, and an error when it is both. Returns ``({stage: overrides}, overrides for every stage)``.
+    """
+    names = [s.name for s in pipeline.stages]
+    config_keys = set(RunConfig.model_fields)
     per: dict[str, list[str]] = {}
     common: list[str] = []
     for item in sets or []:
-        head = item.split(".", 1)[0]
-        if head in names and "." in item.split("=", 1)[0]:
-            per.setdefault(head, []).append(item.split(".", 1)[1])
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        head, _, rest = key.strip().partition(".")
+        if head == "stages":
+            name, _, rest = rest.partition(".")
+            if not rest:
+                raise ConfigError(f"--set {item}: expected stages.STAGE.key=value; stages: {', '.join(names)}")
+            if name not in names:
+                guess = difflib.get_close_matches(name, names, n=1)
+                hint = f"did you mean '{guess[0]}'?" if guess else f"stages: {', '.join(names)}"
+                raise ConfigError(f"--set {item}: unknown stage '{name}'; {hint}")
+            per.setdefault(name, []).append(f"{rest}={value}")
+        elif head == "defaults":
+            if not rest:
+                raise ConfigError(f"--set {item}: expected defaults.key=value")
+            common.append(f"{rest}={value}")
+        elif head in names and rest:
+            if head in config_keys:
+                raise ConfigError(f"--set {item}: '{head}' is both a stage of this pipeline and a config section; "
+                                  f"write stages.{item} for the stage or defaults.{item} for every stage")
+            per.setdefault(head, []).append(f"{rest}={value}")
+        elif head in names and head not in config_keys:
+            raise ConfigError(f"--set {item}: expected {head}.key=value (a key of stage '{head}')")
         else:
+            if head not in config_keys:
+                choices = sorted(config_keys) + names + ["stages", "defaults"]
+                guess = difflib.get_close_matches(head, choices, n=1)
+                hint = f"did you mean '{guess[0]}'?" if guess else f"stages: {', '.join(names)}"
+                raise ConfigError(f"--set {item}: '{head}' is neither a stage of this pipeline nor a config key; "
+                                  f"{hint}")
             common.append(item)
-    return {k: parse_set(v) for k, v in per.items()}, parse_set(common)
+    shared = parse_set(common)
+    check_shared(pipeline, shared, "--set")
+    return {k: parse_set(v) for k, v in per.items()}, shared
 
 
 def stage_config(pipeline: Pipeline, stage: Stage, outputs: dict[str, str], out_dir: Path,
@@ -163,18 +253,112 @@ def stage_config(pipeline: Pipeline, stage: Stage, outputs: dict[str, str], out_
     if stage.recipe:
         p = recipe_path(stage.recipe)
         layers.append((str(p), load_yaml(p)))
-    layers.append((f"{pipeline.source} (defaults)", pipeline.defaults))
-    layers.append(("--set", common))  # pipeline-wide overrides change the defaults; a stage's own keys win
+    # Pipeline-wide keys apply to a stage where its command reads them; a stage's own keys win.
+    layers.append((f"{pipeline.source} (defaults)", applicable(pipeline.defaults, stage.kind)))
+    layers.append(("--set", applicable(common, stage.kind)))
     layers.append((f"{pipeline.source} (stage '{stage.name}')", stage.config))
-    layers.append((f"--set {stage.name}.*", per.get(stage.name, {})))
+    layers.append((f"--set stages.{stage.name}.*", per.get(stage.name, {})))
     layers = [(src, _resolve_refs(layer, outputs)) for src, layer in layers]
     layers.append(("pipeline", {"output_dir": str(out_dir / stage.name), "name": f"{pipeline.name}/{stage.name}"}))
     return build_config(layers)
 
 
-def _hash(cfg: RunConfig, input_hashes: list[str]) -> str:
-    blob = json.dumps({"config": cfg.model_dump(mode="json"), "inputs": input_hashes}, sort_keys=True)
+# ----------------------------------------------------------------------------------------------- hashing
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _is_unhashed(key: str) -> bool:
+    return any(key == u or key.startswith(u + ".") for u in RESULT_NEUTRAL)
+
+
+def _as_refs(obj: Any, paths: dict[str, str]) -> Any:
+    """Replace stage output directories (``paths``: directory -> stage name) by ``stage:NAME``."""
+    if isinstance(obj, str):
+        return f"{STAGE_REF}{paths[obj]}" if obj in paths else obj
+    if isinstance(obj, dict):
+        return {k: _as_refs(v, paths) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_as_refs(v, paths) for v in obj]
+    return obj
+
+
+def _fields(cfg: RunConfig | dict, paths: dict[str, str]) -> dict[str, Any]:
+    dump = cfg.model_dump(mode="json") if isinstance(cfg, RunConfig) else cfg
+    return _flatten(_as_refs(dump, paths))
+
+
+def _hash(cfg: RunConfig | dict, input_hashes: dict[str, str], paths: dict[str, str] | None = None) -> str:
+    """A stage's hash: its config without the ``RESULT_NEUTRAL`` keys, plus the hashes of the stages it reads.
+
+    ``cfg`` is a config or its JSON dump. ``paths`` maps stage output directories to stage names; a config
+    value equal to one is hashed as ``stage:NAME``, so no hash depends on where the pipeline's output is.
+    """
+    hashed = {k: v for k, v in _fields(cfg, paths or {}).items() if not _is_unhashed(k)}
+    blob = json.dumps({"config": hashed, "inputs": input_hashes}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _section(annotation: Any) -> type[BaseModel] | None:
+    """The config section type of a field (``Section``, ``Section | None``, ``list[Section]``), if any."""
+    for t in (annotation, *get_args(annotation)):
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            return t
+    return None
+
+
+def _with_defaults(data: dict, model: type[BaseModel] = RunConfig) -> dict:
+    """A recorded config dump with the fields added to rlkit since it ran filled in with their defaults.
+
+    Not validated: a dump sets every key, which the per-command checks of a config would reject.
+    """
+    out = dict(data)
+    for name, f in model.model_fields.items():
+        sub = _section(f.annotation)
+        if name not in out:
+            if not f.is_required():
+                out[name] = to_jsonable_python(f.get_default(call_default_factory=True))
+        elif sub is not None and isinstance(out[name], dict):
+            out[name] = _with_defaults(out[name], sub)
+        elif sub is not None and isinstance(out[name], list):
+            out[name] = [_with_defaults(x, sub) if isinstance(x, dict) else x for x in out[name]]
+    return out
+
+
+def _recorded_config(entry: dict) -> dict | None:
+    """The config a manifest entry ran with, as today's full dump (None when there is none)."""
+    return _with_defaults(entry["config"]) if isinstance(entry.get("config"), dict) else None
+
+
+def _changes(old: RunConfig | dict, new: RunConfig | dict, paths: dict[str, str]) -> tuple[list[str], list[str]]:
+    """(hashed keys, unhashed keys) whose values differ between two configs of one stage."""
+    a, b = _fields(old, paths), _fields(new, paths)
+    diff = sorted(k for k in set(a) | set(b) if a.get(k, ...) != b.get(k, ...))
+    return [k for k in diff if not _is_unhashed(k)], [k for k in diff if _is_unhashed(k) and k != "output_dir"]
+
+
+def _listed(keys: list[str], most: int = 4) -> str:
+    return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
+
+
+def _move_aside(out: Path, name: str, path: Path) -> Path:
+    """Move a stage's previous output to ``OUTPUT/.superseded/NAME-<UTC time>`` (never delete it)."""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    dest = out / ".superseded" / f"{name}-{stamp}"
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = out / ".superseded" / f"{name}-{stamp}-{n}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    path.rename(dest)
+    return dest
 
 
 def _run_stage(cfg: RunConfig) -> dict:
@@ -211,9 +395,6 @@ def run_pipeline(pipeline: Pipeline, output_dir: str | None = None, *, start_fro
     old = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     old_stages = {s["name"]: s for s in old.get("stages", [])}
     per, common = stage_sets(pipeline, sets)
-    unknown = set(per) - {s.name for s in pipeline.stages}
-    if unknown:
-        raise ConfigError(f"--set: unknown stage '{sorted(unknown)[0]}'")
     names = [s.name for s in pipeline.stages]
     for flag, value in (("--from", start_from), ("--only", only)):
         if value is not None and value not in names:
@@ -222,9 +403,6 @@ def run_pipeline(pipeline: Pipeline, output_dir: str | None = None, *, start_fro
     # Resolve every config first: a bad key in the last stage fails before the first one trains.
     outputs: dict[str, str] = {s.name: str(out / s.name) for s in pipeline.stages}
     configs = {s.name: stage_config(pipeline, s, outputs, out, per, common) for s in pipeline.stages}
-    hashes: dict[str, str] = {}
-    for s in pipeline.stages:
-        hashes[s.name] = _hash(configs[s.name], [hashes[r] for r in s.refs()])
 
     forced: set[str] = set()
     if start_from is not None:
@@ -234,6 +412,22 @@ def run_pipeline(pipeline: Pipeline, output_dir: str | None = None, *, start_fro
     manifest = {"recipe": pipeline.name, "description": pipeline.description, "output_dir": str(out),
                 "stages": [dict(old_stages.get(n, {"name": n, "status": "pending"})) for n in names]}
     entries = {e["name"]: e for e in manifest["stages"]}
+    # Stage output directories, today's and those earlier runs recorded (OUTPUT may have moved since).
+    paths = {e["output"]: n for n, e in old_stages.items() if isinstance(e.get("output"), str)}
+    paths.update({path: n for n, path in outputs.items()})
+    recorded_cfgs = {n: _recorded_config(e) for n, e in old_stages.items()}
+    # The hash of what each stage's output holds, by today's rules: its recorded config re-hashed, with the
+    # hashes of the outputs it read (an input that has changed since it read it counts as stale).
+    recorded: dict[str, str | None] = {}
+    recorded_ins: dict[str, dict[str, str | None]] = {}
+    for n, e in old_stages.items():
+        read = e.get("input_hashes")  # absent in manifests of older rlkit: take the inputs as they are now
+        recorded_ins[n] = {r: recorded.get(r) if read is None or read.get(r) == old_stages.get(r, {}).get("hash")
+                           else f"stale:{read.get(r)}" for r in e.get("inputs") or []}
+        ok = recorded_cfgs[n] is not None and None not in recorded_ins[n].values()
+        recorded[n] = _hash(recorded_cfgs[n], recorded_ins[n], paths) if ok else None
+        if recorded[n] is not None and n in entries:  # keep the manifest's hashes in today's terms
+            entries[n].update({"hash": recorded[n], "input_hashes": recorded_ins[n]})
 
     def save() -> None:
         tmp = manifest_path.with_suffix(".json.tmp")
@@ -241,25 +435,45 @@ def run_pipeline(pipeline: Pipeline, output_dir: str | None = None, *, start_fro
         tmp.replace(manifest_path)
 
     selected = {n for n in names if (only is None and start_from is None) or n in forced}
+    effective: dict[str, str] = {}  # the hash of each stage's output once this run has passed it
     for s in pipeline.stages:
-        e, cfg, h = entries[s.name], configs[s.name], hashes[s.name]
+        e, cfg = entries[s.name], configs[s.name]
+        h = _hash(cfg, {r: effective[r] for r in s.refs()}, paths)
         if s.name not in selected:
+            effective[s.name] = recorded.get(s.name) or h
             continue
+        effective[s.name] = h
         for ref in s.refs():
             if ref not in selected and entries[ref].get("status") != "done":
                 raise ConfigError(f"stage '{s.name}' reads stage '{ref}', which has not finished; "
                                   "run the pipeline without --from/--only first")
-        if (s.name not in forced and e.get("status") == "done" and e.get("hash") == h
+        before = recorded.get(s.name)
+        cfg_old = recorded_cfgs.get(s.name)
+        changed_keys, cosmetic = _changes(cfg_old, cfg, paths) if cfg_old is not None else ([], [])
+        if (s.name not in forced and e.get("status") == "done" and before == h
                 and Path(cfg.output_dir).is_dir()):
             if on_stage:
-                on_stage(s.name, "skipped (finished, same config)")
+                note = (f"; not re-run for {_listed(cosmetic)} (they do not change its output)" if cosmetic else "")
+                on_stage(s.name, f"skipped (finished, same config){note}")
             continue
-        fresh = s.name in forced or (e.get("hash") not in (None, h))
+        fresh = s.name in forced or (e.get("status") not in (None, "pending") and before != h)
         if fresh and Path(cfg.output_dir).exists():
-            shutil.rmtree(cfg.output_dir)
+            if s.name in forced:
+                why = "re-run requested"
+            elif changed_keys:
+                why = f"config changed ({_listed(changed_keys)})"
+            else:
+                ins = [r for r in s.refs() if recorded_ins.get(s.name, {}).get(r) != effective[r]]
+                why = f"input changed ({_listed(ins)})" if ins and before is not None else "changed since it ran"
+            dest = _move_aside(out, s.name, Path(cfg.output_dir))
+            e.setdefault("superseded", []).append(str(dest))
+            if on_stage:
+                on_stage(s.name, f"{why}; previous output moved to {dest}")
         e.update({"name": s.name, "kind": s.kind, "status": "running", "hash": h, "inputs": s.refs(),
-                  "output": cfg.output_dir, "config": cfg.model_dump(mode="json"), "started": _now()})
-        e.pop("error", None)
+                  "input_hashes": {r: effective[r] for r in s.refs()}, "output": cfg.output_dir,
+                  "config": cfg.model_dump(mode="json"), "started": _now()})
+        for stale in ("error", "finished", "metrics"):
+            e.pop(stale, None)
         save()
         if on_stage:
             on_stage(s.name, "running")
@@ -267,7 +481,7 @@ def run_pipeline(pipeline: Pipeline, output_dir: str | None = None, *, start_fro
         try:
             metrics = _run_stage(cfg)
         except BaseException as exc:
-            e.update({"status": "failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted",
+            e.update({"status": "interrupted" if isinstance(exc, (KeyboardInterrupt, RunInterrupted)) else "failed",
                       "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
                       "seconds": round(time.time() - t0, 1)})
             save()
@@ -277,6 +491,7 @@ def run_pipeline(pipeline: Pipeline, output_dir: str | None = None, *, start_fro
         save()
         if on_stage:
             on_stage(s.name, f"done in {e['seconds']:.0f} s")
+    save()
     return manifest
 
 

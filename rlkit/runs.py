@@ -166,16 +166,23 @@ def guarded_run(cfg: RunConfig, resume: str, has_checkpoint):
     if resume not in RESUME_MODES:
         raise RlkitError(f"resume: unknown mode {resume!r}; expected one of {', '.join(RESUME_MODES)}")
     out = Path(cfg.output_dir)
-    lock = RunLock(out)
-    if is_main_process():
-        prepare_output_dir(out)
-        lock.acquire()
-    try:
+    with locked_output(out):
         if is_main_process():
             if resume == "overwrite":
                 clear_run(out)
             check_resume(out, cfg, bool(has_checkpoint(out)), resume)
         with GracefulStop() as stop:
             yield stop
+
+
+@contextlib.contextmanager
+def locked_output(out: Path):
+    """The output directory, checked, created and locked for the duration (main process of a launch)."""
+    lock = RunLock(out)
+    if is_main_process():
+        prepare_output_dir(out)
+        lock.acquire()
+    try:
+        yield out
     finally:
         lock.release()

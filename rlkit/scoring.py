@@ -1,20 +1,38 @@
 """Apply a recipe's rewards to samples: weights, per-reward metrics, failures that never crash a run.
 
 Each reward is called once per batch with the completions and every dataset column. A reward that
-raises is retried sample by sample; a sample that still raises, or for which the reward returns NaN
-(the built-in math check does on a timeout), scores 0 and is counted in ``reward/<name>/failures``.
-``None`` means "not applicable" (the weighted sum skips it; the metric averages the rest). A reward that
-fails on every sample of a batch is reported loudly, so a run never goes on silently scoring zeros.
+raises is retried sample by sample; a sample that still raises, or for which the reward returns something
+other than a finite number (the built-in math check returns NaN on a timeout), scores 0 and is counted in
+``reward/<name>/failures``. Any numeric type counts as a number: Python and numpy scalars, 0-d arrays and
+one-element tensors, bools, ``Decimal``; a whole batch may come back as a list, a numpy array or a 1-d
+tensor. ``None`` means "not applicable" (the weighted sum skips it; the metric averages the rest).
+
+Each call runs under the reward's ``timeout`` (seconds, per reward per batch: the batch call and any
+per-sample retries together), in a fresh daemon thread, so it works whichever thread calls ``score``.
+A call that runs longer is abandoned (its thread is left to finish or hang on its own) and every sample
+it had not scored yet fails with "timed out after T s": a reward that hangs costs at most ``timeout`` per
+batch. A thread cannot interrupt C code that holds the GIL (a runaway ``re`` match); such a reward should
+bound its own time. A reward marked ``fn.self_timed = True`` already does (the math check: SIGALRM on the
+main thread, a process pool off it) and is called on the calling thread, without the time limit.
+
+The first failure of each reward is printed once, with the sample and the error, and kept in
+``RewardSet.first_errors``; each batch's first failure per reward is in ``ScoredBatch.errors``. A reward
+that fails on every sample of a batch is reported loudly, so a run never goes on silently scoring zeros.
 A reward with ``routes`` applies only to samples whose ``route`` column is one of them (others: None).
-A reward function may carry a ``prepare(**params)`` attribute, called once when the set is built, so that
-bad parameters (a reward model path that does not exist) fail before training starts.
+
+A reward function may carry attributes: ``prepare(**params)``, called once when the set is built, so that
+bad parameters (a reward model path that does not exist) fail before training starts; ``requires``, the
+columns every applicable row must have, and ``check_row(row) -> str | None``, which says what is wrong
+with a row; ``RewardSet.check_rows`` runs both over a data set before training starts.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 
+from rlkit.data import DataError
 from rlkit.rewards import RewardError, get_reward
 from rlkit.tracking import console
 
@@ -24,6 +42,7 @@ class ScoredBatch:
     total: list[float]                          # weighted sum per sample
     per_reward: dict[str, list[float | None]]   # raw score per reward and sample (None: not applicable)
     failures: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)  # first failure per reward: "sample 3: ValueError: ..."
 
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {"reward": _mean(self.total)}
@@ -50,8 +69,57 @@ def score_groups(rewards: "RewardSet", rows: list[dict], prompts: list[str], gro
     return rewards.score([s.text for s in flat], cols)
 
 
+def as_score(v) -> float | None:
+    """A reward's value for one sample as a float (None stays None: not applicable); ValueError for
+    anything that is not one finite real number.
+
+    >>> import numpy as np, torch
+    >>> [as_score(v) for v in (1, True, np.float32(0.5), np.array(0.25), torch.tensor([2.0]), None)]
+    [1.0, 1.0, 0.5, 0.25, 2.0, None]
+    >>> as_score("1.0")
+    Traceback (most recent call last):
+    ValueError: returned '1.0' (str), expected a finite number or None
+    """
+    if v is None:
+        return None
+    x = v
+    if callable(getattr(x, "item", None)) and not isinstance(x, (str, bytes)):  # numpy scalar/array, torch tensor
+        size = x.numel() if callable(getattr(x, "numel", None)) else getattr(x, "size", 1)
+        if size != 1:
+            raise ValueError(f"returned an array of {size} values for one sample, expected a number or None")
+        x = x.item()
+    if isinstance(x, (str, bytes, complex)) or not hasattr(x, "__float__"):
+        raise ValueError(f"returned {_short(v)} ({type(v).__name__}), expected a finite number or None")
+    try:
+        f = float(x)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ValueError(f"returned {_short(v)} ({type(v).__name__}), which is not a float ({e})") from None
+    if not math.isfinite(f):
+        raise ValueError(f"returned {f}, expected a finite number or None")
+    return f
+
+
+def _as_list(raw, n: int) -> list:
+    if isinstance(raw, (str, bytes, dict)) or not hasattr(raw, "__iter__") or getattr(raw, "ndim", 1) != 1:
+        raise TypeError(f"returned {_short(raw)} ({type(raw).__name__}), expected a list of {n} scores")
+    return list(raw)
+
+
+def _short(x, limit: int = 60) -> str:
+    text = repr(x)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+_PENDING = object()  # no result yet: the call timed out before it reached this sample
+
+
 class RewardSet:
-    """The rewards a recipe lists: ``[{name, weight, params}]``, built and checked up front."""
+    """The rewards a recipe lists: ``[{name, weight, params, routes, timeout}]``, built and checked up front."""
 
     def __init__(self, specs: list, warn_all_failed: bool = True):
         if not specs:
@@ -67,65 +135,129 @@ class RewardSet:
             if prepare is not None:  # e.g. load a reward model now: a bad path fails before training starts
                 prepare(**dict(s.params))
         self.warn_all_failed = warn_all_failed
+        self.first_errors: dict[str, str] = {}  # reward -> its first failure, "sample 3: ValueError: ..."
 
     @property
     def names(self) -> list[str]:
         return list(self.fns)
 
+    def check_rows(self, rows: list[dict], spec: str) -> None:
+        """Raise a DataError naming the first row (1-based) that a reward cannot score: a column in the
+        reward's ``requires`` is missing, or its ``check_row`` finds the row bad (an unparseable gold answer).
+        ``spec`` names the data set in the message. Only rows of a reward's ``routes`` are checked for it."""
+        for s in self.specs:
+            key = s.alias or s.name
+            fn = self.fns[key]
+            requires, check = tuple(getattr(fn, "requires", ())), getattr(fn, "check_row", None)
+            if not requires and check is None:
+                continue
+            for i, row in enumerate(rows, 1):
+                if s.routes is not None and row.get("route") not in s.routes:
+                    continue
+                where = f" (route '{row['route']}')" if row.get("route") is not None else ""
+                missing = [c for c in requires if row.get(c) is None]
+                if missing:
+                    raise DataError(f"{spec}: row {i}{where} has no '{missing[0]}' column, which reward '{key}' needs")
+                problem = check(row) if check is not None else None
+                if problem:
+                    raise DataError(f"{spec}: row {i}{where}: {problem} (reward '{key}')")
+
     def score(self, completions: list[str], columns: dict[str, list]) -> ScoredBatch:
         n = len(completions)
         per: dict[str, list[float | None]] = {}
         failures: dict[str, int] = {}
+        errors: dict[str, str] = {}
         total = [0.0] * n
         routes = columns.get("route")
         for spec in self.specs:
             key = spec.alias or spec.name
-            if spec.routes is not None:
-                idx = [i for i in range(n) if routes is not None and routes[i] in spec.routes]
-                vals = [None] * n
-                failed = 0
-                if idx:
-                    sub_cols = {k: [v[i] for i in idx] for k, v in columns.items()}
-                    sub, failed = self._call(key, self.fns[key], [completions[i] for i in idx], sub_cols,
-                                             dict(spec.params))
-                    for i, v in zip(idx, sub):
-                        vals[i] = v
+            if spec.routes is None:
+                idx = list(range(n))
             else:
-                vals, failed = self._call(key, self.fns[key], completions, columns, dict(spec.params))
+                idx = [i for i in range(n) if routes is not None and routes[i] in spec.routes]
+            vals: list[float | None] = [None] * n
+            errs: list[str | None] = [None] * n
+            if idx:
+                sub_cols = {k: [v[i] for i in idx] for k, v in columns.items()}
+                sub_vals, sub_errs = self._call(key, self.fns[key], [completions[i] for i in idx], sub_cols,
+                                                dict(spec.params), spec.timeout)
+                for i, v, e in zip(idx, sub_vals, sub_errs):
+                    vals[i], errs[i] = v, e
             per[key] = vals
-            failures[key] = failed
+            failures[key] = failed = sum(e is not None for e in errs)
+            if failed:
+                first = next(i for i, e in enumerate(errs) if e is not None)
+                errors[key] = f"sample {first + 1}: {errs[first]}"
+                self._report_first(key, errors[key])
             if failed and failed == sum(v is not None for v in vals) and self.warn_all_failed:
-                console.print(f"[bold red]reward '{key}' failed on all {n} samples of this batch; they score 0[/]")
+                console.print(f"[bold red]reward '{key}' failed on all {n} samples of this batch; they score 0[/]",
+                              soft_wrap=True)
             for i, v in enumerate(vals):
                 if v is not None:
                     total[i] += spec.weight * v
-        return ScoredBatch(total, per, failures)
+        return ScoredBatch(total, per, failures, errors)
+
+    def _report_first(self, key: str, error: str) -> None:
+        if key in self.first_errors:
+            return
+        self.first_errors[key] = error
+        console.print(f"reward '{key}' failed on {error} (further failures are counted in reward/{key}/failures)",
+                      style="yellow", markup=False, highlight=False, soft_wrap=True)
 
     @staticmethod
-    def _call(key, fn, completions, columns, params) -> tuple[list[float | None], int]:
+    def _call(key, fn, completions, columns, params, timeout) -> tuple[list[float | None], list[str | None]]:
+        """Scores and, per sample, the failure (None: none). A reward that returns the wrong number of
+        scores breaks its contract: RewardError, raised here."""
         n = len(completions)
-        try:
-            raw = list(fn(completions, **columns, **params))
-            if len(raw) != n:
-                raise RewardError(f"reward '{key}' returned {len(raw)} scores for {n} completions")
-        except RewardError:
-            raise
-        except Exception:
-            raw = []
-            for i in range(n):
-                one = {k: [v[i]] for k, v in columns.items()}
+        results: list = [_PENDING] * n
+        errors: list[str | None] = [None] * n
+        raised: list[BaseException] = []
+
+        def settle(i, v):
+            try:
+                results[i] = as_score(v)
+            except ValueError as e:
+                errors[i], results[i] = str(e), 0.0
+
+        def work():
+            try:
                 try:
-                    raw.extend(fn([completions[i]], **one, **params))
+                    raw = _as_list(fn(completions, **columns, **params), n)
+                except RewardError:
+                    raise
                 except Exception:
-                    raw.append(math.nan)
-        out: list[float | None] = []
-        failed = 0
-        for v in raw:
-            if v is None:
-                out.append(None)
-            elif isinstance(v, (int, float)) and math.isfinite(v):
-                out.append(float(v))
-            else:
-                failed += 1
-                out.append(0.0)
-        return out, failed
+                    raw = None
+                if raw is not None:
+                    if len(raw) != n:
+                        raise RewardError(f"reward '{key}' returned {len(raw)} scores for {n} completions")
+                    for i, v in enumerate(raw):
+                        settle(i, v)
+                    return
+                for i in range(n):  # the batch raised: retry one by one, so one bad sample fails alone
+                    try:
+                        one = _as_list(fn([completions[i]], **{k: [v[i]] for k, v in columns.items()}, **params), 1)
+                        if len(one) != 1:
+                            raise RewardError(f"reward '{key}' returned {len(one)} scores for 1 completion")
+                        settle(i, one[0])
+                    except RewardError:
+                        raise
+                    except Exception as e:
+                        errors[i], results[i] = _describe(e), 0.0
+            except BaseException as e:  # noqa: BLE001 - handed to the calling thread
+                raised.append(e)
+
+        if getattr(fn, "self_timed", False):
+            work()
+        else:
+            worker = threading.Thread(target=work, name=f"reward {key}", daemon=True)
+            worker.start()
+            worker.join(timeout)
+            if worker.is_alive():  # abandoned: whatever it writes from now on is not read
+                results, errors = list(results), list(errors)
+                for i in range(n):
+                    if results[i] is _PENDING:
+                        errors[i], results[i] = f"timed out after {timeout:g} s", 0.0
+                return results, errors
+        if raised:
+            raise raised[0]
+        return results, errors

@@ -96,21 +96,6 @@ class PromptStream:
         return out
 
 
-def validate_gold_answers(rows: list[dict], spec: str) -> None:
-    """Every gold answer must be checkable by math-verify before training starts."""
-    import re
-
-    from rlkit.rewards.math_answer import parse_gold
-
-    plain = re.compile(r"^-?\d+(\.\d+)?$")
-    for i, r in enumerate(rows, 1):
-        a = r["answer"].strip()
-        if not a:
-            raise DataError(f"{spec}: row {i}: empty 'answer'")
-        if not plain.match(a) and not parse_gold(a):
-            raise DataError(f"{spec}: row {i}: gold answer {a!r} cannot be parsed by math-verify")
-
-
 def _loss_weight(mode: str, micro_mask: torch.Tensor, mini_mask: torch.Tensor) -> float:
     """Share of a mini-batch's normaliser that one micro-batch carries, so that accumulated micro-batch
     losses equal the mini-batch loss of the chosen aggregation."""
@@ -149,14 +134,13 @@ def _run_rl(cfg: RunConfig, stop: runs.GracefulStop) -> dict:
 
     # ---------------------------------------------------------------------------------- set-up
     rewards = RewardSet(cfg.rewards)
-    acc_specs = [r for r in cfg.rewards if r.name == "accuracy"]
-    answer_routes = (True if any(r.routes is None for r in acc_specs)
-                     else {x for r in acc_specs for x in r.routes} if acc_specs else False)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     context = context_length(cfg.model.path, cfg.model.trust_remote_code)
 
     def fits(spec: str, source_rows: list[dict]) -> list[dict]:
-        """Prompts that leave room for rl.max_new_tokens in the model's context."""
+        """Rows the rewards can score (gold answers checked), whose prompts leave room for
+        rl.max_new_tokens in the model's context."""
+        rewards.check_rows(source_rows, spec)
         if context is None:
             return source_rows
         texts = [render_prompt(r["prompt"], cfg.data.template, tokenizer) for r in source_rows]
@@ -165,9 +149,9 @@ def _run_rl(cfg: RunConfig, stop: runs.GracefulStop) -> dict:
                              f"which with rl.max_new_tokens {rl.max_new_tokens} exceeds the model's context of "
                              f"{context} tokens")
 
-    rows = rl_rows(cfg.data, answer_routes, check=fits)
-    if acc_specs:
-        validate_gold_answers([r for r in rows if r.get("answer") is not None], cfg.data.train)
+    rows = rl_rows(cfg.data, check=fits)
+    if rl.reward_check and main:
+        _reward_check(rewards, rows, cfg.data.template, tokenizer)
     max_steps = t.max_steps or max(1, math.ceil(t.epochs * len(rows) / rl.prompts_per_step))
     set_seed(t.seed)
     resume_from = ckpt.last_checkpoint(out)
@@ -538,6 +522,18 @@ def _route_metrics(routes: list, totals: list[float], per_reward: dict[str, list
             if vals:
                 out[f"route/{r}/{k}"] = sum(vals) / len(vals)
     return out
+
+
+def _reward_check(rewards: RewardSet, rows: list[dict], template: str, tokenizer) -> None:
+    """One line before training: does any known hack score as high as an honest answer? (rlkit rewards check)"""
+    from rlkit.reward_check import run_reward_check, summary_line
+
+    row = next((r for r in rows if r.get("answer") is not None), None)
+    if row is None:
+        return
+    report = run_reward_check(rewards, row, render_prompt(row["prompt"], template, tokenizer), template, tokenizer)
+    hint = "; see `rlkit rewards check`, or rl.reward_check=false to skip" if report.hacks else ""
+    console.print(f"[{'yellow' if report.hacks else 'green'}]{summary_line(report)}{hint}[/]")
 
 
 def _generate(engine, texts: list[str], params: SamplingParams, step: int):

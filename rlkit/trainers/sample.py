@@ -27,18 +27,24 @@ from rlkit.models import load_causal_lm, load_tokenizer
 from rlkit.rollout import SamplingParams, make_engine
 from rlkit.scoring import RewardSet, score_groups
 from rlkit.templates import completion_text, render_prompt
+from rlkit.runs import locked_output
 from rlkit.tracking import progress_bar
 
 
 def run_sample(cfg: RunConfig) -> dict:
+    with locked_output(Path(cfg.output_dir)):
+        return _run_sample(cfg)
+
+
+def _run_sample(cfg: RunConfig) -> dict:
     t0 = time.time()
     sc = cfg.sample
     out = Path(cfg.output_dir)
     rewards = RewardSet(cfg.rewards)
-    acc_specs = [r for r in cfg.rewards if r.name == "accuracy"]
-    rows = rl_rows(cfg.data, True if acc_specs else False)
+    rows = rl_rows(cfg.data)
     if sc.max_prompts:
         rows = rows[: sc.max_prompts]
+    rewards.check_rows(rows, cfg.data.train)  # e.g. every gold answer is one the math check can verify
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
