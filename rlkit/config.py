@@ -112,8 +112,9 @@ class SampleConfig(_Section):
 
 class EvalConfig(_Section):
     task: str | None = Field(
-        None, description="Built-in task to evaluate on. Default: with data.eval set, that; else the task's test split "
-        "when training on the embedded world; else no evaluation (a user's data set is never scored on a built-in task).")
+        "auto", description="Built-in task to evaluate on, or null for no evaluation. 'auto': data.eval when set, "
+        "else the task's test split when training on the embedded world, else none (a user's data set is never "
+        "scored on a built-in task).")
     split: Literal["train", "test"] = Field("test", description="Split of the built-in task.")
     template: Literal["r1_zero", "chat", "plain"] | None = Field(
         None, description="Prompt template for eval; default: the data template."

@@ -33,11 +33,14 @@ class EvalReport:
 
 
 def eval_spec(cfg: RunConfig) -> str | None:
-    """Where a training run evaluates: ``data.eval``; else ``eval.task``; else, when it trains on the
-    embedded world, that world's task; else nowhere (a user's data set is never scored on a built-in task)."""
+    """Where a training run evaluates: nowhere with ``eval.task: null``; else ``data.eval``; else a named
+    ``eval.task``; else (``auto``), when it trains on the embedded world, that world's task; else nowhere
+    (a user's data set is never scored on a built-in task)."""
+    if cfg.eval.task is None:
+        return None
     if cfg.data.eval:
         return cfg.data.eval
-    if cfg.eval.task:
+    if cfg.eval.task != "auto":
         return f"embedded:{cfg.eval.task}:{cfg.eval.split}"
     if is_embedded(cfg.data.train):
         name = cfg.data.train.split(":")[1]
@@ -46,7 +49,8 @@ def eval_spec(cfg: RunConfig) -> str | None:
 
 
 def eval_rows(cfg: EvalConfig, data: str | None) -> tuple[str, list[dict]]:
-    spec = data or f"embedded:{cfg.task or TASKS[0]}:{cfg.split}"
+    task = TASKS[0] if cfg.task in (None, "auto") else cfg.task
+    spec = data or f"embedded:{task}:{cfg.split}"
     rows = prompt_rows(spec, split=cfg.split)
     return spec, rows[: cfg.limit] if cfg.limit else rows
 

@@ -228,7 +228,7 @@ def _run_rl(cfg: RunConfig, stop: runs.GracefulStop) -> dict:
     eval_template = eval_cfg.template or cfg.data.template
     spec = eval_spec(cfg)
     eval_data = eval_rows(eval_cfg, spec)[1] if spec else None
-    if eval_data is None and main and "before" not in history:
+    if eval_data is None and main and "before" not in history and eval_cfg.task == "auto":
         console.print("[yellow]no evaluation: set data.eval to a held-out split of your data to get before/after "
                       "pass@1[/]")
 
