@@ -332,3 +332,41 @@ def test_eval_accepts_dataset_like_every_command(cli, tmp_path):
     data.write_text(json.dumps({"prompt": "What is 1 + 1?", "answer": "2"}) + "\n")
     r = cli("eval", "--dataset", data, "--max-new-tokens", 8)
     assert r.exit_code == 0 and "q.jsonl" in r.output, r.output
+
+
+# --------------------------------------------------------------- 4, 9, 16: rewards a user plugs in
+
+
+def test_hung_plugin_reward_scores_zero_and_the_run_goes_on(tmp_path, cli, monkeypatch):
+    """4. A plug-in reward that never returns on some samples: each call is abandoned after its timeout,
+    the run finishes, and the failures are counted and explained."""
+    (tmp_path / "my_rewards.py").write_text(
+        "import threading\n"
+        "def stuck(completions, **_):\n"
+        "    if any('7' in c for c in completions):\n"
+        "        threading.Event().wait()  # never returns\n"
+        "    return [1.0] * len(completions)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    t0 = time.time()
+    r = cli("grpo", "--output-dir", out, "--max-steps", 2, *GRPO_SMALL,
+            "--set", "rewards=[{name: accuracy}, {name: 'my_rewards:stuck', timeout: 0.5}]")
+    assert r.exit_code == 0, r.output
+    assert time.time() - t0 < 120
+    rows = [row for row in _metrics(out) if "reward" in row]
+    assert sum(row["reward/my_rewards:stuck/failures"] for row in rows) > 0
+    assert "timed out after 0.5 s" in r.output
+
+
+def test_reward_plugins_that_cannot_be_used(tmp_path, cli, monkeypatch):
+    """16 and 9: a reward module with a syntax error; accuracy by dotted path still checks gold answers."""
+    (tmp_path / "broken_rewards.py").write_text("def score(completions, **_):\n    return [1.0 for c in completions\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert_clean_error(cli("grpo", "--set", "rewards=[{name: 'broken_rewards:score'}]", "--output-dir", tmp_path / "a"),
+                       "broken_rewards.py:2", "syntax error")
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text(json.dumps({"prompt": "What is 3 + 4?", "answer": "7"}) + "\n"
+                    + json.dumps({"prompt": "What is 3 + 4?", "answer": "[7]"}) + "\n")
+    assert_clean_error(cli("grpo", "--dataset", gold, "--output-dir", tmp_path / "b",
+                           "--set", "rewards=[{name: 'rlkit.rewards.math_answer:accuracy'}]"),
+                       "gold.jsonl: row 2", "'[7]'")

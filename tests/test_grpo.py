@@ -40,6 +40,7 @@ def test_grpo_learns_on_the_embedded_world(cli, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)
     assert (out / "training.png").stat().st_size > 0 and "grpo" in (out / "README.md").read_text()
     assert "before" in r.output and "after" in r.output
+    assert "reward check: honest 1.20" in r.output  # the reward check ran first (rlkit rewards check)
 
 
 def _rlkit(*args):
