@@ -30,7 +30,7 @@ def load(recipe: str | Path | RunConfig, kind: str, *, model: str | None = None,
         from rlkit.config import parse_set
         from rlkit.recipe import _nest
 
-        return build_config([("config", recipe.model_dump()), ("overrides", parse_set(sets)), ("arguments", _nest(flags))])
+        return build_config([("config", recipe.model_dump(exclude_unset=True)), ("overrides", parse_set(sets)), ("arguments", _nest(flags))])
     return load_config(str(recipe), default_recipe=str(recipe), sets=sets, flags=flags, kind=kind)
 
 

@@ -239,14 +239,23 @@ USED_KEYS: dict[str, tuple[str, ...]] = {
 _VALUE_KEYS = ("rl.value_model", "rl.value_learning_rate", "rl.value_clip", "rl.whiten_advantages", "rl.lam")
 
 
+def _given(model: BaseModel, name: str) -> bool:
+    """Whether a key was given a value other than its default (a full dump, as `rlkit recipes show`
+    prints, gives every key its default: those do nothing and are fine)."""
+    if name not in model.model_fields_set:
+        return False
+    field = type(model).model_fields[name]
+    return getattr(model, name) != field.get_default(call_default_factory=True)
+
+
 def _set_paths(model: BaseModel, prefix: str = "") -> list[str]:
-    """Dotted paths of the leaf keys that were given explicitly (not left at their defaults)."""
+    """Dotted paths of the leaf keys that were given a value other than their default."""
     out = []
     for name in sorted(model.model_fields_set):
         value = getattr(model, name)
         if isinstance(value, BaseModel):
-            out.extend(_set_paths(value, f"{prefix}{name}.") or [f"{prefix}{name}"])
-        else:
+            out.extend(_set_paths(value, f"{prefix}{name}."))
+        elif _given(model, name):
             out.append(prefix + name)
     return out
 
@@ -302,7 +311,7 @@ def _check_rl(cfg: RunConfig) -> None:
                          if cfg.kind == "ppo" else "rewards: grpo needs at least one reward")
     if rl.ptx_coef > 0 and not rl.ptx_data:
         raise ValueError("rl.ptx_data: rl.ptx_coef > 0 needs demonstration data for the ptx loss")
-    if rl.ptx_coef == 0 and "ptx_data" in rl.model_fields_set:
+    if rl.ptx_coef == 0 and _given(rl, "ptx_data"):
         raise ValueError("rl.ptx_data: only used with rl.ptx_coef > 0")
     if rl.kl_controller == "adaptive" and rl.kl_target is None:
         raise ValueError("rl.kl_target: the adaptive KL controller needs a target")
@@ -310,7 +319,7 @@ def _check_rl(cfg: RunConfig) -> None:
         raise ValueError("rl.beta: the adaptive KL controller needs an initial beta > 0")
     if rl.kl_controller == "fixed":
         for key in ("kl_target", "kl_horizon"):
-            if key in rl.model_fields_set:
+            if _given(rl, key):
                 raise ValueError(f"rl.{key}: only used by the adaptive KL controller (rl.kl_controller: adaptive)")
     if rl.epsilon_high is not None and rl.epsilon_high < rl.epsilon:
         raise ValueError("rl.epsilon_high: must be >= rl.epsilon (clip-higher)")
@@ -319,9 +328,9 @@ def _check_rl(cfg: RunConfig) -> None:
             raise ValueError("rl.policy_loss: reinforce is only correct with one update per rollout batch "
                              "(rl.num_iterations 1 and no rl.mini_batch_size); use ppo_clip")
         for key in ("epsilon", "epsilon_high", "dual_clip"):
-            if key in rl.model_fields_set:
+            if _given(rl, key):
                 raise ValueError(f"rl.{key}: only used by policy_loss ppo_clip")
-    if not rl.dynamic_sampling and "max_resample_rounds" in rl.model_fields_set:
+    if not rl.dynamic_sampling and _given(rl, "max_resample_rounds"):
         raise ValueError("rl.max_resample_rounds: only used with rl.dynamic_sampling")
 
 
@@ -495,4 +504,5 @@ def _has_path(d: dict, loc: tuple) -> bool:
 
 
 def to_yaml(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The config as YAML, every key its command reads with its value; it loads back as a recipe."""
+    return yaml.safe_dump(applicable(cfg.model_dump(mode="json"), cfg.kind), sort_keys=False)

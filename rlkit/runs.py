@@ -179,10 +179,21 @@ def guarded_run(cfg: RunConfig, resume: str, has_checkpoint):
 def locked_output(out: Path):
     """The output directory, checked, created and locked for the duration (main process of a launch)."""
     lock = RunLock(out)
+    created = not out.exists()
     if is_main_process():
         prepare_output_dir(out)
         lock.acquire()
     try:
         yield out
+    except BaseException:
+        lock.release()
+        if created and is_main_process():  # failed before writing anything: leave no empty directory
+            _remove_if_bare(out)
+        raise
     finally:
         lock.release()
+
+
+def _remove_if_bare(out: Path) -> None:
+    if {p.name for p in out.iterdir()} <= {LOCK_FILE, RUN_FILE}:
+        shutil.rmtree(out, ignore_errors=True)

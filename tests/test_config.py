@@ -93,3 +93,26 @@ def test_version_and_help(cli):
     assert r.exit_code == 0 and r.output.startswith("rlkit ")
     r = cli()
     assert "sft" in r.output and "eval" in r.output
+
+
+def test_python_api_takes_a_config_object():
+    """A loaded config passes through rlkit.api.load again (only its explicitly set keys count as set)."""
+    from rlkit.api import load
+
+    cfg = load_config("r1_zero", default_recipe="r1_zero")
+    again = load(cfg, "grpo", max_steps=3, overrides={"rl.beta": 0.0})
+    assert again.train.max_steps == 3 and again.rl.beta == 0.0 and again.rewards == cfg.rewards
+
+
+@pytest.mark.parametrize("name", ["sft", "rm", "r1_zero", "ppo", "sample"])
+def test_shown_recipe_loads_back(cli, tmp_path, name):
+    """`rlkit recipes show NAME`, saved and edited by a user, is a valid recipe that means the same."""
+    r = cli("recipes", "show", name)
+    assert r.exit_code == 0, r.output
+    saved = tmp_path / "mine.yaml"
+    saved.write_text(r.output)
+    original = load_config(name, default_recipe=name)
+    again = load_config(str(saved), default_recipe=name)
+    assert again.model_dump() == original.model_dump()
+    if name == "r1_zero":
+        assert "sft" not in yaml.safe_load(r.output) and "batch_size" not in yaml.safe_load(r.output)["train"]

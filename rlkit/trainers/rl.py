@@ -111,11 +111,12 @@ KL_CLAMP = 20.0  # bound on |log pi - log pi_ref| before a KL estimator (verl's 
 
 def run_rl(cfg: RunConfig, resume: str = "auto") -> dict:
     """Train (or resume) the run ``cfg`` describes; ``resume``: auto | anyway | overwrite (see rlkit.runs)."""
+    rewards = RewardSet(cfg.rewards)  # a reward that does not resolve is reported before anything else
     with runs.guarded_run(cfg, resume, ckpt.last_checkpoint) as stop:
-        return _run_rl(cfg, stop)
+        return _run_rl(cfg, stop, rewards)
 
 
-def _run_rl(cfg: RunConfig, stop: runs.GracefulStop) -> dict:
+def _run_rl(cfg: RunConfig, stop: runs.GracefulStop, rewards: RewardSet) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
@@ -133,7 +134,6 @@ def _run_rl(cfg: RunConfig, stop: runs.GracefulStop) -> dict:
     B = per_proc * rl.num_generations
 
     # ---------------------------------------------------------------------------------- set-up
-    rewards = RewardSet(cfg.rewards)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     context = context_length(cfg.model.path, cfg.model.trust_remote_code)
 
