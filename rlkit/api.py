@@ -40,36 +40,39 @@ def _yaml(v: Any) -> str:
     return v if isinstance(v, str) else json.dumps(v)
 
 
-def sft(recipe: str | Path | RunConfig = "sft", resume: str = "auto", **kwargs) -> dict:
-    """Supervised fine-tuning; returns the headline metrics. Keyword arguments as in :func:`load`;
-    ``resume``: auto (resume an unchanged run), anyway (resume although the config changed) or overwrite."""
-    from rlkit.trainers.sft import run_sft
+_RUNNERS = {"sft": "rlkit.trainers.sft:run_sft", "rm": "rlkit.trainers.rm:run_rm",
+            "grpo": "rlkit.trainers.rl:run_rl", "ppo": "rlkit.trainers.rl:run_rl"}
 
-    return run_sft(load(recipe, "sft", **kwargs), resume=resume)
+
+def _train(kind: str, recipe, resume: str, kwargs: dict) -> dict:
+    """Load the config and run it; ``resume``: auto (resume an unchanged run), anyway (resume although
+    the config changed) or overwrite (start over)."""
+    import importlib
+
+    module, fn = _RUNNERS[kind].split(":")
+    return getattr(importlib.import_module(module), fn)(load(recipe, kind, **kwargs), resume=resume)
+
+
+def sft(recipe: str | Path | RunConfig = "sft", resume: str = "auto", **kwargs) -> dict:
+    """Supervised fine-tuning; returns the headline metrics. Arguments as in :func:`load` and :func:`_train`."""
+    return _train("sft", recipe, resume, kwargs)
 
 
 def grpo(recipe: str | Path | RunConfig = "r1_zero", resume: str = "auto", **kwargs) -> dict:
-    """GRPO; returns before/after eval metrics, steps and seconds. Keyword arguments as in :func:`load`;
-    ``resume``: auto (resume an unchanged run), anyway (resume although the config changed) or overwrite."""
-    from rlkit.trainers.rl import run_rl
-
-    return run_rl(load(recipe, "grpo", **kwargs), resume=resume)
+    """GRPO; returns before/after eval metrics, steps and seconds. Arguments as in :func:`load` and :func:`_train`."""
+    return _train("grpo", recipe, resume, kwargs)
 
 
 def rm(recipe: str | Path | RunConfig = "rm", resume: str = "auto", **kwargs) -> dict:
-    """Reward model training; returns held-out pair accuracy and margin. Keyword arguments as in :func:`load`;
-    ``resume``: auto (resume an unchanged run), anyway (resume although the config changed) or overwrite."""
-    from rlkit.trainers.rm import run_rm
-
-    return run_rm(load(recipe, "rm", **kwargs), resume=resume)
+    """Reward model training; returns held-out pair accuracy and margin. Arguments as in :func:`load` and
+    :func:`_train`."""
+    return _train("rm", recipe, resume, kwargs)
 
 
 def ppo(recipe: str | Path | RunConfig = "ppo", resume: str = "auto", **kwargs) -> dict:
-    """PPO against a reward model; returns before/after eval metrics. Keyword arguments as in :func:`load`;
-    ``resume``: auto (resume an unchanged run), anyway (resume although the config changed) or overwrite."""
-    from rlkit.trainers.rl import run_rl
-
-    return run_rl(load(recipe, "ppo", **kwargs), resume=resume)
+    """PPO against a reward model; returns before/after eval metrics. Arguments as in :func:`load` and
+    :func:`_train`."""
+    return _train("ppo", recipe, resume, kwargs)
 
 
 def sample(recipe: str | Path | RunConfig = "sample", **kwargs) -> dict:

@@ -24,7 +24,7 @@ import torch
 
 from rlkit.errors import RlkitError
 
-_NAME = re.compile(r"^checkpoint-(\d+)$")
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # rlkit's and the Trainer's
 
 
 class CheckpointError(RlkitError):
@@ -60,9 +60,9 @@ def load_rng_state(directory: Path, rank: int) -> bool:
         kind, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
         tensors = load_file(str(st))
+        torch.set_rng_state(tensors["torch"])
     except Exception as e:  # a torn or edited file: name it rather than guess
         raise CheckpointError(f"{js.parent}: unreadable RNG state ({type(e).__name__}: {e})") from None
-    torch.set_rng_state(tensors["torch"])
     cuda = [tensors[f"cuda_{i}"] for i in range(len(tensors) - 1)]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
@@ -91,7 +91,7 @@ def last_checkpoint(output_dir: str | Path) -> Path | None:
         return None
     found = []
     for p in out.iterdir():
-        m = _NAME.match(p.name)
+        m = CHECKPOINT_NAME.match(p.name)
         if m and (p / "rlkit_state" / "state.json").is_file():
             found.append((int(m.group(1)), p))
     return max(found)[1] if found else None
@@ -133,7 +133,7 @@ def commit(output_dir: str | Path, step: int, keep: int) -> Path:
     if final.exists():
         shutil.rmtree(final)
     tmp_dir(output_dir, step).rename(final)
-    done = sorted((int(_NAME.match(p.name).group(1)), p) for p in Path(output_dir).iterdir() if _NAME.match(p.name))
+    done = sorted((int(m.group(1)), p) for p in Path(output_dir).iterdir() if (m := CHECKPOINT_NAME.match(p.name)))
     for _, p in done[:-keep]:
         shutil.rmtree(p, ignore_errors=True)
     return final

@@ -235,8 +235,11 @@ USED_KEYS: dict[str, tuple[str, ...]] = {
     "sample": ("kind", "name", "description", "output_dir", "model.path", "model.dtype", "model.trust_remote_code",
                "data", "train.seed", "sample", "rl.engine", "rewards"),
 }
-# rl keys that only the value model (GAE, rlkit ppo) reads
-_VALUE_KEYS = ("rl.value_model", "rl.value_learning_rate", "rl.value_clip", "rl.whiten_advantages", "rl.lam")
+# ... except these keys under a prefix the command reads, and why
+UNUSED_KEYS: dict[str, tuple[tuple[str, ...], str]] = {
+    "grpo": (("rl.value_model", "rl.value_learning_rate", "rl.value_clip", "rl.whiten_advantages", "rl.lam"),
+             "only used with a value model (rl.advantage gae, rlkit ppo)"),
+}
 
 
 def _given(model: BaseModel, name: str) -> bool:
@@ -264,34 +267,34 @@ def _covered(path: str, prefixes: tuple[str, ...]) -> bool:
     return any(path == p or path.startswith(p + ".") for p in prefixes)
 
 
+def _reads(kind: str, path: str) -> bool:
+    return _covered(path, USED_KEYS[kind]) and not _covered(path, UNUSED_KEYS.get(kind, ((), ""))[0])
+
+
 def _check_used_keys(cfg: RunConfig) -> None:
-    used = USED_KEYS[cfg.kind]
     for path in _set_paths(cfg):
-        if not _covered(path, used):
-            users = [k for k, keys in USED_KEYS.items() if _covered(path, keys)]
-            raise ValueError(f"{path}: rlkit {cfg.kind} does not use this key (it is read by "
-                             f"{', '.join('rlkit ' + u for u in users) or 'no command'}); remove it")
-    if cfg.kind == "grpo":
-        for path in _set_paths(cfg.rl, "rl."):
-            if path in _VALUE_KEYS:
-                raise ValueError(f"{path}: only used with a value model (rl.advantage gae, rlkit ppo); remove it")
+        if not _reads(cfg.kind, path):
+            users = ", ".join(f"rlkit {k}" for k in USED_KEYS if _reads(k, path)) or "no command"
+            keys, why = UNUSED_KEYS.get(cfg.kind, ((), ""))
+            why = why if _covered(path, keys) else f"rlkit {cfg.kind} does not use this key (it is read by {users})"
+            raise ValueError(f"{path}: {why}; remove it")
 
 
 def applicable(layer: dict, kind: str) -> dict:
     """The part of a config layer that ``kind`` reads: a pipeline's defaults apply to each stage only
     where they mean something for that stage's command."""
-    used = USED_KEYS[kind]
+    listed = USED_KEYS[kind] + UNUSED_KEYS.get(kind, ((), ""))[0]
 
     def walk(d: dict, prefix: str) -> dict:
         out = {}
         for k, v in d.items():
             path = prefix + str(k)
-            if _covered(path, used):
-                out[k] = v
-            elif isinstance(v, dict) and any(u.startswith(path + ".") for u in used):
-                sub = walk(v, path + ".")
+            if isinstance(v, dict) and v and any(u.startswith(path + ".") for u in listed):
+                sub = walk(v, path + ".")  # the command reads part of this section
                 if sub:
                     out[k] = sub
+            elif _reads(kind, path):
+                out[k] = v
         return out
 
     return walk(layer, "")
@@ -488,8 +491,10 @@ def build_config(layers: list[tuple[str, dict]]) -> RunConfig:
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         source = layers[-1][0] if layers else "config"
+        # a whole-config check names its key first ("rl.kl_target: ..."): blame the layer that set it
+        where = err["loc"] or tuple(msg.split(":", 1)[0].split("."))
         for s, layer in reversed(layers):
-            if _has_path(layer, err["loc"]):
+            if _has_path(layer, where):
                 source = s
                 break
         raise ConfigError(f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}") from None

@@ -108,18 +108,16 @@ def check_resume(out: Path, cfg: RunConfig, resuming: bool, mode: str) -> None:
         except (OSError, ValueError, KeyError):
             old = None
         diffs = result_differences(old, new) if old is not None else []
-        if diffs and mode == "auto":
-            shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:4])
-            more = f" (and {len(diffs) - 4} more)" if len(diffs) > 4 else ""
-            raise OutputError(
-                f"{out}: the run there was started with a different config ({shown}{more}); run the original "
-                "command to resume it, add --resume-anyway to resume with the new settings, or --overwrite to "
-                "start over")
-        if diffs:
-            print("resuming with a changed config (--resume-anyway): "
-                  + "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs), flush=True)
         if not diffs:
             return
+        shown = [f"{k}: {a!r} -> {b!r}" for k, a, b in diffs]
+        if mode == "auto":
+            more = f" (and {len(diffs) - 4} more)" if len(diffs) > 4 else ""
+            raise OutputError(
+                f"{out}: the run there was started with a different config ({'; '.join(shown[:4])}{more}); run "
+                "the original command to resume it, add --resume-anyway to resume with the new settings, or "
+                "--overwrite to start over")
+        print(f"resuming with a changed config (--resume-anyway): {'; '.join(shown)}", flush=True)
     tmp = record.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"config": new}, indent=2) + "\n")
     tmp.replace(record)
@@ -183,15 +181,14 @@ def locked_output(out: Path):
     if is_main_process():
         prepare_output_dir(out)
         lock.acquire()
+    failed = True
     try:
         yield out
-    except BaseException:
-        lock.release()
-        if created and is_main_process():  # failed before writing anything: leave no empty directory
-            _remove_if_bare(out)
-        raise
+        failed = False
     finally:
         lock.release()
+        if failed and created and is_main_process():  # failed before writing anything: leave no empty dir
+            _remove_if_bare(out)
 
 
 def _remove_if_bare(out: Path) -> None:

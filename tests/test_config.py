@@ -116,3 +116,15 @@ def test_shown_recipe_loads_back(cli, tmp_path, name):
     assert again.model_dump() == original.model_dump()
     if name == "r1_zero":
         assert "sft" not in yaml.safe_load(r.output) and "batch_size" not in yaml.safe_load(r.output)["train"]
+
+
+def test_pipeline_defaults_reach_only_the_keys_a_command_reads():
+    from rlkit.config import applicable
+
+    layer = {"rl": {"beta": 0.1, "value_clip": 0.1}, "train": {"batch_size": 4, "learning_rate": 1e-3},
+             "sample": {"thresholds": {}}}
+    assert applicable(layer, "grpo") == {"rl": {"beta": 0.1}, "train": {"learning_rate": 1e-3}}
+    assert applicable(layer, "ppo") == {"rl": {"beta": 0.1, "value_clip": 0.1}, "train": {"learning_rate": 1e-3}}
+    assert applicable(layer, "sample") == {"sample": {"thresholds": {}}}
+    with pytest.raises(ConfigError, match=r"^--set: rl.value_clip: only used with a value model"):
+        load_config("r1_zero", default_recipe="r1_zero", sets=["rl.value_clip=0.1"])

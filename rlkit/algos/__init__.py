@@ -54,7 +54,7 @@ from rlkit.algos.policy_loss import (
     truncated_is_weights,
     value_loss,
 )
-from rlkit.algos.utils import Registry, last_token_onehot, masked_mean, masked_sum, masked_var, masked_whiten
+from rlkit.algos.utils import Registry, all_finite, last_token_onehot, masked_mean, masked_sum, masked_var, masked_whiten
 
 __all__ = [
     "ADVANTAGES",
@@ -84,6 +84,7 @@ __all__ = [
     "last_token_onehot",
     "make_kl_controller",
     "masked_mean",
+    "all_finite",
     "masked_sum",
     "masked_var",
     "masked_whiten",

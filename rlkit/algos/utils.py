@@ -155,6 +155,16 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     return torch.where(m != 0, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
+def all_finite(tensors) -> bool:
+    """Whether every element of every tensor is finite, with one host sync (True for none).
+
+    >>> all_finite([torch.ones(2), torch.tensor([1.0, float("inf")])])
+    False
+    """
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
 def last_token_onehot(mask: Tensor) -> Tensor:
     """One-hot of the last valid token of each row (all zeros for a row with no valid token).
 

@@ -15,26 +15,22 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
-import torch
 
-from rlkit.checkpoint import apply_learning_rate
+from rlkit.algos import all_finite
+from rlkit.checkpoint import CHECKPOINT_NAME, apply_learning_rate
 from rlkit.errors import Diverged
 from rlkit.runs import GracefulStop, is_main_process
 from rlkit.tracking import MetricsLogger, truncate_metrics
-
-_NAME = re.compile(r"^checkpoint-(\d+)$")
-
 
 def last_trainer_checkpoint(out: Path) -> Path | None:
     """The newest complete Trainer checkpoint in ``out``; incomplete newer ones are removed (main process)."""
     out = Path(out)
     if not out.is_dir():
         return None
-    found = sorted((int(m.group(1)), p) for p in out.iterdir() if (m := _NAME.match(p.name)) and p.is_dir())
+    found = sorted((int(m.group(1)), p) for p in out.iterdir() if (m := CHECKPOINT_NAME.match(p.name)) and p.is_dir())
     for _, p in reversed(found):
         try:
             json.loads((p / "trainer_state.json").read_text())
@@ -89,8 +85,7 @@ def guard_callback(stop: GracefulStop):
                 apply_learning_rate(optimizer, lr_scheduler, args.learning_rate)  # --resume-anyway, new rate
 
         def on_step_end(self, args, state, control, model=None, **kw):
-            params = [p for p in model.parameters() if p.requires_grad] if model is not None else []
-            if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            if model is not None and not all_finite(p for p in model.parameters() if p.requires_grad):
                 self.diverged_at = state.global_step
                 control.should_save = False
                 control.should_training_stop = True
@@ -109,7 +104,7 @@ def train(trainer, out: Path, stop: GracefulStop, logger: MetricsLogger):
     if last is not None:
         print(f"resuming from {last}", flush=True)
         if is_main_process():
-            truncate_metrics(logger.path, int(_NAME.match(last.name).group(1)))
+            truncate_metrics(logger.path, int(CHECKPOINT_NAME.match(last.name).group(1)))
     elif is_main_process():
         logger.path.unlink(missing_ok=True)
     result = trainer.train(resume_from_checkpoint=str(last) if last is not None else None)

@@ -37,6 +37,7 @@ from rlkit import runs
 from rlkit.algos import (
     AdvantageConfig,
     aggregate,
+    all_finite,
     PolicyLossConfig,
     compute_advantages,
     compute_kl,
@@ -554,8 +555,7 @@ _LAST_GOOD = ("the last good checkpoint is kept; lower train.learning_rate (or r
 def _check_finite(stats: dict, policy, step: int) -> None:
     """Stop on a non-finite loss, gradient norm or weight, before anything of this step is saved."""
     bad = [k for k in ("loss/policy", "loss/value", "grad_norm") if k in stats and not math.isfinite(stats[k])]
-    params = [p for p in policy.parameters() if p.requires_grad]
-    if not bad and params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+    if not bad and not all_finite(p for p in policy.parameters() if p.requires_grad):
         bad = ["weights"]
     if bad:
         shown = ", ".join(f"{k}={stats[k]}" if k in stats else k for k in bad)
