@@ -84,12 +84,13 @@ def sample(recipe: str | Path | RunConfig = "sample", **kwargs) -> dict:
 
 def evaluate(model: str = "embedded", *, task: str = "arithmetic", data: str | None = None,
              template: str = "r1_zero", num_samples: int = 1, limit: int | None = None,
-             max_new_tokens: int = 64) -> dict:
-    """Evaluate a model directory (or 'embedded'); returns the report that ``rlkit eval --output`` writes."""
-    from rlkit.config import EvalConfig
+             max_new_tokens: int = 64, engine: str = "hf") -> dict:
+    """Evaluate a model directory (or 'embedded') with the ``engine`` (hf or vllm); returns the report that
+    ``rlkit eval --output`` writes."""
+    from rlkit.config import EvalConfig, RolloutConfig
     from rlkit.evaluation import run_eval
     from rlkit.tracking import quiet_libraries
 
     quiet_libraries()
     cfg = EvalConfig(task=task, num_samples=num_samples, limit=limit, max_new_tokens=max_new_tokens)
-    return run_eval(model, cfg, template, data=data)
+    return run_eval(model, cfg, template, data=data, rollout=RolloutConfig(engine=engine))

@@ -68,6 +68,7 @@ def _sync() -> None:
 
 
 def bench_rollout(model_path: str, engines: list[str], batch_sizes: list[int], prompt_len: int, gen_len: int) -> list[dict]:
+    from rlkit.config import RolloutConfig
     from rlkit.models import load_causal_lm, load_tokenizer
     from rlkit.rollout import SamplingParams, make_engine
 
@@ -79,8 +80,8 @@ def bench_rollout(model_path: str, engines: list[str], batch_sizes: list[int], p
     for name in engines:
         kind, _, cache = name.partition("_")
         for bs in batch_sizes:
-            engine = make_engine(kind, model, tok, batch_size=bs, cache=cache or "dynamic")
-            prompts = _prompts(bs, prompt_len, tok)
+            engine = make_engine(RolloutConfig(engine=kind, hf_cache=cache or "dynamic"), tok, model=model, max_batch=bs)
+            prompts = tok(_prompts(bs, prompt_len, tok), add_special_tokens=False)["input_ids"]
             params = SamplingParams(n=1, max_new_tokens=gen_len, temperature=1.0, ignore_eos=True)
             engine.generate(prompts, params)  # warm-up (and compile)
             _sync()
@@ -107,7 +108,8 @@ def bench_rlkit_step(model_path: str, prompts: int, generations: int, gen_len: i
         "model": {"path": model_path}, "data": {"train": "embedded:arithmetic", "template": "r1_zero"},
         "train": {"max_steps": steps, "save_steps": 10_000, "learning_rate": 1e-6},
         "rl": {"prompts_per_step": prompts, "num_generations": generations, "max_new_tokens": gen_len, "beta": 0.04,
-               "log_completions": 0, "eval_steps": 10_000, "hf_cache": engine_cache, "micro_batch_size": 32},
+               "log_completions": 0, "eval_steps": 10_000, "micro_batch_size": 32},
+        "rollout": {"hf_cache": engine_cache},
         "eval": {"task": None}, "rewards": [{"name": "think_format"}]})])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

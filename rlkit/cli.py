@@ -210,6 +210,7 @@ def eval_(
     temperature: Annotated[Optional[float], typer.Option("--temperature", help="Sampling temperature for the K samples.")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Generation budget per completion.", min=1)] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate only the first N prompts.", min=1)] = None,
+    engine: Annotated[Optional[str], typer.Option("--engine", help="Rollout engine: hf or vllm (rollout.engine; more with --set rollout.KEY=VALUE).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", help="Write the report as JSON to this file.")] = None,
     set_: SetOpt = None,
 ) -> None:
@@ -225,13 +226,15 @@ def eval_(
         layers.append((str(path), load_yaml(path)))
     layers.append(("--set", parse_set(set_)))
     flags: dict = {"model": {"path": model or model_arg}, "eval": {"task": task, "template": template, "num_samples": num_samples,
-                   "temperature": temperature, "max_new_tokens": max_new_tokens, "limit": limit}}
+                   "temperature": temperature, "max_new_tokens": max_new_tokens, "limit": limit},
+                   "rollout": {"engine": engine}}
     layers.append(("command-line flags", _drop_none(flags)))
     cfg = build_config(layers)
     tmpl = cfg.eval.template or cfg.data.template
     report = run_eval(cfg.model.path, cfg.eval, tmpl, data=data, dtype=cfg.model.dtype,
-                      progress_factory=lambda total: progress_bar("evaluating", total))
-    _print_metrics(f"eval {report['model']} on {report['data']} ({tmpl} template)", report["metrics"])
+                      progress_factory=lambda total: progress_bar("evaluating", total), rollout=cfg.rollout)
+    _print_metrics(f"eval {report['model']} on {report['data']} ({tmpl} template, {report['engine']} engine)",
+                   report["metrics"])
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(report, indent=2) + "\n")
@@ -278,6 +281,28 @@ def bench(
     c.print(t)
     if output:
         typer.echo(f"wrote {output}")
+
+
+@app.command("vllm-serve")
+@friendly_errors
+def vllm_serve(
+    model: Annotated[str, typer.Option("--model", "-m", help="'embedded', 'smollm2' or a model directory (a training run's output).")] = "embedded",
+    host: Annotated[str, typer.Option("--host", help="Address to bind; the weight-reload endpoint is open to whoever reaches it, so keep it private.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port.", min=1, max=65535)] = 8000,
+    dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16 (the trainer's model.dtype).")] = "auto",
+    max_model_len: Annotated[Optional[int], typer.Option("--max-model-len", help="Longest prompt + completion (default: the model's context, at most 4096).", min=1)] = None,
+    gpu_memory_utilization: Annotated[float, typer.Option("--gpu-memory-utilization", help="Share of the GPU vLLM takes (a server has its GPU to itself).", min=0.01, max=1.0)] = 0.9,
+    kv_cache_gib: Annotated[Optional[float], typer.Option("--kv-cache-gib", help="On CPU: KV-cache size in GiB (default 1).", min=0.01)] = None,
+    extra: Annotated[Optional[list[str]], typer.Argument(help="More `vllm serve` arguments, after `--`.")] = None,
+) -> None:
+    """Serve a model with vLLM's OpenAI-compatible server for `rollout.mode: server` (weights are pushed
+    to it after every update)."""
+    from rlkit.rollout.serve import serve
+
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise typer.BadParameter(f"--dtype {dtype!r}: expected auto, float32, bfloat16 or float16")
+    serve(model, host=host, port=port, dtype=dtype, max_model_len=max_model_len,
+          gpu_memory_utilization=gpu_memory_utilization, kv_cache_gib=kv_cache_gib, extra=extra)
 
 
 @rewards_app.command("check")

@@ -137,10 +137,34 @@ class RewardSpec(_Section):
                            "is a failure (its samples score 0 and are counted) and the run goes on.")
 
 
-class RLConfig(_Section):
-    engine: Literal["hf"] = Field("hf", description="Rollout engine.")
+class RolloutConfig(_Section):
+    engine: Literal["hf", "vllm"] = Field(
+        "hf", description="Who generates rollouts (training, evaluation, rejection sampling): 'hf' (transformers "
+        "generate on the training model) or 'vllm' (vLLM; old log-probs are then recomputed by the trainer).")
+    mode: Literal["colocate", "server"] = Field(
+        "colocate", description="vllm: 'colocate' runs vLLM inside the training process (one engine per process); "
+        "'server' uses a running `rlkit vllm-serve` at rollout.server_url.")
+    server_url: str = Field("http://127.0.0.1:8000", description="vllm server mode: the server's base URL.")
+    server_timeout: float = Field(600.0, gt=0, description="vllm server mode: seconds one request may take.")
     hf_cache: Literal["dynamic", "static"] = Field(
-        "dynamic", description="hf engine KV cache: static pre-allocates it (and compiles the decode step on CUDA).")
+        "dynamic", description="hf: KV cache; static pre-allocates it (and compiles the decode step on CUDA).")
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="vllm colocate on a GPU: share of GPU memory vLLM may take (the rest is the trainer's).")
+    kv_cache_gib: float | None = Field(
+        None, gt=0, description="vllm colocate on CPU: KV-cache size in GiB; default: enough for one rollout batch.")
+    max_model_len: int | None = Field(
+        None, gt=0, description="vllm colocate: longest prompt + completion; default: the longest prompt of the data "
+        "plus the generation budget.")
+    enforce_eager: bool | None = Field(
+        None, description="vllm colocate: no CUDA graphs; default: eager on CPU, graphs on a GPU.")
+    sleep: bool = Field(True, description="vllm colocate on a GPU: put the engine to sleep during the update "
+                        "(weights to host memory, KV cache freed) so the optimizer gets the memory.")
+    tis_cap: float | None = Field(
+        2.0, gt=0, description="vllm: truncated importance sampling cap C; each token's policy loss is weighted by "
+        "min(pi_trainer / pi_sampler, C). null: no correction (old log-probs are still recomputed).")
+
+
+class RLConfig(_Section):
     prompts_per_step: int = Field(16, gt=0, description="Prompts per rollout batch, over all processes.")
     num_generations: int = Field(8, gt=0, description="Completions per prompt (the GRPO group size G).")
     max_new_tokens: int = Field(64, gt=0, description="Generation budget per completion.")
@@ -207,11 +231,13 @@ class RunConfig(_Section):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     rewards: list[RewardSpec] = Field(default_factory=list, description="Rewards for RL: [{name, weight, params}].")
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         _check_used_keys(self)
+        _check_rollout(self.rollout)
         _CHECKS[self.kind](self)
         if self.eval.num_samples > 1 and self.eval.temperature <= 0:
             raise ValueError("eval.num_samples > 1 needs eval.temperature > 0")
@@ -228,12 +254,12 @@ _RL_TRAIN = tuple(f"train.{k}" for k in ("learning_rate", "epochs", "max_steps",
 _BASE = ("kind", "name", "description", "output_dir", "model")
 USED_KEYS: dict[str, tuple[str, ...]] = {
     "sft": (*_BASE, "report_to", "data.train", "data.eval", "data.template", "data.max_samples", "data.on_overlong",
-            "train", "sft", "eval"),
+            "train", "sft", "eval", "rollout"),
     "rm": (*_BASE, "report_to", "data.train", "data.template", "data.max_samples", "data.on_overlong", "train", "rm"),
-    "grpo": (*_BASE, "report_to", "data", *_RL_TRAIN, "rl", "eval", "rewards"),
-    "ppo": (*_BASE, "report_to", "data", *_RL_TRAIN, "rl", "eval", "rewards"),
+    "grpo": (*_BASE, "report_to", "data", *_RL_TRAIN, "rl", "eval", "rewards", "rollout"),
+    "ppo": (*_BASE, "report_to", "data", *_RL_TRAIN, "rl", "eval", "rewards", "rollout"),
     "sample": ("kind", "name", "description", "output_dir", "model.path", "model.dtype", "model.trust_remote_code",
-               "data", "train.seed", "sample", "rl.engine", "rewards"),
+               "data", "train.seed", "sample", "rollout", "rewards"),
 }
 # ... except these keys under a prefix the command reads, and why
 UNUSED_KEYS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -298,6 +324,24 @@ def applicable(layer: dict, kind: str) -> dict:
         return out
 
     return walk(layer, "")
+
+
+# rollout keys that mean something only for one engine (or one vllm mode)
+_ROLLOUT_ONLY = {
+    "hf_cache": (("hf", None), "rollout.engine hf"),
+    "mode": (("vllm", None), "rollout.engine vllm"),
+    "tis_cap": (("vllm", None), "rollout.engine vllm"),
+    "server_url": (("vllm", "server"), "rollout.engine vllm with rollout.mode server"),
+    "server_timeout": (("vllm", "server"), "rollout.engine vllm with rollout.mode server"),
+    **{k: (("vllm", "colocate"), "rollout.engine vllm with rollout.mode colocate")
+       for k in ("gpu_memory_utilization", "kv_cache_gib", "max_model_len", "enforce_eager", "sleep")},
+}
+
+
+def _check_rollout(r: RolloutConfig) -> None:
+    for key, ((engine, mode), where) in _ROLLOUT_ONLY.items():
+        if _given(r, key) and (r.engine != engine or (mode is not None and r.mode != mode)):
+            raise ValueError(f"rollout.{key}: only used with {where}")
 
 
 def _check_rl(cfg: RunConfig) -> None:
@@ -374,7 +418,9 @@ _CHECKS = {"sft": lambda cfg: None, "rm": lambda cfg: None, "grpo": _check_grpo,
 # changes to them.
 RESULT_NEUTRAL = ("name", "description", "output_dir", "report_to", "train.logging_steps", "train.save_steps",
                   "train.save_total_limit", "rl.log_completions", "rl.reward_check", "rl.eval_steps", "eval",
-                  "data.eval")
+                  "data.eval", "rollout.mode", "rollout.server_url", "rollout.server_timeout",
+                  "rollout.gpu_memory_utilization", "rollout.kv_cache_gib", "rollout.max_model_len",
+                  "rollout.enforce_eager", "rollout.sleep")
 # Changing these on resume extends or shortens a run; they still change its result.
 RESUMABLE_CHANGES = ("train.max_steps", "train.epochs")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from rlkit.config import EvalConfig, RunConfig
+from rlkit.config import EvalConfig, RolloutConfig, RunConfig
 from rlkit.data import is_embedded, prompt_rows
 from rlkit.embedded.tasks import TASKS
 from rlkit.models import load_causal_lm, load_tokenizer
@@ -55,12 +55,16 @@ def eval_rows(cfg: EvalConfig, data: str | None) -> tuple[str, list[dict]]:
     return spec, rows[: cfg.limit] if cfg.limit else rows
 
 
-def evaluate_model(model, tokenizer, rows: list[dict], cfg: EvalConfig, template: str, progress=None) -> EvalReport:
-    """Score an in-memory model on rows ``{prompt, answer}``."""
+def evaluate_model(model, tokenizer, rows: list[dict], cfg: EvalConfig, template: str, progress=None,
+                   engine=None) -> EvalReport:
+    """Score a model on rows ``{prompt, answer}``: with ``engine`` (which samples from the model's weights),
+    else with the hf engine on the in-memory ``model``."""
     t0 = time.time()
     prompts = [render_prompt(r["prompt"], template, tokenizer) for r in rows]
-    engine = make_engine("hf", model, tokenizer, batch_size=cfg.batch_size)
-    greedy = engine.generate(prompts, SamplingParams(n=1, max_new_tokens=cfg.max_new_tokens, temperature=0), progress)
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    if engine is None:
+        engine = make_engine(RolloutConfig(), tokenizer, model=model, max_batch=cfg.batch_size)
+    greedy = engine.generate(prompt_ids, SamplingParams(n=1, max_new_tokens=cfg.max_new_tokens, temperature=0), progress)
     correct = [s == 1.0 for s in answer_scores([g[0].text for g in greedy], [r["answer"] for r in rows])]
     formatted = [is_well_formed(g[0].text, p) for g, p in zip(greedy, prompts)]
     n = len(rows)
@@ -72,7 +76,7 @@ def evaluate_model(model, tokenizer, rows: list[dict], cfg: EvalConfig, template
     k = cfg.num_samples
     if k > 1:
         params = SamplingParams(n=k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
-        sampled = engine.generate(prompts, params, progress)
+        sampled = engine.generate(prompt_ids, params, progress)
         flat = answer_scores([s.text for g in sampled for s in g], [r["answer"] for r in rows for _ in range(k)])
         per = [[x == 1.0 for x in flat[i * k : (i + 1) * k]] for i in range(n)]
         metrics[f"avg@{k}"] = sum(sum(c) for c in per) / (n * k)
@@ -88,19 +92,26 @@ def evaluate_model(model, tokenizer, rows: list[dict], cfg: EvalConfig, template
 
 
 def run_eval(model_path: str, cfg: EvalConfig, template: str, data: str | None = None, dtype: str = "auto",
-             progress_factory=None) -> dict:
-    """Load a model directory and evaluate it; returns the JSON-ready report."""
+             progress_factory=None, rollout: RolloutConfig | None = None) -> dict:
+    """Load a model directory and evaluate it with the ``rollout`` engine (default hf); returns the
+    JSON-ready report."""
+    rollout = rollout or RolloutConfig()
     spec, rows = eval_rows(cfg, data)
-    model = load_causal_lm(model_path, dtype=dtype)
+    model = load_causal_lm(model_path, dtype=dtype) if rollout.engine == "hf" else None
     tokenizer = load_tokenizer(model_path)
+    engine = eval_engine(rollout, tokenizer, model_path, dtype, cfg, rows, template, model=model)
     total = len(rows) * (1 + (cfg.num_samples if cfg.num_samples > 1 else 0))
-    if progress_factory is not None:
-        with progress_factory(total) as advance:
-            report = evaluate_model(model, tokenizer, rows, cfg, template, advance)
-    else:
-        report = evaluate_model(model, tokenizer, rows, cfg, template)
+    try:
+        if progress_factory is not None:
+            with progress_factory(total) as advance:
+                report = evaluate_model(None, tokenizer, rows, cfg, template, advance, engine=engine)
+        else:
+            report = evaluate_model(None, tokenizer, rows, cfg, template, engine=engine)
+    finally:
+        engine.close()
     return {
         "model": model_path,
+        "engine": rollout.engine,
         "data": spec,
         "template": template,
         "num_samples": cfg.num_samples,
@@ -109,3 +120,16 @@ def run_eval(model_path: str, cfg: EvalConfig, template: str, data: str | None =
         "metrics": report.metrics,
         "examples": report.examples,
     }
+
+
+def eval_engine(rollout: RolloutConfig, tokenizer, model_path: str, dtype: str, cfg: EvalConfig, rows: list[dict],
+                template: str, model=None):
+    """The engine that evaluates the model directory ``model_path``: hf on ``model`` (else loaded); vllm
+    sizes its context from the longest prompt plus the generation budget."""
+    if rollout.engine == "hf":
+        model = model if model is not None else load_causal_lm(model_path, dtype=dtype)
+        return make_engine(rollout, tokenizer, model=model, max_batch=cfg.batch_size)
+    ids = tokenizer([render_prompt(r["prompt"], template, tokenizer) for r in rows], add_special_tokens=False)["input_ids"]
+    longest = max((len(x) for x in ids), default=0) + cfg.max_new_tokens
+    return make_engine(rollout, tokenizer, model_path=model_path, dtype=dtype,
+                       max_batch=cfg.batch_size * max(1, cfg.num_samples), max_len=rollout.max_model_len or longest)

@@ -3,6 +3,7 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rlkit.config import RolloutConfig
 from rlkit.embedded import model_dir
 from rlkit.rollout import SamplingParams, make_engine
 from rlkit.templates import render_prompt
@@ -13,6 +14,14 @@ def _load():
     return AutoModelForCausalLM.from_pretrained(model_dir()).eval(), AutoTokenizer.from_pretrained(model_dir())
 
 
+def _hf(model, tok, **kw):
+    return make_engine(RolloutConfig(**kw), tok, model=model, return_logprobs=True)
+
+
+def _ids(tok, prompts):
+    return tok(prompts, add_special_tokens=False)["input_ids"]
+
+
 def test_sampler_logprobs_match_recomputed_logprobs():
     """Left-padded prompts of different lengths, sampled at temperature 0.7: the engine's log-probs equal a
     fresh forward pass over prompt + completion (positions follow the attention mask)."""
@@ -21,8 +30,8 @@ def test_sampler_logprobs_match_recomputed_logprobs():
     prompts.append(tok.apply_chat_template([{"role": "user", "content": "What is 5 + 5?"}], tokenize=False,
                                            add_generation_prompt=True))
     torch.manual_seed(0)
-    engine = make_engine("hf", model, tok, return_logprobs=True)
-    groups = engine.generate(prompts, SamplingParams(n=3, max_new_tokens=40, temperature=0.7))
+    engine = _hf(model, tok)
+    groups = engine.generate(_ids(tok, prompts), SamplingParams(n=3, max_new_tokens=40, temperature=0.7))
     samples = [s for g in groups for s in g]
     assert all(len(s.logprobs) == len(s.token_ids) for s in samples)
     prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts for _ in range(3)]
@@ -36,8 +45,8 @@ def test_sampler_logprobs_match_recomputed_logprobs():
 
 def test_greedy_is_deterministic_and_stops_at_eos():
     model, tok = _load()
-    engine = make_engine("hf", model, tok)
-    p = [render_prompt("What is 21 + 81?", "r1_zero")]
+    engine = _hf(model, tok)
+    p = _ids(tok, [render_prompt("What is 21 + 81?", "r1_zero")])
     a = engine.generate(p, SamplingParams(n=1, max_new_tokens=64, temperature=0))[0][0]
     b = engine.generate(p, SamplingParams(n=1, max_new_tokens=64, temperature=0))[0][0]
     assert a.token_ids == b.token_ids and a.finished
@@ -53,7 +62,7 @@ def test_chunked_logprobs_match_plain_values_and_gradients():
     model.train()
     prompts = [render_prompt(q, "r1_zero") for q in ("What is 3 + 4?", "What is 12 + 98?", "What is 7 + 70?")]
     torch.manual_seed(1)
-    groups = make_engine("hf", model, tok).generate(prompts, SamplingParams(n=2, max_new_tokens=24, temperature=1.0))
+    groups = _hf(model, tok).generate(_ids(tok, prompts), SamplingParams(n=2, max_new_tokens=24, temperature=1.0))
     samples = [s for g in groups for s in g]
     prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts for _ in range(2)]
     batch = build_batch(prompt_ids, samples, [i // 2 for i in range(6)], [0.0] * 6, tok.pad_token_id)
@@ -80,6 +89,8 @@ def test_static_cache_matches_dynamic_cache():
     model, tok = _load()
     prompts = [render_prompt(q, "r1_zero") for q in ("What is 3 + 4?", "What is 12 + 98?", "What is 50 + 49?")]
     params = SamplingParams(n=1, max_new_tokens=48, temperature=0)
-    dyn = make_engine("hf", model, tok).generate(prompts, params)
-    sta = make_engine("hf", model, tok, cache="static", bucket=32).generate(prompts, params)
+    dyn = _hf(model, tok).generate(_ids(tok, prompts), params)
+    static = _hf(model, tok, hf_cache="static")
+    static.bucket = 32
+    sta = static.generate(_ids(tok, prompts), params)
     assert [g[0].token_ids for g in dyn] == [g[0].token_ids for g in sta]

@@ -3,7 +3,8 @@
 Registries (``REG[name]`` returns the function; an unknown name raises ``ValueError`` listing the
 known ones; ``list(REG)`` gives the sorted names, e.g. for config validation):
 
-- ``ADVANTAGES``      advantage estimators: gae, grpo, dr_grpo, rloo, reinforce_pp
+- ``ADVANTAGES``      advantage estimators: gae, grpo, dr_grpo, rloo, reinforce_pp (``NEEDS_VALUES``: those
+                      that read a critic's values)
                       ``fn(*, rewards, mask, group_ids=None, values=None, token_rewards=None, cfg) -> (adv, returns)``
 - ``KL_ESTIMATORS``   per-token KL estimators: k1, k2, k3
                       ``fn(logp, ref_logp, *, clamp=None) -> kl``
@@ -20,6 +21,7 @@ docstring says what it computes and where it departs from the papers.
 
 from rlkit.algos.advantages import (
     ADVANTAGES,
+    NEEDS_VALUES,
     AdvantageConfig,
     compute_advantages,
     dr_grpo,
@@ -61,6 +63,7 @@ __all__ = [
     "AGGREGATIONS",
     "KL_CONTROLLERS",
     "KL_ESTIMATORS",
+    "NEEDS_VALUES",
     "POLICY_LOSSES",
     "AdaptiveKL",
     "AdvantageConfig",

@@ -109,6 +109,8 @@ class AdvantageFn(Protocol):
 
 ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator")
 _DEFAULT = AdvantageConfig()
+# Estimators that read a critic's ``values``: a run with one of these builds and trains a value model.
+NEEDS_VALUES = frozenset({"gae"})
 
 
 # ------------------------------------------------------------------------------------------ helpers

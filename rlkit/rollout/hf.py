@@ -1,4 +1,4 @@
-"""The ``hf`` engine: batched transformers ``generate`` with left padding.
+"""The ``hf`` engine: batched transformers ``generate`` on the training model itself, with left padding.
 
 Greedy when ``temperature == 0``. With ``return_logprobs`` each sample carries the sampler's
 log-probs, computed from the processed scores of ``generate`` (temperature and top-p applied).
@@ -17,6 +17,8 @@ from rlkit.rollout.base import Sample, SamplingParams
 
 
 class HFEngine:
+    """Samples from ``model`` as it is: the trainer is the sampler, so weights need no sync."""
+
     def __init__(self, model, tokenizer, batch_size: int = 64, return_logprobs: bool = False,
                  cache: str = "dynamic", bucket: int = 64):
         if cache not in ("dynamic", "static"):
@@ -29,20 +31,36 @@ class HFEngine:
         self.bucket = bucket
         self.stop_ids = set(_eos_ids(model, tokenizer))
 
+    @property
+    def returns_logprobs(self) -> bool:
+        return self.return_logprobs
+
+    def sync_weights(self, model) -> None:
+        self.model = model  # the same module the trainer updates: nothing to copy
+
+    def sleep(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
     @torch.no_grad()
-    def generate(self, prompts: list[str], params: SamplingParams, progress=None) -> list[list[Sample]]:
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, progress=None) -> list[list[Sample]]:
         tok, model = self.tokenizer, self.model
         was_training = model.training
         model.eval()
-        expanded = [p for p in prompts for _ in range(params.n)]
+        expanded = [p for p in prompt_ids for _ in range(params.n)]
         out: list[Sample] = []
         greedy = params.temperature == 0
         if params.seed is not None:
             torch.manual_seed(params.seed)
         for i in range(0, len(expanded), self.batch_size):
             chunk = expanded[i : i + self.batch_size]
-            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False,
-                      pad_to_multiple_of=self.bucket if self.cache == "static" else None).to(model.device)
+            enc = tok.pad({"input_ids": chunk}, padding=True, return_tensors="pt",
+                          pad_to_multiple_of=self.bucket if self.cache == "static" else None).to(model.device)
             extra = {"cache_implementation": "static"} if self.cache == "static" else {}
             gen = model.generate(
                 **extra,
@@ -71,11 +89,12 @@ class HFEngine:
                         finished = True
                         break
                 text = tok.decode(ids, skip_special_tokens=True)
-                out.append(Sample(text, ids, lps[j, : len(ids)].tolist() if lps is not None else None, finished))
+                out.append(Sample(text, ids, lps[j, : len(ids)].tolist() if lps is not None else None,
+                                  "stop" if finished else "length"))
             if progress is not None:
                 progress(len(chunk))
         model.train(was_training)
-        return [out[k * params.n : (k + 1) * params.n] for k in range(len(prompts))]
+        return [out[k * params.n : (k + 1) * params.n] for k in range(len(prompt_ids))]
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -12,7 +12,9 @@ from rlkit.rollout import Sample
 
 @dataclass
 class RolloutBatch:
-    """B samples (prompts × num_generations), prompt left-padded to P, completion right-padded to T."""
+    """B samples (prompts × num_generations), prompt left-padded to P, completion right-padded to T.
+
+    The collect phase fills the first fields; each later phase of the RL loop adds its own."""
 
     input_ids: torch.Tensor        # [B, P+T] prompt then completion tokens
     attention_mask: torch.Tensor   # [B, P+T] 1 on real prompt and completion tokens
@@ -25,6 +27,13 @@ class RolloutBatch:
     values: torch.Tensor | None = None        # [B, T] critic values at rollout time (PPO)
     advantages: torch.Tensor | None = None    # [B, T]
     returns: torch.Tensor | None = None       # [B, T]
+    token_rewards: torch.Tensor | None = None  # [B, T] per-token KL penalty added to the reward (rl.kl_in reward)
+    is_weights: torch.Tensor | None = None     # [B, T] truncated importance weights trainer/sampler (vllm)
+    # What the collect phase saw, for the log phase (not sliced by ``select``):
+    samples: list[Sample] = field(default_factory=list)   # B completions as the engine returned them
+    scores: dict[str, list] = field(default_factory=dict)  # reward name -> B scores (None: not applicable)
+    routes: list[str | None] = field(default_factory=list)  # B data routes (all-scenario RL)
+    info: dict = field(default_factory=dict)  # rollout rounds, groups kept, reward failures
 
     @property
     def completion_len(self) -> int:
@@ -34,6 +43,9 @@ class RolloutBatch:
         """The samples at ``idx`` (a mini- or micro-batch), every tensor field sliced alike."""
         fields = {k: (v[idx] if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return RolloutBatch(**fields)
+
+    def to(self, device) -> RolloutBatch:
+        return RolloutBatch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
 
 
 def build_batch(prompt_ids: list[list[int]], samples: list[Sample], group_ids: list[int], rewards: list[float],

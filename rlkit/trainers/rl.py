@@ -1,23 +1,31 @@
 """The RL loop: GRPO (and, with a value model, PPO) as configurations of one loop with named, timed phases.
 
-    rollout   → engine.generate(prompts, n)               token ids, masks (and sampler log-probs)
-    reward    → RewardSet.score(completions, columns)      per-reward scores and their weighted sum
-    reference → old policy log-probs; reference log-probs  only when the config needs them
-    advantage → ADVANTAGES[rl.advantage](...)              grpo | dr_grpo | rloo | reinforce_pp
-    update    → num_iterations × mini-batches of POLICY_LOSSES[rl.policy_loss] (+ KL in the loss)
-    sync      → engine.sync_weights(policy)                a no-op for the in-process hf engine
-    log       → metrics.jsonl / TensorBoard, progress bar, periodic eval, atomic checkpoints
+    collect   → engine.generate(prompt ids, n); rewards;    RolloutBatch: token ids, masks, sampler log-probs,
+                dynamic sampling refills the batch          rewards (time/rollout, time/reward)
+    logprobs  → old policy log-probs, truncated IS weights, only when the config needs them (time/reference)
+                reference log-probs
+    values    → critic values                               only when rl.advantage reads values (gae)
+    advantage → ADVANTAGES[rl.advantage](...)               gae | grpo | dr_grpo | rloo | reinforce_pp
+    update    → num_iterations × mini-batches of POLICY_LOSSES[rl.policy_loss] (+ KL in the loss, + value loss)
+    sync      → engine.wake(); engine.sync_weights(policy)  a no-op for the hf engine (it samples the policy)
+    log       → metrics.jsonl / TensorBoard, progress bar, periodic eval; then an atomic checkpoint
 
 GRPO (Shao et al. 2024) with the DAPO options (Yu et al. 2025): clip-higher (``epsilon_high``), token-mean
 loss aggregation, dynamic sampling (groups whose rewards are all equal are dropped and the batch is
 refilled with fresh prompts) and overlong filtering. Departures from the paper: the KL term is optional
 (``beta: 0`` loads no reference model) and can go into the reward per token instead of the loss.
 
-The loop runs under accelerate from the first line: one process on CPU, or ``accelerate launch
---num_processes N`` for DDP on CPUs (gloo) or GPUs; each process rolls out its share of the prompts.
+When the sampler is not the trainer (``rollout.engine: vllm``) the old log-probs are always recomputed by
+the trainer, and truncated importance sampling (Yao et al. 2025) weights each token's policy loss by
+``min(pi_trainer / pi_sampler, rollout.tis_cap)``; ``rollout/logprob_diff`` and ``rollout/is_*`` show the gap.
 
-    rlkit grpo --recipe r1_zero                        # the embedded world, ~5 minutes on 2 cores
-    rlkit grpo --recipe r1_zero --model Qwen/Qwen2.5-0.5B --dataset math.jsonl
+The loop runs under accelerate from the first line: one process on CPU, or ``accelerate launch
+--num_processes N`` for DDP on CPUs (gloo) or GPUs; each process rolls out its share of the prompts (with
+vLLM, on its own engine).
+
+    rlkit grpo --recipe r1_zero                                   # the embedded world, ~3 minutes on 2 cores
+    rlkit grpo --recipe r1_zero --set rollout.engine=vllm         # vLLM in the training process
+    rlkit grpo --model Qwen/Qwen2.5-0.5B --dataset math.jsonl
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import math
 import random
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +44,7 @@ import torch
 from rlkit import checkpoint as ckpt
 from rlkit import runs
 from rlkit.algos import (
+    NEEDS_VALUES,
     AdvantageConfig,
     aggregate,
     all_finite,
@@ -44,6 +54,7 @@ from rlkit.algos import (
     compute_policy_loss,
     make_kl_controller,
     masked_mean,
+    truncated_is_weights,
     value_loss,
 )
 from rlkit.config import RunConfig
@@ -114,308 +125,391 @@ def run_rl(cfg: RunConfig, resume: str = "auto") -> dict:
     """Train (or resume) the run ``cfg`` describes; ``resume``: auto | anyway | overwrite (see rlkit.runs)."""
     rewards = RewardSet(cfg.rewards)  # a reward that does not resolve is reported before anything else
     with runs.guarded_run(cfg, resume, ckpt.last_checkpoint) as stop:
-        return _run_rl(cfg, stop, rewards)
+        return RLRun(cfg, stop, rewards).fit()
 
 
-def _run_rl(cfg: RunConfig, stop: runs.GracefulStop, rewards: RewardSet) -> dict:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from transformers import get_scheduler
+class RLRun:
+    """One RL run: ``__init__`` sets everything up (or restores it from the last checkpoint); ``fit`` runs
+    the loop, one named phase per method, the rollout batch passed from phase to phase."""
 
-    t_start = time.time()
-    rl, t = cfg.rl, cfg.train
-    cuda = torch.cuda.is_available()
-    bf16 = t.bf16 if t.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
-    acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
-    rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
-    out = Path(cfg.output_dir)
-    if rl.prompts_per_step % world:
-        raise DataError(f"rl.prompts_per_step ({rl.prompts_per_step}) must be divisible by the {world} processes")
-    per_proc = rl.prompts_per_step // world
-    B = per_proc * rl.num_generations
+    def __init__(self, cfg: RunConfig, stop: runs.GracefulStop, rewards: RewardSet):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
 
-    # ---------------------------------------------------------------------------------- set-up
-    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-    context = context_length(cfg.model.path, cfg.model.trust_remote_code)
+        self.t_start = time.time()
+        self.cfg, self.stop, self.rewards = cfg, stop, rewards
+        rl, t = cfg.rl, cfg.train
+        self.rl, self.t = rl, t
+        cuda = torch.cuda.is_available()
+        bf16 = t.bf16 if t.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+        self.acc = acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
+        self.rank, self.world, self.main = acc.process_index, acc.num_processes, acc.is_main_process
+        self.out = out = Path(cfg.output_dir)
+        if rl.prompts_per_step % self.world:
+            raise DataError(f"rl.prompts_per_step ({rl.prompts_per_step}) must be divisible by the {self.world} processes")
+        self.per_proc = rl.prompts_per_step // self.world
+        self.B = self.per_proc * rl.num_generations
+        # The sampler is not the trainer (vLLM): old log-probs are recomputed and importance-weighted.
+        self.off_policy = cfg.rollout.engine != "hf"
 
-    def fits(spec: str, source_rows: list[dict]) -> list[dict]:
+        # data
+        self.tokenizer = tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+        self.context = context_length(cfg.model.path, cfg.model.trust_remote_code)
+        self.longest_prompt = 0
+        rows = rl_rows(cfg.data, check=self._fits)
+        if rl.reward_check and self.main:
+            _reward_check(rewards, rows, cfg.data.template, tokenizer)
+        self.max_steps = t.max_steps or max(1, math.ceil(t.epochs * len(rows) / rl.prompts_per_step))
+        self.stream = PromptStream(rows, t.seed)
+
+        # models and optimizers
+        set_seed(t.seed)
+        resume_from = ckpt.last_checkpoint(out)
+        self._build_policy(resume_from)
+        n_minibatches = math.ceil(self.B / (rl.mini_batch_size or self.B))
+        self.need_old_logp = (rl.num_iterations > 1 or n_minibatches > 1 or (rl.kl_in == "reward" and rl.beta > 0)
+                              or self.off_policy)
+        opt_steps = self.max_steps * rl.num_iterations * n_minibatches
+        self.optimizer, self.scheduler = self._optimizer(self.policy, t.learning_rate, opt_steps)
+        self.policy, self.optimizer = acc.prepare(self.policy, self.optimizer)
+        self.unwrapped = acc.unwrap_model(self.policy)
+        if self.ref_model is not None:
+            self.ref_model.to(acc.device)
+        self.critic: Critic | None = None
+        if rl.advantage in NEEDS_VALUES:  # a critic exactly when the advantage estimator reads values
+            self.critic = self._build_critic(resume_from, opt_steps)
+        self.extra_state = ({"critic_optimizer": self.critic.optimizer, "critic_scheduler": self.critic.scheduler}
+                            if self.critic is not None else {})
+        self.ptx = _PtxStream(rl, tokenizer, cfg.data.template, t.seed) if rl.ptx_coef > 0 else None
+        self.kl_ctl = make_kl_controller(rl.kl_controller, rl.beta, target=rl.kl_target, horizon=rl.kl_horizon)
+
+        # resume, or seed a fresh run
+        self.step, self.history = 0, {}
+        if resume_from is not None:
+            self._restore(resume_from)
+        else:
+            torch.manual_seed(t.seed * 1009 + self.rank)
+            random.seed(t.seed * 1009 + self.rank)
+            if self.main and out.exists():
+                (out / "metrics.jsonl").unlink(missing_ok=True)
+
+        # evaluation data, the rollout engine, logging
+        self.eval_template = cfg.eval.template or cfg.data.template
+        spec = eval_spec(cfg)
+        self.eval_data = eval_rows(cfg.eval, spec)[1] if spec else None
+        if self.eval_data is None and self.main and "before" not in self.history and cfg.eval.task == "auto":
+            console.print("[yellow]no evaluation: set data.eval to a held-out split of your data to get before/after "
+                          "pass@1[/]")
+        self.engine = self._build_engine()
+        self.params = SamplingParams(n=rl.num_generations, max_new_tokens=rl.max_new_tokens,
+                                     temperature=rl.temperature, top_p=rl.top_p)
+        self.logger = MetricsLogger(out, cfg.report_to, run_name=cfg.name,
+                                    config=cfg.model_dump(mode="json")) if self.main else None
+        self.timer = PhaseTimer()
+
+    # ------------------------------------------------------------------------------------- set-up
+
+    def _fits(self, spec: str, source_rows: list[dict]) -> list[dict]:
         """Rows the rewards can score (gold answers checked), whose prompts leave room for
         rl.max_new_tokens in the model's context."""
-        rewards.check_rows(source_rows, spec)
-        if context is None:
+        rl, tok = self.rl, self.tokenizer
+        self.rewards.check_rows(source_rows, spec)
+        texts = [render_prompt(r["prompt"], self.cfg.data.template, tok) for r in source_rows]
+        lengths = [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]
+        if self.context is None:
+            self.longest_prompt = max([self.longest_prompt, *lengths])
             return source_rows
-        texts = [render_prompt(r["prompt"], cfg.data.template, tokenizer) for r in source_rows]
-        lengths = [len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        return check_lengths(source_rows, lengths, context - rl.max_new_tokens, spec, cfg.data.on_overlong,
+        kept = check_lengths(source_rows, lengths, self.context - rl.max_new_tokens, spec, self.cfg.data.on_overlong,
                              f"which with rl.max_new_tokens {rl.max_new_tokens} exceeds the model's context of "
-                             f"{context} tokens")
+                             f"{self.context} tokens")
+        self.longest_prompt = max([self.longest_prompt, *(n for n in lengths if n <= self.context - rl.max_new_tokens)])
+        return kept
 
-    rows = rl_rows(cfg.data, check=fits)
-    if rl.reward_check and main:
-        _reward_check(rewards, rows, cfg.data.template, tokenizer)
-    max_steps = t.max_steps or max(1, math.ceil(t.epochs * len(rows) / rl.prompts_per_step))
-    set_seed(t.seed)
-    resume_from = ckpt.last_checkpoint(out)
-    policy = load_causal_lm(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code)
-    ref_model = None
-    if cfg.model.lora is not None:
-        from peft import LoraConfig, PeftModel, get_peft_model
+    def _build_policy(self, resume_from: Path | None) -> None:
+        cfg, rl = self.cfg, self.rl
+        policy = load_causal_lm(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code)
+        self.ref_model = None
+        if cfg.model.lora is not None:
+            from peft import LoraConfig, PeftModel, get_peft_model
 
-        lc = cfg.model.lora
-        if resume_from is not None:
-            policy = PeftModel.from_pretrained(policy, str(resume_from), is_trainable=True)
+            lc = cfg.model.lora
+            if resume_from is not None:
+                policy = PeftModel.from_pretrained(policy, str(resume_from), is_trainable=True)
+            else:
+                policy = get_peft_model(policy, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                                           target_modules=lc.target_modules, task_type="CAUSAL_LM"))
         else:
-            policy = get_peft_model(policy, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                                       target_modules=lc.target_modules, task_type="CAUSAL_LM"))
-    else:
-        if rl.beta > 0:  # beta 0: no KL anywhere, so no reference model
-            ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
-        if resume_from is not None:
-            policy = load_causal_lm(str(resume_from), cfg.model.dtype, cfg.model.trust_remote_code)
-    if t.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-    policy.config.use_cache = True
+            if rl.beta > 0:  # beta 0: no KL anywhere, so no reference model
+                self.ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
+            if resume_from is not None:
+                policy = load_causal_lm(str(resume_from), cfg.model.dtype, cfg.model.trust_remote_code)
+        if self.t.gradient_checkpointing:
+            policy.gradient_checkpointing_enable()
+        policy.config.use_cache = True
+        self.policy = policy
 
-    n_minibatches = math.ceil(B / (rl.mini_batch_size or B))
-    opt_steps = max_steps * rl.num_iterations * n_minibatches
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=t.learning_rate,
-                                  weight_decay=t.weight_decay)
-    scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=int(t.warmup_ratio * opt_steps),
+    def _optimizer(self, model, lr: float, opt_steps: int):
+        from transformers import get_scheduler
+
+        t = self.t
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=t.weight_decay)
+        sched = get_scheduler(t.lr_scheduler, opt, num_warmup_steps=int(t.warmup_ratio * opt_steps),
                               num_training_steps=opt_steps)
-    policy, optimizer = acc.prepare(policy, optimizer)
-    if ref_model is not None:
-        ref_model.to(acc.device)
-    critic = critic_opt = critic_sched = None
-    if cfg.kind == "ppo":
+        return opt, sched
+
+    def _build_critic(self, resume_from: Path | None, opt_steps: int) -> Critic:
+        cfg, rl = self.cfg, self.rl
         critic = load_critic(str(resume_from / "critic") if resume_from is not None else rl.value_model,
                              cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code)
-        critic.model.config.pad_token_id = tokenizer.pad_token_id
-        critic_opt = torch.optim.AdamW(critic.parameters(), lr=rl.value_learning_rate or t.learning_rate,
-                                       weight_decay=t.weight_decay)
-        critic_sched = get_scheduler(t.lr_scheduler, critic_opt, num_warmup_steps=int(t.warmup_ratio * opt_steps),
-                                     num_training_steps=opt_steps)
-        critic, critic_opt = acc.prepare(critic, critic_opt)
-    extra_state = {"critic_optimizer": critic_opt, "critic_scheduler": critic_sched} if critic is not None else {}
-    ptx = _PtxStream(rl, tokenizer, cfg.data.template, t.seed) if rl.ptx_coef > 0 else None
-    kl_ctl = make_kl_controller(rl.kl_controller, rl.beta, target=rl.kl_target, horizon=rl.kl_horizon)
+        critic.model.config.pad_token_id = self.tokenizer.pad_token_id
+        opt, sched = self._optimizer(critic, rl.value_learning_rate or self.t.learning_rate, opt_steps)
+        critic, opt = self.acc.prepare(critic, opt)
+        return Critic(critic, opt, sched)
 
-    stream = PromptStream(rows, t.seed)
-    step, history = 0, {}
-    if resume_from is not None:
-        state = ckpt.load_state(resume_from, rank, optimizer, scheduler, extra_state)
-        ckpt.apply_learning_rate(optimizer, scheduler, t.learning_rate)  # --resume-anyway with a new rate
-        if critic_opt is not None:
-            ckpt.apply_learning_rate(critic_opt, critic_sched, rl.value_learning_rate or t.learning_rate)
-        step, stream.pos, history = state["step"], state["data_pos"], state.get("history", {})
-        if ptx is not None:
-            ptx.pos = state.get("ptx_pos", 0)
-        kl_ctl.load_state_dict(state["kl_controller"])
-        if main:
-            print(f"resuming from {resume_from} (step {step})", flush=True)
-            truncate_metrics(out / "metrics.jsonl", step)
-    else:
-        torch.manual_seed(t.seed * 1009 + rank)
-        random.seed(t.seed * 1009 + rank)
-        if main and out.exists():
-            (out / "metrics.jsonl").unlink(missing_ok=True)
+    def _restore(self, resume_from: Path) -> None:
+        state = ckpt.load_state(resume_from, self.rank, self.optimizer, self.scheduler, self.extra_state)
+        ckpt.apply_learning_rate(self.optimizer, self.scheduler, self.t.learning_rate)  # --resume-anyway, new rate
+        if self.critic is not None:
+            ckpt.apply_learning_rate(self.critic.optimizer, self.critic.scheduler,
+                                     self.rl.value_learning_rate or self.t.learning_rate)
+        self.step, self.stream.pos, self.history = state["step"], state["data_pos"], state.get("history", {})
+        if self.ptx is not None:
+            self.ptx.pos = state.get("ptx_pos", 0)
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        if self.main:
+            print(f"resuming from {resume_from} (step {self.step})", flush=True)
+            truncate_metrics(self.out / "metrics.jsonl", self.step)
 
-    unwrapped = acc.unwrap_model(policy)
-    engine = make_engine(rl.engine, unwrapped, tokenizer, batch_size=max(B, 1), cache=rl.hf_cache)
-    params = SamplingParams(n=rl.num_generations, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
-                            top_p=rl.top_p)
-    logger = MetricsLogger(out, cfg.report_to if main else [], run_name=cfg.name,
-                           config=cfg.model_dump(mode="json")) if main else None
-    eval_cfg = cfg.eval
-    eval_template = eval_cfg.template or cfg.data.template
-    spec = eval_spec(cfg)
-    eval_data = eval_rows(eval_cfg, spec)[1] if spec else None
-    if eval_data is None and main and "before" not in history and eval_cfg.task == "auto":
-        console.print("[yellow]no evaluation: set data.eval to a held-out split of your data to get before/after "
-                      "pass@1[/]")
+    def _build_engine(self):
+        """The configured rollout engine, sampling from the policy's current weights."""
+        cfg, rl = self.cfg, self.rl
+        longest = self.longest_prompt + max(rl.max_new_tokens, cfg.eval.max_new_tokens)
+        if self.eval_data:
+            ids = self.tokenizer([render_prompt(r["prompt"], self.eval_template, self.tokenizer)
+                                  for r in self.eval_data], add_special_tokens=False)["input_ids"]
+            longest = max(longest, max(len(x) for x in ids) + cfg.eval.max_new_tokens)
+        return make_engine(cfg.rollout, self.tokenizer, model=self.unwrapped, model_path=cfg.model.path,
+                           max_batch=max(self.B, 1), max_len=cfg.rollout.max_model_len or longest,
+                           seed=self.t.seed, dtype=cfg.model.dtype)
 
-    def run_eval() -> dict:
-        if eval_data is None or not main:
+    # ----------------------------------------------------------------------------------- the loop
+
+    def fit(self) -> dict:
+        if "before" not in self.history:
+            self.history["before"] = self.evaluate()
+            if self.logger is not None and self.history["before"]:
+                self.logger.log(self.step, self.history["before"])
+        self.acc.wait_for_everyone()
+        self.progress = _Progress(self.max_steps, self.step, self.cfg.kind) if self.main else None
+        self.policy.train()
+        try:
+            while self.step < self.max_steps:
+                step_t0 = time.time()
+                batch = self.collect()           # rollout + reward (+ dynamic sampling)
+                self.engine.sleep()              # the update gets the engine's memory
+                self.logprobs(batch)             # old (when needed) and reference log-probs
+                self.values(batch)               # critic values (when the advantage estimator reads them)
+                self.advantages(batch)
+                stats = self.update(batch)
+                _check_finite(stats, self.policy, self.step + 1)
+                self.sync()                      # the engine samples from the new weights
+                self.step += 1
+                self.log(batch, stats, step_t0)
+                self.checkpoint()
+        finally:
+            if self.progress is not None:
+                self.progress.close()
+        return self.finish()
+
+    # --------------------------------------------------------------------------------- the phases
+
+    def collect(self) -> RolloutBatch:
+        """Roll out ``per_proc`` prompts × G samples, score them, and (dynamic sampling) refill the batch with
+        fresh prompts while groups whose rewards are all equal are dropped."""
+        rl, tok = self.rl, self.tokenizer
+        kept: list[dict] = []
+        dropped: list[dict] = []
+        rounds = 0
+        failures: dict[str, int] = defaultdict(int)
+        while True:
+            prompts_rows = self.stream.take(rl.prompts_per_step)[self.rank * self.per_proc : (self.rank + 1) * self.per_proc]
+            texts = [render_prompt(r["prompt"], self.cfg.data.template, tok) for r in prompts_rows]
+            prompt_ids = tok(texts, add_special_tokens=False)["input_ids"]
+            with self.timer("rollout"):
+                groups = _generate(self.engine, prompt_ids, self.params, self.step + 1)
+            with self.timer("reward"):
+                scored = score_groups(self.rewards, prompts_rows, texts, groups)
+            G = rl.num_generations
+            for gi, g in enumerate(groups):
+                sl = slice(gi * G, (gi + 1) * G)
+                group = {"prompt_ids": prompt_ids[gi], "samples": g, "totals": scored.total[sl],
+                         "scores": {k: v[sl] for k, v in scored.per_reward.items()}, "route": prompts_rows[gi].get("route")}
+                if rl.dynamic_sampling and len(set(group["totals"])) <= 1:
+                    dropped.append(group)
+                else:
+                    kept.append(group)
+            for k, v in scored.failures.items():
+                failures[k] += v
+            rounds += 1
+            need = torch.tensor(float(rl.dynamic_sampling and len(kept) < self.per_proc), device=self.acc.device)
+            if rounds > rl.max_resample_rounds or self.acc.reduce(need, "sum").item() == 0:
+                break
+        used = (kept + dropped)[: self.per_proc]
+
+        prompt_ids, samples, gids, totals, routes = [], [], [], [], []
+        scores: dict[str, list] = defaultdict(list)
+        for gi, group in enumerate(used):
+            routes.extend([group["route"]] * len(group["samples"]))
+            for j, s in enumerate(group["samples"]):
+                prompt_ids.append(group["prompt_ids"])
+                samples.append(s)
+                gids.append(gi)
+                r = group["totals"][j] * rl.reward_scale
+                totals.append(max(-rl.reward_clip, min(rl.reward_clip, r)) if rl.reward_clip else r)
+            for k, v in group["scores"].items():
+                scores[k].extend(v)
+        batch = build_batch(prompt_ids, samples, gids, totals, tok.pad_token_id, rl.overlong_filter)
+        batch.samples, batch.scores, batch.routes = samples, dict(scores), routes
+        batch.info = {"rounds": rounds, "failures": dict(failures), "rewards": totals,
+                      "groups_kept_frac": len(kept) / max(1, len(kept) + len(dropped)) if rl.dynamic_sampling else 1.0}
+        return batch.to(self.acc.device)
+
+    def logprobs(self, batch: RolloutBatch) -> None:
+        """The trainer's log-probs of the sampled tokens before this step's updates (when the update needs
+        them, and always when the sampler is not the trainer), the truncated importance weights that correct
+        for the sampler, and the reference model's log-probs (beta > 0)."""
+        rl = self.rl
+        with self.timer("reference"):
+            self.policy.eval()
+            with torch.no_grad():
+                if self.need_old_logp:
+                    batch.old_logp = _chunked_logprobs(self.unwrapped, batch, rl)
+                if self.off_policy and batch.sampler_logp is not None and self.cfg.rollout.tis_cap is not None:
+                    batch.is_weights = truncated_is_weights(batch.old_logp, batch.sampler_logp, self.cfg.rollout.tis_cap)
+                if rl.beta > 0:
+                    if self.ref_model is not None:
+                        batch.ref_logp = _chunked_logprobs(self.ref_model, batch, rl)
+                    else:
+                        with self.unwrapped.disable_adapter():
+                            batch.ref_logp = _chunked_logprobs(self.unwrapped, batch, rl)
+            self.policy.train()
+
+    def values(self, batch: RolloutBatch) -> None:
+        if self.critic is None:
+            return
+        with self.timer("values"), torch.no_grad():
+            batch.values = _in_chunks(batch, self.rl.micro_batch_size, lambda mb: critic_values(self.critic.model, mb))
+
+    def advantages(self, batch: RolloutBatch) -> None:
+        rl = self.rl
+        with self.timer("advantage"):
+            if rl.kl_in == "reward" and batch.ref_logp is not None:
+                batch.token_rewards = -self.kl_ctl.value * compute_kl(rl.kl_estimator, batch.old_logp, batch.ref_logp,
+                                                                      clamp=KL_CLAMP) * batch.completion_mask
+            batch.advantages, batch.returns = compute_advantages(
+                rl.advantage, rewards=batch.rewards, mask=batch.completion_mask, group_ids=batch.group_ids,
+                values=batch.values, token_rewards=batch.token_rewards,
+                cfg=AdvantageConfig(gamma=rl.gamma, lam=rl.lam, std_normalize=rl.std_normalize,
+                                    whiten=rl.whiten_advantages))
+
+    def update(self, batch: RolloutBatch) -> dict:
+        with self.timer("update"):
+            return _update(self.policy, self.optimizer, self.scheduler, self.acc, batch, self.rl, self.kl_ctl.value,
+                           critic=self.critic, ptx=self.ptx)
+
+    def sync(self) -> None:
+        with self.timer("sync"):
+            self.engine.wake()
+            self.engine.sync_weights(self.unwrapped)
+
+    def log(self, batch: RolloutBatch, stats: dict, step_t0: float) -> None:
+        rl, step, samples, totals = self.rl, self.step, batch.samples, batch.info["rewards"]
+        with self.timer("log"):
+            series = {
+                "reward": totals,
+                **{f"reward/{k}": [x for x in v if x is not None] for k, v in sorted(batch.scores.items())},
+                **{f"reward/{k}/failures": [float(v) * self.world] for k, v in sorted(batch.info["failures"].items())},
+                **{k: [v] for k, v in stats.items()},
+                **({"reward/kl_penalty": batch.token_rewards.sum(-1).tolist()} if batch.token_rewards is not None else {}),
+                **(_sampler_metrics(batch) if self.off_policy else {}),
+                "completion_len": [len(s.token_ids) for s in samples],
+                "truncated_frac": [float(not s.finished) for s in samples],
+            }
+            reduced = _gmeans(self.acc, series)  # one all-reduce for every averaged metric
+            if self.off_policy and batch.is_weights is not None:
+                reduced["rollout/is_weight_max"] = _gmax(self.acc, _masked_max(batch.is_weights, batch.completion_mask))
+            self.kl_ctl.update(reduced.get("kl", 0.0), self.B * self.world)
+            metrics = {
+                **reduced,
+                **_route_metrics(batch.routes, totals, batch.scores),
+                "beta": self.kl_ctl.value,
+                "groups_kept_frac": batch.info["groups_kept_frac"],
+                "rollout_rounds": batch.info["rounds"],
+                "lr": self.scheduler.get_last_lr()[0],
+                "step_seconds": time.time() - step_t0,
+                "completion_tokens_per_s": sum(len(s.token_ids) for s in samples) * self.world
+                / max(self.timer.times.get("rollout", 1e-9), 1e-9),
+            }
+            if step % rl.eval_steps == 0 or step == self.max_steps:
+                self.acc.wait_for_everyone()
+                metrics.update(self.evaluate())
+            metrics.update(self.timer.pop())
+            if self.main:
+                self.logger.log(step, metrics)
+                self.progress.update(step, metrics)
+                if rl.log_completions and (step % self.t.logging_steps == 0 or step == 1):
+                    self.progress.note(f"[dim]step {step} sample (reward {totals[0]:.2f}):[/] {samples[0].text[:200]!r}")
+
+    def checkpoint(self) -> None:
+        """Save every ``train.save_steps``, at the end, and when a signal asked to stop (then stop)."""
+        stopping = _any_process(self.acc, self.stop.requested is not None)
+        step = self.step
+        if step % self.t.save_steps == 0 or step == self.max_steps or stopping:
+            state = {"step": step, "data_pos": self.stream.pos, "kl_controller": self.kl_ctl.state_dict(),
+                     "history": self.history, "max_steps": self.max_steps, "ptx_pos": self.ptx.pos if self.ptx else 0}
+            _save_checkpoint(self.acc, self.out, step, self.unwrapped, self.tokenizer, self.optimizer, self.scheduler,
+                             state, self.t.save_total_limit, self.extra_state,
+                             self.acc.unwrap_model(self.critic.model).model if self.critic is not None else None)
+        if stopping:
+            raise self.stop.interrupted(f"saved {self.out / f'checkpoint-{step}'}")
+
+    def evaluate(self) -> dict:
+        """Held-out pass@1 on the main process, with the rollout engine (vLLM holds the synced weights)."""
+        if self.eval_data is None or not self.main:
             return {}
-        rep = evaluate_model(unwrapped, tokenizer, eval_data, eval_cfg, eval_template)
+        engine = self.engine if self.off_policy else None  # hf: a fresh engine at the eval batch size
+        rep = evaluate_model(self.unwrapped, self.tokenizer, self.eval_data, self.cfg.eval, self.eval_template,
+                             engine=engine)
         return {f"eval/{k}": v for k, v in rep.metrics.items() if k not in ("n_prompts",)}
 
-    if "before" not in history:
-        history["before"] = run_eval()
-        if logger is not None and history["before"]:
-            logger.log(step, history["before"])
-    acc.wait_for_everyone()
-
-    def reference_logprobs(batch: RolloutBatch) -> torch.Tensor | None:
-        if rl.beta == 0:
-            return None
-        with torch.no_grad():
-            if ref_model is not None:
-                return _chunked_logprobs(ref_model, batch, rl)
-            with unwrapped.disable_adapter():
-                return _chunked_logprobs(unwrapped, batch, rl)
-
-    timer = PhaseTimer()
-    progress = _Progress(max_steps, step, cfg.kind) if main else None
-    policy.train()
-    # --------------------------------------------------------------------------------- the loop
-    try:
-        while step < max_steps:
-            step_t0 = time.time()
-            # rollout + reward (+ dynamic sampling)
-            kept: list[tuple] = []
-            dropped: list[tuple] = []
-            rounds = 0
-            failures: dict[str, int] = defaultdict(int)
-            while True:
-                prompts_rows = stream.take(rl.prompts_per_step)[rank * per_proc : (rank + 1) * per_proc]
-                texts = [render_prompt(r["prompt"], cfg.data.template, tokenizer) for r in prompts_rows]
-                with timer("rollout"):
-                    groups = _generate(engine, texts, params, step + 1)
-                with timer("reward"):
-                    scored = score_groups(rewards, prompts_rows, texts, groups)
-                for gi, (text, g) in enumerate(zip(texts, groups)):
-                    sl = slice(gi * rl.num_generations, (gi + 1) * rl.num_generations)
-                    item = (text, g, scored.total[sl], {k: v[sl] for k, v in scored.per_reward.items()},
-                            prompts_rows[gi].get("route"))
-                    if rl.dynamic_sampling and len(set(scored.total[sl])) == 1:
-                        dropped.append(item)
-                    else:
-                        kept.append(item)
-                for k, v in scored.failures.items():
-                    failures[k] += v
-                rounds += 1
-                need = torch.tensor(float(rl.dynamic_sampling and len(kept) < per_proc), device=acc.device)
-                if rounds > rl.max_resample_rounds or acc.reduce(need, "sum").item() == 0:
-                    break
-            groups_used = (kept + dropped)[:per_proc]
-
-            prompt_ids, samples, gids, totals, routes = [], [], [], [], []
-            per_reward: dict[str, list] = defaultdict(list)
-            for gi, (text, g, tot, per, route) in enumerate(groups_used):
-                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-                routes.extend([route] * len(g))
-                for j, s in enumerate(g):
-                    prompt_ids.append(ids)
-                    samples.append(s)
-                    gids.append(gi)
-                    r = tot[j] * rl.reward_scale
-                    totals.append(max(-rl.reward_clip, min(rl.reward_clip, r)) if rl.reward_clip else r)
-                for k, v in per.items():
-                    per_reward[k].extend(v)
-            batch = build_batch(prompt_ids, samples, gids, totals, tokenizer.pad_token_id, rl.overlong_filter)
-            batch = _to(batch, acc.device)
-
-            # reference and old log-probs
-            with timer("reference"):
-                need_old = rl.num_iterations > 1 or n_minibatches > 1 or (rl.kl_in == "reward" and rl.beta > 0)
-                policy.eval()
-                if need_old:
-                    with torch.no_grad():
-                        batch.old_logp = _chunked_logprobs(unwrapped, batch, rl)
-                batch.ref_logp = reference_logprobs(batch)
-                policy.train()
-            if critic is not None:
-                with timer("values"), torch.no_grad():
-                    batch.values = _in_chunks(batch, rl.micro_batch_size, lambda mb: critic_values(critic, mb))
-
-            # advantage
-            with timer("advantage"):
-                token_rewards = None
-                if rl.kl_in == "reward" and batch.ref_logp is not None:
-                    token_rewards = -kl_ctl.value * compute_kl(rl.kl_estimator, batch.old_logp, batch.ref_logp,
-                                                               clamp=KL_CLAMP) * batch.completion_mask
-                batch.advantages, batch.returns = compute_advantages(
-                    rl.advantage, rewards=batch.rewards, mask=batch.completion_mask, group_ids=batch.group_ids,
-                    values=batch.values, token_rewards=token_rewards,
-                    cfg=AdvantageConfig(gamma=rl.gamma, lam=rl.lam, std_normalize=rl.std_normalize,
-                                        whiten=rl.whiten_advantages))
-
-            # update
-            with timer("update"):
-                stats = _update(policy, optimizer, scheduler, acc, batch, rl, kl_ctl.value,
-                                critic=(critic, critic_opt, critic_sched) if critic is not None else None, ptx=ptx)
-
-            _check_finite(stats, policy, step + 1)
-
-            with timer("sync"):
-                _sync(engine, unwrapped)
-
-            step += 1
-            # log
-            with timer("log"):
-                series = {
-                    "reward": totals,
-                    **{f"reward/{k}": [x for x in v if x is not None] for k, v in sorted(per_reward.items())},
-                    **{f"reward/{k}/failures": [float(v) * world] for k, v in sorted(failures.items())},
-                    **{k: [v] for k, v in stats.items()},
-                    **({"reward/kl_penalty": token_rewards.sum(-1).tolist()} if token_rewards is not None else {}),
-                    "completion_len": [len(s.token_ids) for s in samples],
-                    "truncated_frac": [float(not s.finished) for s in samples],
-                }
-                reduced = _gmeans(acc, series)  # one all-reduce for every averaged metric
-                kl_ctl.update(reduced.get("kl", 0.0), B * world)
-                metrics = {
-                    **reduced,
-                    **_route_metrics(routes, totals, per_reward),
-                    "beta": kl_ctl.value,
-                    "groups_kept_frac": len(kept) / max(1, len(kept) + len(dropped)) if rl.dynamic_sampling else 1.0,
-                    "rollout_rounds": rounds,
-                    "lr": scheduler.get_last_lr()[0],
-                    "step_seconds": time.time() - step_t0,
-                    "completion_tokens_per_s": sum(len(s.token_ids) for s in samples) * world
-                    / max(timer.times.get("rollout", 1e-9), 1e-9),
-                }
-                if step % rl.eval_steps == 0 or step == max_steps:
-                    acc.wait_for_everyone()
-                    metrics.update(run_eval())
-                metrics.update(timer.pop())
-                if main:
-                    logger.log(step, metrics)
-                    progress.update(step, metrics)
-                    if rl.log_completions and (step % t.logging_steps == 0 or step == 1):
-                        s0 = samples[0]
-                        progress.note(f"[dim]step {step} sample (reward {totals[0]:.2f}):[/] {s0.text[:200]!r}")
-                stopping = _any_process(acc, stop.requested is not None)
-                if step % t.save_steps == 0 or step == max_steps or stopping:
-                    _save_checkpoint(acc, out, step, unwrapped, tokenizer, optimizer, scheduler,
-                                     {"step": step, "data_pos": stream.pos, "kl_controller": kl_ctl.state_dict(),
-                                      "history": history, "max_steps": max_steps, "ptx_pos": ptx.pos if ptx else 0},
-                                     t.save_total_limit, extra_state,
-                                     acc.unwrap_model(critic).model if critic is not None else None)
-                if stopping:
-                    raise stop.interrupted(f"saved {out / f'checkpoint-{step}'}")
-    finally:
-        if progress is not None:
-            progress.close()
-
-    # -------------------------------------------------------------------------------- finish
-    acc.wait_for_everyone()
-    result: dict = {"steps": step, "processes": world}
-    if main:
-        if cfg.model.lora is not None:
-            unwrapped.save_pretrained(str(out / "adapter"))  # the adapter first: merging folds it away
-        final = unwrapped.merge_and_unload() if cfg.model.lora is not None else unwrapped
-        final.save_pretrained(str(out))
-        tokenizer.save_pretrained(str(out))
-        if critic is not None:
-            acc.unwrap_model(critic).model.save_pretrained(str(out / "critic"))
-        after = _last_eval(out / "metrics.jsonl")
-        before = history.get("before", {})
-        result.update({"before/" + k.removeprefix("eval/"): v for k, v in before.items() if "seconds" not in k})
-        result.update({"after/" + k.removeprefix("eval/"): v for k, v in after.items() if "seconds" not in k})
-        result["seconds"] = round(time.time() - t_start, 1)
-        finish_run(out, cfg, logger, result, ["reward", "reward/accuracy", "eval/pass@1", "kl", "completion_len"],
-                   stage=cfg.kind)
-    acc.wait_for_everyone()
-    acc.end_training()
-    return result
+    def finish(self) -> dict:
+        """The final Hugging Face directory (merged with LoRA, the adapter beside it), the critic, the
+        before/after table, the plot and the model card."""
+        cfg, out, acc = self.cfg, self.out, self.acc
+        acc.wait_for_everyone()
+        result: dict = {"steps": self.step, "processes": self.world}
+        if self.main:
+            if cfg.model.lora is not None:
+                self.unwrapped.save_pretrained(str(out / "adapter"))  # the adapter first: merging folds it away
+            final = self.unwrapped.merge_and_unload() if cfg.model.lora is not None else self.unwrapped
+            final.save_pretrained(str(out))
+            self.tokenizer.save_pretrained(str(out))
+            if self.critic is not None:
+                acc.unwrap_model(self.critic.model).model.save_pretrained(str(out / "critic"))
+            after = _last_eval(out / "metrics.jsonl")
+            before = self.history.get("before", {})
+            result.update({"before/" + k.removeprefix("eval/"): v for k, v in before.items() if "seconds" not in k})
+            result.update({"after/" + k.removeprefix("eval/"): v for k, v in after.items() if "seconds" not in k})
+            result["seconds"] = round(time.time() - self.t_start, 1)
+            finish_run(out, cfg, self.logger, result, ["reward", "reward/accuracy", "eval/pass@1", "kl", "completion_len"],
+                       stage=cfg.kind)
+        acc.wait_for_everyone()
+        self.engine.close()  # before the process group goes: vLLM tears down its own groups in it
+        acc.end_training()
+        return result
 
 
 # ------------------------------------------------------------------------------------- helpers
-
-
-def _to(batch: RolloutBatch, device) -> RolloutBatch:
-    return RolloutBatch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.__dict__.items()})
 
 
 def _in_chunks(batch: RolloutBatch, size: int, fn) -> torch.Tensor:
@@ -430,9 +524,20 @@ def _chunked_logprobs(model, batch: RolloutBatch, rl) -> torch.Tensor:
         model, mb, rl.temperature, chunk_tokens=rl.logprob_chunk)[0])
 
 
-def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: float, critic=None, ptx=None) -> dict:
+@dataclass
+class Critic:
+    """The PPO value model with its own optimizer and schedule."""
+
+    model: torch.nn.Module  # TokenCritic, prepared by accelerate
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+
+
+def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: float, critic: Critic | None = None,
+            ptx=None) -> dict:
     """num_iterations passes over the batch in mini-batches; each mini-batch is one optimizer step made of
-    micro-batches whose losses are weighted so that they add up to the mini-batch loss."""
+    micro-batches whose losses are weighted so that they add up to the mini-batch loss. ``batch.is_weights``
+    (truncated importance sampling against the sampler) weights the policy loss per token."""
     B = batch.input_ids.shape[0]
     mini = rl.mini_batch_size or B
     loss_cfg = PolicyLossConfig(clip_low=rl.epsilon, clip_high=rl.epsilon_high, dual_clip=rl.dual_clip,
@@ -461,7 +566,7 @@ def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: fl
                                                     chunk_tokens=rl.logprob_chunk)
                     old = mb.old_logp if mb.old_logp is not None else logp.detach()
                     pl, pm = compute_policy_loss(rl.policy_loss, logp, old, mb.advantages, mb.completion_mask,
-                                                 cfg=loss_cfg)
+                                                 cfg=loss_cfg, is_weights=mb.is_weights)
                     loss = pl
                     kl_tok = None
                     if mb.ref_logp is not None:
@@ -481,9 +586,8 @@ def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: fl
                 if kl_tok is not None:
                     sums["kl"] += masked_mean(kl_tok.detach(), mask) * wt
                 if critic is not None:
-                    cmodel = critic[0]
-                    with contextlib.nullcontext() if last else acc.no_sync(cmodel):
-                        v = critic_values(cmodel, mb)
+                    with contextlib.nullcontext() if last else acc.no_sync(critic.model):
+                        v = critic_values(critic.model, mb)
                         vl, vm = value_loss(v, mb.values, mb.returns, mask, clip=rl.value_clip,
                                             aggregation=rl.loss_aggregation, constant=float(rl.max_new_tokens))
                         acc.backward(vl * w)
@@ -496,11 +600,10 @@ def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: fl
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if critic is not None:
-                cmodel, copt, csched = critic
-                acc.clip_grad_norm_(cmodel.parameters(), rl.max_grad_norm)
-                copt.step()
-                csched.step()
-                copt.zero_grad(set_to_none=True)
+                acc.clip_grad_norm_(critic.model.parameters(), rl.max_grad_norm)
+                critic.optimizer.step()
+                critic.scheduler.step()
+                critic.optimizer.zero_grad(set_to_none=True)
             count += 1
     keys = list(sums)
     values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=acc.device).reshape(())
@@ -537,10 +640,10 @@ def _reward_check(rewards: RewardSet, rows: list[dict], template: str, tokenizer
     console.print(f"[{'yellow' if report.hacks else 'green'}]{summary_line(report)}{hint}[/]")
 
 
-def _generate(engine, texts: list[str], params: SamplingParams, step: int):
+def _generate(engine, prompt_ids: list[list[int]], params: SamplingParams, step: int):
     """Roll out; sampling from a model whose logits went non-finite means training diverged."""
     try:
-        return engine.generate(texts, params)
+        return engine.generate(prompt_ids, params)
     except RuntimeError as e:
         if "inf" in str(e) or "nan" in str(e):
             raise Diverged(f"step {step}: training diverged: the policy's probabilities are not finite "
@@ -569,12 +672,6 @@ def _any_process(acc, flag: bool) -> bool:
     return bool(acc.reduce(torch.tensor(float(flag), device=acc.device), "sum").item() > 0)
 
 
-def _sync(engine, model) -> None:
-    sync = getattr(engine, "sync_weights", None)
-    if sync is not None:
-        sync(model)
-
-
 def _gmeans(acc, series: dict[str, list[float]]) -> dict[str, float]:
     """The mean of each list over all processes' values, in one all-reduce. Every process must pass the
     same keys in the same order (a list may be empty on some)."""
@@ -584,6 +681,36 @@ def _gmeans(acc, series: dict[str, list[float]]) -> dict[str, float]:
     if acc.num_processes > 1:
         t = acc.reduce(t, "sum")
     return {k: (s / n if n > 0 else 0.0) for k, (s, n) in zip(series, t.tolist())}
+
+
+def _sampler_metrics(batch: RolloutBatch) -> dict[str, list[float]]:
+    """How far the sampler's log-probs are from the trainer's (``rollout/logprob_diff``, mean |difference|
+    per token) and what the truncated importance weights did (mean, share of tokens at the cap)."""
+    if batch.sampler_logp is None or batch.old_logp is None:
+        return {}
+    mask = batch.completion_mask
+    n = float(mask.sum())
+    out = {"rollout/logprob_diff": [float(((batch.sampler_logp - batch.old_logp).abs() * mask).sum()) / max(n, 1.0)]}
+    if batch.is_weights is not None:
+        raw = torch.exp((batch.old_logp - batch.sampler_logp).clamp(max=20.0))
+        out["rollout/is_weight_mean"] = [float((batch.is_weights * mask).sum()) / max(n, 1.0)]
+        out["rollout/is_clipped_frac"] = [float(((raw > batch.is_weights) * mask).sum()) / max(n, 1.0)]
+    return out
+
+
+def _masked_max(x: torch.Tensor, mask: torch.Tensor) -> float:
+    return float(x.masked_fill(mask == 0, float("-inf")).max()) if mask.any() else 0.0
+
+
+def _gmax(acc, value: float) -> float:
+    """The largest of every process's ``value``."""
+    if acc.num_processes == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor(value, dtype=torch.float64, device=acc.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
 
 
 def _save_checkpoint(acc, out: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int,

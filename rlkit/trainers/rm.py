@@ -26,7 +26,7 @@ from rlkit.outputs import finish_run
 from rlkit.templates import completion_text, render_prompt
 from rlkit.tracking import MetricsLogger, available
 from rlkit.trainers import hf_trainer
-from rlkit.trainers.hf_trainer import jsonl_callback, last_trainer_checkpoint, quiet_progress
+from rlkit.trainers.hf_trainer import checkpointing_arg, jsonl_callback, last_trainer_checkpoint, quiet_progress
 from rlkit.trainers.sft import example_lengths, length_limit
 
 
@@ -128,6 +128,9 @@ def _run_rm(cfg: RunConfig, stop: runs.GracefulStop) -> dict:
     eval_pairs = [p for p in pairs if p["group"] in held]
     if not train_pairs:
         raise DataError(f"{cfg.data.train}: no training pairs left after holding out {cfg.rm.eval_fraction:.0%}")
+    from transformers import set_seed
+
+    set_seed(t.seed)  # the fresh score head: the same seed gives the same reward model
     model = load_reward_model(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code, init=True)
     model.config.pad_token_id = tokenizer.pad_token_id
 
@@ -139,7 +142,7 @@ def _run_rm(cfg: RunConfig, stop: runs.GracefulStop) -> dict:
         gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay, seed=t.seed, logging_steps=t.logging_steps,
         save_steps=t.save_steps, save_total_limit=t.save_total_limit, bf16=bf16, use_cpu=not cuda,
-        activation_checkpointing=t.gradient_checkpointing, max_length=t.max_length,
+        **checkpointing_arg(t.gradient_checkpointing), max_length=t.max_length,
         report_to=[r for r in available(cfg.report_to) if r in ("tensorboard", "wandb")] or "none",
         eval_strategy="no", center_rewards_coefficient=cfg.rm.center_rewards_coefficient,
         dataset_num_proc=None, logging_first_step=True, disable_tqdm=False,

@@ -13,6 +13,7 @@ each row carrying its provenance (source model, reward scores, sample index), pl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -48,23 +49,29 @@ def _run_sample(cfg: RunConfig) -> dict:
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-    model = load_causal_lm(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    engine = make_engine(cfg.rl.engine, model, tokenizer, batch_size=sc.batch_size * sc.num_samples)
+    template = cfg.data.template
+    texts_all = [render_prompt(r["prompt"], template, tokenizer) for r in rows]
+    ids_all = tokenizer(texts_all, add_special_tokens=False)["input_ids"]
+    model = None
+    if cfg.rollout.engine == "hf":
+        model = load_causal_lm(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code)
+        if torch.cuda.is_available():
+            model = model.to("cuda")
+    engine = make_engine(cfg.rollout, tokenizer, model=model, model_path=cfg.model.path, dtype=cfg.model.dtype,
+                         max_batch=sc.batch_size * sc.num_samples, seed=cfg.train.seed,
+                         max_len=cfg.rollout.max_model_len or max(map(len, ids_all), default=0) + sc.max_new_tokens)
     params = SamplingParams(n=sc.num_samples, max_new_tokens=sc.max_new_tokens, temperature=sc.temperature,
                             top_p=sc.top_p)
-    template = cfg.data.template
 
     kept: list[dict] = []
     dropped: Counter = Counter()
     pass_rates: list[float] = []
     total = 0
-    with progress_bar("sampling", len(rows)) as advance:
+    with progress_bar("sampling", len(rows)) as advance, contextlib.closing(engine):
         for i in range(0, len(rows), sc.batch_size):
             chunk = rows[i : i + sc.batch_size]
-            texts = [render_prompt(r["prompt"], template, tokenizer) for r in chunk]
-            groups = engine.generate(texts, params)
+            texts = texts_all[i : i + sc.batch_size]
+            groups = engine.generate(ids_all[i : i + sc.batch_size], params)
             scored = score_groups(rewards, chunk, texts, groups)
             for gi, (row, group) in enumerate(zip(chunk, groups)):
                 seen: set[str] = set()

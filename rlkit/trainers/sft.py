@@ -29,7 +29,7 @@ from rlkit.outputs import finish_run
 from rlkit.templates import completion_text, render_prompt
 from rlkit.tracking import MetricsLogger, available
 from rlkit.trainers import hf_trainer
-from rlkit.trainers.hf_trainer import jsonl_callback, last_trainer_checkpoint, quiet_progress
+from rlkit.trainers.hf_trainer import checkpointing_arg, jsonl_callback, last_trainer_checkpoint, quiet_progress
 
 
 def to_sft_examples(rows: list[dict], template: str, tokenizer, spec: str) -> list[dict]:
@@ -123,7 +123,7 @@ def _run_sft(cfg: RunConfig, stop: runs.GracefulStop) -> dict:
         logging_steps=t.logging_steps,
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
-        activation_checkpointing=t.gradient_checkpointing,
+        **checkpointing_arg(t.gradient_checkpointing),
         bf16=bf16,
         use_cpu=not cuda,
         report_to=[r for r in available(cfg.report_to) if r in ("tensorboard", "wandb")] or "none",
@@ -158,12 +158,18 @@ def _run_sft(cfg: RunConfig, stop: runs.GracefulStop) -> dict:
 
     metrics = {"train_loss": result.training_loss, "steps": trainer.state.global_step,
                "examples": len(examples), "seconds": round(time.time() - t0, 1)}
-    from rlkit.evaluation import eval_rows, eval_spec, evaluate_model
+    from rlkit.evaluation import eval_engine, eval_rows, eval_spec, evaluate_model
 
     if eval_spec(cfg):
         spec, eval_data = eval_rows(cfg.eval, eval_spec(cfg))
         final.eval()
-        report = evaluate_model(final, tokenizer, eval_data, cfg.eval, cfg.eval.template or cfg.data.template)
+        template = cfg.eval.template or cfg.data.template
+        engine = None  # hf: the in-memory model; vllm: the directory just written
+        if cfg.rollout.engine != "hf":
+            engine = eval_engine(cfg.rollout, tokenizer, str(out), cfg.model.dtype, cfg.eval, eval_data, template)
+        report = evaluate_model(final, tokenizer, eval_data, cfg.eval, template, engine=engine)
+        if engine is not None:
+            engine.close()
         metrics.update({f"eval/{k}": v for k, v in report.metrics.items()})
         logger.log(trainer.state.global_step, {f"eval/{k}": v for k, v in report.metrics.items()})
     finish_run(out, cfg, logger, metrics, ["train/loss", "train/learning_rate", "train/grad_norm"], stage="sft")
