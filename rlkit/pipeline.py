@@ -57,7 +57,7 @@ from pydantic_core import to_jsonable_python
 
 from rlkit.errors import RunInterrupted
 from rlkit.config import (RESULT_NEUTRAL, ConfigError, RunConfig, _check_unknown, applicable, build_config,
-                          load_yaml, parse_set)
+                          load_yaml, parse_set, upgrade_dump)
 from rlkit.recipe import recipe_path
 
 STAGE_REF = "stage:"
@@ -306,35 +306,9 @@ def _hash(cfg: RunConfig | dict, input_hashes: dict[str, str], paths: dict[str, 
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _section(annotation: Any) -> type[BaseModel] | None:
-    """The config section type of a field (``Section``, ``Section | None``, ``list[Section]``), if any."""
-    for t in (annotation, *get_args(annotation)):
-        if isinstance(t, type) and issubclass(t, BaseModel):
-            return t
-    return None
-
-
-def _with_defaults(data: dict, model: type[BaseModel] = RunConfig) -> dict:
-    """A recorded config dump with the fields added to rlkit since it ran filled in with their defaults.
-
-    Not validated: a dump sets every key, which the per-command checks of a config would reject.
-    """
-    out = dict(data)
-    for name, f in model.model_fields.items():
-        sub = _section(f.annotation)
-        if name not in out:
-            if not f.is_required():
-                out[name] = to_jsonable_python(f.get_default(call_default_factory=True))
-        elif sub is not None and isinstance(out[name], dict):
-            out[name] = _with_defaults(out[name], sub)
-        elif sub is not None and isinstance(out[name], list):
-            out[name] = [_with_defaults(x, sub) if isinstance(x, dict) else x for x in out[name]]
-    return out
-
-
 def _recorded_config(entry: dict) -> dict | None:
     """The config a manifest entry ran with, as today's full dump (None when there is none)."""
-    return _with_defaults(entry["config"]) if isinstance(entry.get("config"), dict) else None
+    return upgrade_dump(entry["config"]) if isinstance(entry.get("config"), dict) else None
 
 
 def _changes(old: RunConfig | dict, new: RunConfig | dict, paths: dict[str, str]) -> tuple[list[str], list[str]]:

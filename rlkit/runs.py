@@ -25,7 +25,7 @@ import sys
 import threading
 from pathlib import Path
 
-from rlkit.config import RunConfig, result_differences
+from rlkit.config import RunConfig, result_differences, upgrade_dump
 from rlkit.errors import RlkitError, RunInterrupted
 
 RESUME_MODES = ("auto", "anyway", "overwrite")
@@ -104,8 +104,8 @@ def check_resume(out: Path, cfg: RunConfig, resuming: bool, mode: str) -> None:
     new = cfg.model_dump(mode="json")
     if resuming and record.is_file():
         try:
-            old = json.loads(record.read_text())["config"]
-        except (OSError, ValueError, KeyError):
+            old = upgrade_dump(json.loads(record.read_text())["config"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             old = None
         diffs = result_differences(old, new) if old is not None else []
         if not diffs:

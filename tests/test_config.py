@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import yaml
 
@@ -128,3 +130,18 @@ def test_pipeline_defaults_reach_only_the_keys_a_command_reads():
     assert applicable(layer, "sample") == {"sample": {"thresholds": {}}}
     with pytest.raises(ConfigError, match=r"^--set: rl.value_clip: only used with a value model"):
         load_config("r1_zero", default_recipe="r1_zero", sets=["rl.value_clip=0.1"])
+
+
+def test_a_config_recorded_before_the_rollout_section_still_resumes():
+    """rlkit_run.json and pipeline manifests written before `rollout:` existed (rl.engine, rl.hf_cache) read
+    back as today's config: no spurious differences, so runs resume and finished stages are not re-run."""
+    from rlkit.config import result_differences, upgrade_dump
+    from rlkit.recipe import load_config
+
+    cfg = load_config("r1_zero", default_recipe="r1_zero", sets=["rollout.hf_cache=static"])
+    new = cfg.model_dump(mode="json")
+    old = json.loads(json.dumps(new))
+    rollout = old.pop("rollout")
+    old["rl"].update(engine=rollout["engine"], hf_cache=rollout["hf_cache"])
+    assert result_differences(old, new)  # read naively, the old record differs
+    assert upgrade_dump(old) == new and result_differences(upgrade_dump(old), new) == []

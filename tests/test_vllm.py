@@ -243,7 +243,8 @@ def test_server_mode_learns_and_a_dead_server_fails_in_one_line(tmp_path):
                     *map(str, more)]
 
         out = tmp_path / "server"
-        _rlkit(*grpo(out, "--max-steps", 12), check=True)
+        _rlkit(*grpo(out, "--max-steps", 12, "--set", f"rollout.sync_dir={tmp_path / 'sync'}"), check=True)
+        assert (tmp_path / "sync" / "model.safetensors").is_file()  # the weights went through the named directory
         result = json.loads((out / "rlkit_result.json").read_text())
         assert result["after/pass@1"] >= result["before/pass@1"] + 0.25, result
         rows = [r for r in _metrics(out) if "reward" in r]

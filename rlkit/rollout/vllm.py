@@ -59,7 +59,8 @@ def make_vllm_engine(cfg, tokenizer, *, model=None, model_path=None, max_batch=6
                      dtype="auto"):
     if cfg.mode == "server":
         stop_ids = _stop_ids(resolve_model_path(model_path), tokenizer) if model_path else None
-        engine = VLLMServerEngine(cfg.server_url, tokenizer, timeout=cfg.server_timeout, stop_ids=stop_ids)
+        engine = VLLMServerEngine(cfg.server_url, tokenizer, timeout=cfg.server_timeout, stop_ids=stop_ids,
+                                  sync_dir=cfg.sync_dir)
     else:
         engine = VLLMColocateEngine(cfg, tokenizer, model_path=model_path, max_batch=max_batch, max_len=max_len,
                                     seed=seed, dtype=dtype)
@@ -265,13 +266,15 @@ class VLLMServerEngine:
 
     returns_logprobs = True
 
-    def __init__(self, url: str, tokenizer, timeout: float = 600.0, stop_ids: list[int] | None = None):
+    def __init__(self, url: str, tokenizer, timeout: float = 600.0, stop_ids: list[int] | None = None,
+                 sync_dir: str | None = None):
         self.url = url.rstrip("/")
         self.tokenizer = tokenizer
         self.timeout = timeout
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         self.stop_ids = stop_ids if stop_ids is not None else eos
-        self._sync_dir: tempfile.TemporaryDirectory | None = None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self.sync_dir = Path(sync_dir) if sync_dir else None
         try:
             self._request("GET", "/health", timeout=10)
             models = self._request("GET", "/v1/models", timeout=10)
@@ -329,13 +332,18 @@ class VLLMServerEngine:
         return _to_samples(self.tokenizer, [o for group in per_prompt for o in group], params.n)
 
     def sync_weights(self, model) -> None:
-        """Write the weights as safetensors into a directory the server can read (same machine), then ask
-        the server to reload from it."""
+        """Write the weights as safetensors into a directory the server can read (``rollout.sync_dir``, or a
+        temporary one on this machine), then ask the server to reload from it."""
         from safetensors.torch import save_file
 
-        if self._sync_dir is None:
-            self._sync_dir = tempfile.TemporaryDirectory(prefix="rlkit-vllm-sync-")
-        d = Path(self._sync_dir.name)
+        if self.sync_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="rlkit-vllm-sync-")
+            self.sync_dir = Path(self._tmp.name)
+        d = self.sync_dir
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise EngineError(f"rollout.sync_dir {d}: cannot create it ({e.strerror})") from None
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in full_weights(model)}
         tmp = d / "model.safetensors.tmp"
         save_file(_untie(tensors), str(tmp), metadata={"format": "pt"})
@@ -346,9 +354,9 @@ class VLLMServerEngine:
         self.last_sync_seconds = time.perf_counter() - t0
 
     def close(self) -> None:
-        if self._sync_dir is not None:
-            self._sync_dir.cleanup()
-            self._sync_dir = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = self.sync_dir = None
 
     def sleep(self) -> None:
         pass  # the server's memory is its own
