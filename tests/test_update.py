@@ -67,3 +67,44 @@ def test_huge_log_ratio_to_the_reference_keeps_the_loss_finite(world):
     delta, stats = _step(model, far, micro_batch_size=6, kl_estimator="k3")
     assert math.isfinite(stats["loss/policy"]) and math.isfinite(stats["kl"]) and math.isfinite(stats["grad_norm"])
     assert all(bool(torch.isfinite(v).all()) for v in delta.values())
+
+
+def test_importance_weights_from_the_update_forward_equal_a_separate_pass(world):
+    """Another sampler (vLLM), one pass in one mini-batch: the update takes the old log-probs from its own
+    forward and weights tokens by min(pi_old / pi_sampler, cap). The step equals the one made with old
+    log-probs and weights from a separate pass, and the batch carries both for the log phase."""
+    from rlkit.algos import truncated_is_weights
+
+    model, batch = world
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        exact = completion_logprobs(model, batch)[0]
+    sampled = copy.copy(batch)
+    sampled.sampler_logp = exact + 0.4 * torch.randn(exact.shape, generator=g)  # some ratios above the cap
+    sampled.old_logp = None
+
+    def step(b, cap):
+        m = copy.deepcopy(model)
+        before = {k: v.detach().clone() for k, v in m.named_parameters()}
+        opt = torch.optim.SGD(m.parameters(), lr=1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        _update(m, opt, sched, Accelerator(cpu=True), b, RLConfig(max_grad_norm=1e9, micro_batch_size=2), beta=0.1,
+                tis_cap=cap)
+        return {k: before[k] - v.detach() for k, v in m.named_parameters()}
+
+    fused = copy.copy(sampled)
+    d_fused = step(fused, 1.5)
+    separate = copy.copy(sampled)
+    separate.old_logp = exact
+    separate.is_weights = truncated_is_weights(exact, sampled.sampler_logp, 1.5)
+    d_sep = step(separate, 1.5)
+    mask = batch.completion_mask.bool()
+    torch.testing.assert_close(fused.old_logp[mask], exact[mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.is_weights[mask], separate.is_weights[mask], rtol=1e-5, atol=1e-5)
+    assert 0 < float((fused.is_weights[mask] == 1.5).float().mean()) < 1  # the cap bit somewhere, not everywhere
+    for k in d_sep:
+        torch.testing.assert_close(d_fused[k], d_sep[k], rtol=1e-4, atol=1e-6, msg=k)
+    unweighted = copy.copy(sampled)
+    d_plain = step(unweighted, None)  # no correction: a different step
+    assert unweighted.is_weights is None
+    assert max(float((d_plain[k] - d_sep[k]).abs().max()) for k in d_sep) > 1e-6

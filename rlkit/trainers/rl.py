@@ -167,8 +167,11 @@ class RLRun:
         resume_from = ckpt.last_checkpoint(out)
         self._build_policy(resume_from)
         n_minibatches = math.ceil(self.B / (rl.mini_batch_size or self.B))
+        # A separate pass for the old log-probs only when the update cannot take them from its own forward: it
+        # updates more than once per batch, the KL goes into the reward, or (with another sampler, whose tokens
+        # are importance-weighted) dropout would make the update's forward differ from the policy that sampled.
         self.need_old_logp = (rl.num_iterations > 1 or n_minibatches > 1 or (rl.kl_in == "reward" and rl.beta > 0)
-                              or self.off_policy)
+                              or (self.off_policy and _has_dropout(self.policy)))
         opt_steps = self.max_steps * rl.num_iterations * n_minibatches
         self.optimizer, self.scheduler = self._optimizer(self.policy, t.learning_rate, opt_steps)
         self.policy, self.optimizer = acc.prepare(self.policy, self.optimizer)
@@ -375,16 +378,18 @@ class RLRun:
         return batch.to(self.acc.device)
 
     def logprobs(self, batch: RolloutBatch) -> None:
-        """The trainer's log-probs of the sampled tokens before this step's updates (when the update needs
-        them, and always when the sampler is not the trainer), the truncated importance weights that correct
-        for the sampler, and the reference model's log-probs (beta > 0)."""
+        """The trainer's log-probs of the sampled tokens before this step's updates, when the update needs them
+        before its own forward; the truncated importance weights that correct for another sampler (else the
+        update derives both from its forward: one pass over the batch less); the reference model's log-probs
+        (beta > 0)."""
         rl = self.rl
         with self.timer("reference"):
             self.policy.eval()
             with torch.no_grad():
                 if self.need_old_logp:
                     batch.old_logp = _chunked_logprobs(self.unwrapped, batch, rl)
-                if self.off_policy and batch.sampler_logp is not None and self.cfg.rollout.tis_cap is not None:
+                if (self.off_policy and batch.old_logp is not None and batch.sampler_logp is not None
+                        and self.cfg.rollout.tis_cap is not None):
                     batch.is_weights = truncated_is_weights(batch.old_logp, batch.sampler_logp, self.cfg.rollout.tis_cap)
                 if rl.beta > 0:
                     if self.ref_model is not None:
@@ -415,7 +420,7 @@ class RLRun:
     def update(self, batch: RolloutBatch) -> dict:
         with self.timer("update"):
             return _update(self.policy, self.optimizer, self.scheduler, self.acc, batch, self.rl, self.kl_ctl.value,
-                           critic=self.critic, ptx=self.ptx)
+                           critic=self.critic, ptx=self.ptx, tis_cap=self.cfg.rollout.tis_cap)
 
     def sync(self) -> None:
         with self.timer("sync"):
@@ -534,12 +539,21 @@ class Critic:
 
 
 def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: float, critic: Critic | None = None,
-            ptx=None) -> dict:
+            ptx=None, tis_cap: float | None = None) -> dict:
     """num_iterations passes over the batch in mini-batches; each mini-batch is one optimizer step made of
     micro-batches whose losses are weighted so that they add up to the mini-batch loss. ``batch.is_weights``
-    (truncated importance sampling against the sampler) weights the policy loss per token."""
+    (truncated importance sampling against the sampler) weights the policy loss per token.
+
+    One pass in one mini-batch over a batch with sampler log-probs and no old ones (another sampler, no
+    dropout): the old log-probs are this forward's (the weights have not moved yet); they and the importance
+    weights ``min(pi_old / pi_sampler, tis_cap)`` are written into ``batch`` for the log phase."""
     B = batch.input_ids.shape[0]
     mini = rl.mini_batch_size or B
+    fill_old = (batch.old_logp is None and batch.sampler_logp is not None and rl.num_iterations == 1 and mini >= B)
+    if fill_old:
+        batch.old_logp = torch.zeros_like(batch.completion_mask)
+        if tis_cap is not None:
+            batch.is_weights = torch.ones_like(batch.completion_mask)
     loss_cfg = PolicyLossConfig(clip_low=rl.epsilon, clip_high=rl.epsilon_high, dual_clip=rl.dual_clip,
                                 aggregation=rl.loss_aggregation,
                                 aggregation_constant=float(rl.max_new_tokens))
@@ -564,9 +578,16 @@ def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: fl
                 with ctx:
                     logp, ent = completion_logprobs(policy, mb, rl.temperature, with_entropy=True,
                                                     chunk_tokens=rl.logprob_chunk)
-                    old = mb.old_logp if mb.old_logp is not None else logp.detach()
+                    is_w = mb.is_weights
+                    if fill_old:
+                        old = logp.detach()
+                        batch.old_logp[idx] = old
+                        if tis_cap is not None:
+                            is_w = batch.is_weights[idx] = truncated_is_weights(old, mb.sampler_logp, tis_cap)
+                    else:
+                        old = mb.old_logp if mb.old_logp is not None else logp.detach()
                     pl, pm = compute_policy_loss(rl.policy_loss, logp, old, mb.advantages, mb.completion_mask,
-                                                 cfg=loss_cfg, is_weights=mb.is_weights)
+                                                 cfg=loss_cfg, is_weights=is_w)
                     loss = pl
                     kl_tok = None
                     if mb.ref_logp is not None:
@@ -609,6 +630,10 @@ def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: fl
     values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=acc.device).reshape(())
                           for k in keys]).div(count).tolist()
     return dict(zip(keys, values))
+
+
+def _has_dropout(model) -> bool:
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
 def _route_metrics(routes: list, totals: list[float], per_reward: dict[str, list]) -> dict:
