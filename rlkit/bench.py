@@ -10,7 +10,7 @@ full GRPO step with each engine (time per phase, completion tokens/s, peak GPU m
 ``--model`` is 'embedded', a model directory, or a preset shape built with random weights (no download):
 ``qwen2.5-0.5b-shape`` (hidden 896, 24 layers, 14 heads / 2 KV heads, vocabulary 32,000). Rollouts sample
 with EOS ignored, so every sequence generates exactly ``--gen-len`` tokens; the first call of each
-engine warms up (and compiles) and the second is timed.
+engine warms up (and compiles) and the median of the next three is reported.
 """
 
 from __future__ import annotations
@@ -124,8 +124,10 @@ class RawVLLM:
         self.llm.llm_engine.engine_core.shutdown()
 
 
-def bench_rollout(model_path: str, engines: list[str], batch_sizes: list[int], prompt_len: int, gen_len: int) -> list[dict]:
-    """Rollout tokens/s of each engine at each batch size, on the same prompts (token ids)."""
+def bench_rollout(model_path: str, engines: list[str], batch_sizes: list[int], prompt_len: int, gen_len: int,
+                  repeats: int = 3) -> list[dict]:
+    """Rollout tokens/s of each engine at each batch size, on the same prompts (token ids): the median of
+    ``repeats`` calls after a warm-up call."""
     from rlkit.models import load_tokenizer
     from rlkit.rollout import SamplingParams
 
@@ -139,11 +141,14 @@ def bench_rollout(model_path: str, engines: list[str], batch_sizes: list[int], p
                 prompts = tok(_prompts(bs, prompt_len, tok), add_special_tokens=False)["input_ids"]
                 params = SamplingParams(n=1, max_new_tokens=gen_len, temperature=1.0, ignore_eos=True)
                 engine.generate(prompts, params)  # warm-up (and compile)
-                _sync()
-                t0 = time.perf_counter()
-                out = engine.generate(prompts, params)
-                _sync()
-                dt = time.perf_counter() - t0
+                times = []
+                for _ in range(repeats):
+                    _sync()
+                    t0 = time.perf_counter()
+                    out = engine.generate(prompts, params)
+                    _sync()
+                    times.append(time.perf_counter() - t0)
+                dt = sorted(times)[len(times) // 2]  # the median call
                 tokens = sum(len(g[0].token_ids) for g in out)
                 rows.append({"engine": name, "sequences": bs, "tokens": tokens, "seconds": round(dt, 3),
                              "tokens_per_s": round(tokens / dt, 1)})

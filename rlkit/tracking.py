@@ -23,6 +23,11 @@ def quiet_libraries() -> None:
     if "VLLM_LOGGING_LEVEL" not in os.environ:  # vLLM logs every weight reload at INFO
         os.environ["VLLM_LOGGING_LEVEL"] = "ERROR"
         os.environ["RLKIT_QUIETED_VLLM"] = "1"
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")  # deprecated torch names in vLLM
+    # TRL's own vLLM path (not used by rlkit) warns about vLLM versions it has not tested
+    warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")
     try:
         import datasets
         import transformers

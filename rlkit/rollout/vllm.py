@@ -134,6 +134,8 @@ def _seeds(params: SamplingParams, count: int) -> list[int]:
     follow its seed and a resumed run (whose RNG state is restored) samples what the uninterrupted one did."""
     if params.seed is not None:
         return [params.seed + i for i in range(count)]
+    if params.temperature == 0:  # greedy: nothing to seed, and the run's RNG is left as it is
+        return [0] * count
     return torch.randint(0, 2**31 - 1, (count,)).tolist()
 
 
@@ -163,7 +165,7 @@ class VLLMColocateEngine:
                       max_model_len=max_len, max_num_seqs=max(1, min(max_batch, 1024)),
                       enforce_eager=cfg.enforce_eager if cfg.enforce_eager is not None else not cuda,
                       logprobs_mode="processed_logprobs", enable_sleep_mode=self.can_sleep,
-                      trust_remote_code=False)
+                      trust_remote_code=False, use_tqdm_on_load=False)
         if cuda:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         else:
