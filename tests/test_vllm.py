@@ -250,6 +250,16 @@ def test_server_mode_learns_and_a_dead_server_fails_in_one_line(tmp_path):
         rows = [r for r in _metrics(out) if "reward" in r]
         assert all(r["rollout/logprob_diff"] < 1e-4 for r in rows)  # the weights reached the server each step
 
+        # two trainer processes share the server: the main process pushes the weights, both sample from them
+        out_ddp = tmp_path / "server_ddp"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlkit",
+               *grpo(out_ddp, "--max-steps", 2, "--set", "eval.limit=16")]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        assert json.loads((out_ddp / "rlkit_result.json").read_text())["processes"] == 2
+        assert all(r["rollout/logprob_diff"] < 1e-4 for r in _metrics(out_ddp) if "reward" in r)
+
         # the server dies after checkpoint-2 of a longer run
         out2 = tmp_path / "dies"
         exe = os.path.join(os.path.dirname(sys.executable), "rlkit")

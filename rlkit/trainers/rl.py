@@ -291,9 +291,14 @@ class RLRun:
             ids = self.tokenizer([render_prompt(r["prompt"], self.eval_template, self.tokenizer)
                                   for r in self.eval_data], add_special_tokens=False)["input_ids"]
             longest = max(longest, max(len(x) for x in ids) + cfg.eval.max_new_tokens)
-        return make_engine(cfg.rollout, self.tokenizer, model=self.unwrapped, model_path=cfg.model.path,
-                           max_batch=max(self.B, 1), max_len=cfg.rollout.max_model_len or longest,
-                           seed=self.t.seed, dtype=cfg.model.dtype)
+        # every process syncs its own engine; a server shared by all processes gets the main process's weights
+        self.shared_server = cfg.rollout.engine == "vllm" and cfg.rollout.mode == "server"
+        engine = make_engine(cfg.rollout, self.tokenizer, model=self.unwrapped if self.main or not self.shared_server
+                             else None, model_path=cfg.model.path, max_batch=max(self.B, 1),
+                             max_len=cfg.rollout.max_model_len or longest, seed=self.t.seed, dtype=cfg.model.dtype)
+        if self.shared_server:
+            self.acc.wait_for_everyone()  # the server holds the weights before any process samples
+        return engine
 
     # ----------------------------------------------------------------------------------- the loop
 
@@ -425,7 +430,10 @@ class RLRun:
     def sync(self) -> None:
         with self.timer("sync"):
             self.engine.wake()
-            self.engine.sync_weights(self.unwrapped)
+            if self.main or not self.shared_server:
+                self.engine.sync_weights(self.unwrapped)
+            if self.shared_server:
+                self.acc.wait_for_everyone()  # no process samples from the server before the new weights are in
 
     def log(self, batch: RolloutBatch, stats: dict, step_t0: float) -> None:
         rl, step, samples, totals = self.rl, self.step, batch.samples, batch.info["rewards"]
