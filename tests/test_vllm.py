@@ -309,8 +309,11 @@ def test_unreachable_server_and_missing_vllm_are_one_line(cli, tmp_path, monkeyp
 
 
 def test_a_model_vllm_cannot_load_is_one_line(tmp_path):
-    """A model directory whose weights file is cut short: vLLM's load fails; rlkit says so in one line."""
+    """A model directory whose weights file is cut short (vLLM's load fails), and a model that loads but
+    cannot run on vLLM's CPU attention (head size 16): rlkit says so in one line, before training starts."""
     import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     bad = tmp_path / "bad"
     shutil.copytree(model_dir(), bad)
@@ -318,3 +321,13 @@ def test_a_model_vllm_cannot_load_is_one_line(tmp_path):
     weights.write_bytes(weights.read_bytes()[:1000])
     p = _rlkit("eval", str(bad), "--engine", "vllm", "--limit", 4)
     assert_clean_error(p, "vLLM could not load", str(bad))
+
+    tok = AutoTokenizer.from_pretrained(model_dir())
+    small_heads = tmp_path / "head16"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).save_pretrained(small_heads)
+    tok.save_pretrained(small_heads)
+    p = _rlkit("grpo", "--model", small_heads, "--output-dir", tmp_path / "out", "--max-steps", 1, *SMALL,
+               "--set", "rollout.engine=vllm")
+    assert_clean_error(p, "vLLM could not load", "head_dim=16")

@@ -184,7 +184,13 @@ class VLLMColocateEngine:
         try:
             with _preserved_rng():  # vLLM seeds every global RNG when it starts; the caller's run keeps its own
                 self.llm = LLM(**kwargs)
-        except Exception as e:  # a model vLLM cannot load, too little memory, ...
+                # one token through the model now: some models load but cannot run (on CPU, attention with an
+                # unsupported head size fails at the first step)
+                from vllm import SamplingParams as VSP
+
+                self.llm.generate([{"prompt_token_ids": [self.stop_ids[0] if self.stop_ids else 0]}],
+                                  VSP(max_tokens=1, temperature=0.0, detokenize=False), use_tqdm=False)
+        except Exception as e:  # a model vLLM cannot load or run, too little memory, ...
             raise EngineError(f"rollout.engine vllm: vLLM could not load {model_path} ({_first_line(e)})") from None
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams, progress=None) -> list[list[Sample]]:
