@@ -29,7 +29,10 @@ class LoraConfig(_Section):
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: int = Field(32, gt=0, description="LoRA scaling alpha.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
-    target_modules: str | list[str] = Field("all-linear", description="Modules to adapt (peft syntax).")
+    target_modules: str | list[str] = Field(
+        "auto", description="Modules to adapt (peft syntax: names, a regex, or 'all-linear'). 'auto': the model "
+        "family's attention and MLP projections (rlkit.models.LORA_TARGETS; MoE routers and fused expert weights "
+        "left alone), 'all-linear' for a family not in the table.")
 
 
 class ModelConfig(_Section):

@@ -46,6 +46,33 @@ def _hub_like(name: str) -> bool:
     return len(parts) == 2 and all(parts)
 
 
+_ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+_MLP = ["gate_proj", "up_proj", "down_proj"]
+# LoRA targets per model family (config.model_type): the attention and MLP projections. In MoE families the
+# routed experts are fused 3-D weights and the router is a Linear named ``gate``: neither is adapted; the
+# shared experts' projections are.
+LORA_TARGETS: dict[str, list[str]] = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    **{t: _ATTN + _MLP for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo2", "smollm3",
+                                 "qwen2_moe", "qwen3_moe", "mixtral")},
+    # attention only: peft (0.21) rewrites any gate/up/down_proj target of this family into LoRA on the fused
+    # routed-expert weights (its transformers v4 -> v5 MoE conversion), dropping the dense and shared MLPs
+    "deepseek_v3": ["q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
+}
+
+
+def lora_targets(model, requested: str | list[str]) -> str | list[str]:
+    """``model.lora.target_modules`` resolved: 'auto' -> a regex over the module names of the family's entry
+    of ``LORA_TARGETS`` outside routed experts, or 'all-linear' for a family not in the table; anything
+    else as given."""
+    if requested != "auto":
+        return requested
+    names = LORA_TARGETS.get(getattr(model.config, "model_type", ""), None)
+    if names is None:
+        return "all-linear"
+    return rf"^(?!.*\.experts\.).*\.({'|'.join(names)})$"
+
+
 def pick_dtype(name: str) -> torch.dtype:
     if name == "auto":
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported():

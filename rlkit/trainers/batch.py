@@ -75,9 +75,11 @@ def build_batch(prompt_ids: list[list[int]], samples: list[Sample], group_ids: l
 
 
 def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, with_entropy: bool = False,
-                        chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        chunk_tokens: int | None = None, with_aux: bool = False) -> tuple:
     """Log-probs [B, T] of the completion tokens under ``model`` (logits divided by the sampling
-    temperature, as the sampler saw them), and optionally the per-token entropy [B, T].
+    temperature, as the sampler saw them), and optionally the per-token entropy [B, T]. With ``with_aux``
+    a third value: the MoE router's load-balancing loss (a scalar) when the model computes one (its config's
+    ``output_router_logits``), else None.
 
     Position ids follow the attention mask, so left padding gives the same positions as generation.
     Only the last T+1 positions go through the LM head. With ``chunk_tokens``, the LM head runs over
@@ -93,7 +95,7 @@ def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, wi
         logits = out.logits[:, -(T + 1) : -1, :].float() / temperature
         logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         ent = entropy_from_logits(logits.detach()) if with_entropy else None
-        return logp, ent
+        return (logp, ent, getattr(out, "aux_loss", None)) if with_aux else (logp, ent)
     # The forward still goes through the (possibly DDP-wrapped) module; it computes logits for one position.
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
                 use_cache=False, logits_to_keep=1, output_hidden_states=True)
@@ -110,7 +112,7 @@ def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, wi
         ents.append(en)
     logp = torch.cat(lps).view(B, T)
     ent = torch.cat(ents).view(B, T).detach() if with_entropy else None
-    return logp, ent
+    return (logp, ent, getattr(out, "aux_loss", None)) if with_aux else (logp, ent)
 
 
 def _head_logprobs(h, targets, weight, bias, temperature: float, with_entropy: bool):

@@ -61,7 +61,7 @@ from rlkit.config import RunConfig
 from rlkit.data import DataError, check_lengths, rl_rows
 from rlkit.errors import Diverged
 from rlkit.evaluation import eval_rows, eval_spec, evaluate_model
-from rlkit.models import context_length, load_causal_lm, load_tokenizer
+from rlkit.models import context_length, load_causal_lm, load_tokenizer, lora_targets
 from rlkit.outputs import finish_run
 from rlkit.rollout import SamplingParams, make_engine
 from rlkit.scoring import RewardSet, score_groups
@@ -240,7 +240,8 @@ class RLRun:
                 policy = PeftModel.from_pretrained(policy, str(resume_from), is_trainable=True)
             else:
                 policy = get_peft_model(policy, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                                           target_modules=lc.target_modules, task_type="CAUSAL_LM"))
+                                                           target_modules=lora_targets(policy, lc.target_modules),
+                                                           task_type="CAUSAL_LM"))
         else:
             if rl.beta > 0:  # beta 0: no KL anywhere, so no reference model
                 self.ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -558,6 +559,7 @@ def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: fl
     B = batch.input_ids.shape[0]
     mini = rl.mini_batch_size or B
     fill_old = (batch.old_logp is None and batch.sampler_logp is not None and rl.num_iterations == 1 and mini >= B)
+    aux_coef = float(getattr(acc.unwrap_model(policy).config, "router_aux_loss_coef", 0.0) or 0.0)
     if fill_old:
         batch.old_logp = torch.zeros_like(batch.completion_mask)
         if tis_cap is not None:
@@ -584,8 +586,8 @@ def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: fl
                 last = ci == len(micro_chunks) - 1
                 ctx = contextlib.nullcontext() if last else acc.no_sync(policy)
                 with ctx:
-                    logp, ent = completion_logprobs(policy, mb, rl.temperature, with_entropy=True,
-                                                    chunk_tokens=rl.logprob_chunk)
+                    logp, ent, router_aux = completion_logprobs(policy, mb, rl.temperature, with_entropy=True,
+                                                                chunk_tokens=rl.logprob_chunk, with_aux=True)
                     is_w = mb.is_weights
                     if fill_old:
                         old = logp.detach()
@@ -603,11 +605,15 @@ def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: fl
                         if rl.kl_in == "loss" and beta > 0:
                             loss = loss + beta * aggregate(kl_tok, mb.completion_mask, rl.loss_aggregation,
                                                            float(rl.max_new_tokens))
+                    if router_aux is not None:  # MoE load balancing, as the family's own training adds it
+                        loss = loss + aux_coef * router_aux
                     w = _loss_weight(rl.loss_aggregation, mb.completion_mask, mini_mask)
                     acc.backward(loss * w)
                 mask = mb.completion_mask
                 wt = _loss_weight("token_mean", mask, mini_mask)  # per-token metrics: the mini-batch's token mean
                 sums["loss/policy"] += pl.detach() * w
+                if router_aux is not None:
+                    sums["loss/router_aux"] += router_aux.detach() * w
                 sums["entropy"] += masked_mean(ent, mask) * wt
                 for k in ("clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl"):
                     if k in pm:

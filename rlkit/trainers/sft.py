@@ -24,7 +24,7 @@ import torch
 from rlkit import runs
 from rlkit.config import RunConfig
 from rlkit.data import DataError, check_lengths, sft_rows
-from rlkit.models import context_length, load_causal_lm, load_tokenizer
+from rlkit.models import context_length, load_causal_lm, load_tokenizer, lora_targets
 from rlkit.outputs import finish_run
 from rlkit.templates import completion_text, render_prompt
 from rlkit.tracking import MetricsLogger, available
@@ -104,7 +104,7 @@ def _run_sft(cfg: RunConfig, stop: runs.GracefulStop) -> dict:
 
         lc = cfg.model.lora
         peft_config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                 target_modules=lc.target_modules, task_type="CAUSAL_LM")
+                                 target_modules=lora_targets(model, lc.target_modules), task_type="CAUSAL_LM")
 
     t = cfg.train
     cuda = torch.cuda.is_available()
