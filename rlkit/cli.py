@@ -232,7 +232,8 @@ def eval_(
     cfg = build_config(layers)
     tmpl = cfg.eval.template or cfg.data.template
     report = run_eval(cfg.model.path, cfg.eval, tmpl, data=data, dtype=cfg.model.dtype,
-                      progress_factory=lambda total: progress_bar("evaluating", total), rollout=cfg.rollout)
+                      progress_factory=lambda total: progress_bar("evaluating", total), rollout=cfg.rollout,
+                      data_cfg=cfg.data)
     _print_metrics(f"eval {report['model']} on {report['data']} ({tmpl} template, {report['engine']} engine)",
                    report["metrics"])
     if output:

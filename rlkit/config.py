@@ -62,6 +62,15 @@ class DataConfig(_Section):
     max_samples: int | None = Field(None, gt=0, description="Use at most this many training rows.")
     route: str | None = Field(None, description="Route name for the rows of data.train (when mixing sources).")
     mix: list[MixSource] = Field(default_factory=list, description="More prompt sources mixed into RL data, each with a route.")
+    prompt_column: str = Field(
+        "prompt", description="RL/eval data: the column with the prompt, a string or a list of chat messages "
+        "({role, content}; needs data.template chat), as TRL's conversational format (GSM8K: question, MATH: problem).")
+    answer_column: str | None = Field(
+        None, description="RL/eval data: the column with the gold answer; default 'answer', else 'solution' (the "
+        "name open-r1 and TRL's reward functions use).")
+    answer_extractor: Literal["none", "gsm8k", "boxed"] = Field(
+        "none", description="How the gold answer is read from that column: as it is; 'gsm8k', the text after the "
+        "final '####'; 'boxed', the last \\boxed{...} (MATH solutions).")
     on_overlong: Literal["error", "drop"] = Field(
         "error", description="A row too long for the model (SFT/RM: longer than train.max_length; RL: prompt plus "
         "rl.max_new_tokens beyond the model's context): 'error' names the first such row, 'drop' leaves them out "
@@ -261,7 +270,7 @@ _RL_TRAIN = tuple(f"train.{k}" for k in ("learning_rate", "epochs", "max_steps",
 _BASE = ("kind", "name", "description", "output_dir", "model")
 USED_KEYS: dict[str, tuple[str, ...]] = {
     "sft": (*_BASE, "report_to", "data.train", "data.eval", "data.template", "data.max_samples", "data.on_overlong",
-            "train", "sft", "eval", "rollout"),
+            "data.prompt_column", "data.answer_column", "data.answer_extractor", "train", "sft", "eval", "rollout"),
     "rm": (*_BASE, "report_to", "data.train", "data.template", "data.max_samples", "data.on_overlong", "train", "rm"),
     "grpo": (*_BASE, "report_to", "data", *_RL_TRAIN, "rl", "eval", "rewards", "rollout"),
     "ppo": (*_BASE, "report_to", "data", *_RL_TRAIN, "rl", "eval", "rewards", "rollout"),

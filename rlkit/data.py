@@ -4,6 +4,7 @@ A data spec is a string:
 
 - ``embedded:arithmetic`` (train split) or ``embedded:arithmetic:test``: a built-in task;
 - ``path/to/file.jsonl`` (one JSON object per line), ``.json`` (a list of objects) or ``.parquet``;
+- a directory written by ``datasets``' ``save_to_disk`` (a DatasetDict: its train split, or eval's split);
 - anything else is a ``datasets`` name (``org/name`` or ``org/name:split``), loaded from the local cache.
 
 Every problem is a :class:`DataError` naming the file and line (or column) and what was expected.
@@ -76,9 +77,11 @@ def load_rows(spec: str, default_split: str = "train") -> list[dict]:
         task, split = _embedded(spec, default_split)
         return tasks.task_split(task, split)
     path = Path(spec).expanduser()
+    if path.is_dir() and not (path / "data.jsonl").is_file() and _saved_dataset(path):
+        return _from_disk(path, default_split)
     if path.is_dir():  # a stage's output directory, e.g. rejection samples
         if not (path / "data.jsonl").is_file():
-            raise DataError(f"{path}: a data directory needs a data.jsonl file")
+            raise DataError(f"{path}: a data directory needs a data.jsonl file (or a datasets save_to_disk directory)")
         path = path / "data.jsonl"
     if path.suffix in LOCAL_SUFFIXES or path.exists() or spec.startswith((".", "/", "~")):
         if not path.is_file():
@@ -105,6 +108,32 @@ def load_rows(spec: str, default_split: str = "train") -> list[dict]:
             raise DataError(f"{path}: no rows")
         return rows
     return _hub_rows(spec, default_split)
+
+
+def _saved_dataset(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("dataset_dict.json", "state.json", "dataset_info.json"))
+
+
+def _from_disk(path: Path, split: str) -> list[dict]:
+    """A directory written by ``datasets``' ``save_to_disk``: a Dataset, or a DatasetDict and its ``split``."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise DataError(f"{path}: not a readable datasets directory ({_first_line(e)})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{path}: no '{split}' split in this DatasetDict; it has {', '.join(ds)}")
+        ds = ds[split]
+    if len(ds) == 0:
+        raise DataError(f"{path}: no rows")
+    return [dict(r) for r in ds]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _hub_rows(spec: str, default_split: str) -> list[dict]:
@@ -158,16 +187,82 @@ def sft_rows(spec: str, max_samples: int | None = None) -> list[dict]:
     return rows[:max_samples] if max_samples else rows
 
 
-def prompt_rows(spec: str, split: str = "train", answer: bool = True) -> list[dict]:
-    """Rows with ``prompt`` (and ``answer``) for RL and evaluation."""
+def prompt_rows(spec: str, split: str = "train", answer: bool = True, data_cfg=None) -> list[dict]:
+    """Rows with ``prompt`` (and ``answer``) for RL and evaluation, columns mapped by ``data_cfg``."""
     rows = load_rows(spec, default_split=split)
-    require_columns(rows, spec, ("prompt", "answer") if answer else ("prompt",))
+    return map_columns(rows, spec, data_cfg, need_answer=answer)
+
+
+def map_columns(rows: list[dict], spec: str, data_cfg=None, need_answer: bool = False) -> list[dict]:
+    """Rows in the shape rlkit's RL and eval code reads: ``prompt`` (a string, or a list of chat messages)
+    and ``answer`` (the gold answer as a string, extracted with ``data.answer_extractor``; absent when a row
+    has none and ``need_answer`` is false), other columns kept. ``data_cfg``: the ``data:`` section
+    (``prompt_column``, ``answer_column``, ``answer_extractor``); None: the defaults."""
+    p_col = getattr(data_cfg, "prompt_column", "prompt")
+    a_col = getattr(data_cfg, "answer_column", None)
+    extractor = getattr(data_cfg, "answer_extractor", "none")
+    first = rows[0]
+    found = ", ".join(f"'{c}'" for c in first) or "none"
+    if p_col not in first:
+        hint = "" if p_col != "prompt" else " (set data.prompt_column to the column that holds it)"
+        raise DataError(f"{spec}: expected a '{p_col}' column{hint}; found {found}")
+    if a_col is None:
+        a_col = next((c for c in ("answer", "solution") if c in first), "answer")
+    if need_answer and a_col not in first:
+        raise DataError(f"{spec}: expected columns '{p_col}'+'{a_col}' (set data.answer_column to the gold "
+                        f"answer's column); found {found}")
+    out = []
     for i, r in enumerate(rows, 1):
-        if not isinstance(r["prompt"], str):
-            raise DataError(f"{spec}: row {i}: 'prompt' must be a string")
-        if answer:
-            r["answer"] = str(r["answer"])
-    return rows
+        r = dict(r)
+        prompt = r.get(p_col)
+        if prompt is None:
+            raise DataError(f"{spec}: row {i} has no '{p_col}' column")
+        if isinstance(prompt, list):
+            if not prompt or not all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+                raise DataError(f"{spec}: row {i}: '{p_col}' must be a string or a list of {{role, content}} messages")
+        elif not isinstance(prompt, str):
+            raise DataError(f"{spec}: row {i}: '{p_col}' must be a string or a list of chat messages")
+        r["prompt"] = prompt
+        gold = r.get(a_col)
+        if gold is None:
+            if need_answer:
+                raise DataError(f"{spec}: row {i} has no '{a_col}' column")
+            r.pop("answer", None)
+        else:
+            r["answer"] = extract_answer(str(gold), extractor, f"{spec}: row {i}: '{a_col}'")
+        out.append(r)
+    return out
+
+
+def extract_answer(text: str, extractor: str, where: str) -> str:
+    r"""The gold answer in ``text``: as it is (``none``), after GSM8K's final ``####`` (``gsm8k``), or inside
+    the last ``\boxed{...}`` (``boxed``, MATH).
+
+    >>> extract_answer("3 + 4 = 7 apples.\n#### 7", "gsm8k", "row 1")
+    '7'
+    >>> extract_answer("so $x = \\boxed{\\frac{1}{2}}$.", "boxed", "row 1")
+    '\\frac{1}{2}'
+    """
+    if extractor == "none":
+        return text
+    if extractor == "gsm8k":
+        if "####" not in text:
+            raise DataError(f"{where} has no '#### <answer>' line (data.answer_extractor gsm8k)")
+        answer = text.rsplit("####", 1)[1].strip().replace(",", "")
+        if not answer:
+            raise DataError(f"{where}: nothing after '####' (data.answer_extractor gsm8k)")
+        return answer
+    if extractor == "boxed":
+        start = text.rfind("\\boxed{")
+        if start < 0:
+            raise DataError(f"{where} has no \\boxed{{...}} (data.answer_extractor boxed)")
+        i, depth = start + len("\\boxed{"), 1
+        for j in range(i, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                return text[i:j].strip()
+        raise DataError(f"{where}: \\boxed{{ is not closed (data.answer_extractor boxed)")
+    raise DataError(f"unknown answer extractor {extractor!r}; expected none, gsm8k or boxed")
 
 
 def preference_rows(spec: str, max_samples: int | None = None) -> list[dict]:
@@ -210,19 +305,12 @@ def rl_rows(data_cfg, check=None) -> list[dict]:
     sources += [(m.data, m.route, m.max_samples) for m in data_cfg.mix]
     out = []
     for spec, route, max_n in sources:
-        kept = []
         rows = load_rows(spec, default_split="train")
         rows = rows[:max_n] if max_n else rows
-        require_columns(rows, spec, ("prompt",))
-        for i, r in enumerate(rows, 1):
-            r = dict(r)
-            if route is not None:
+        kept = map_columns(rows, spec, data_cfg)
+        if route is not None:
+            for r in kept:
                 r["route"] = route
-            if not isinstance(r["prompt"], str):
-                raise DataError(f"{spec}: row {i}: 'prompt' must be a string")
-            if r.get("answer") is not None:
-                r["answer"] = str(r["answer"])
-            kept.append(r)
         out.extend(check(spec, kept) if check is not None else kept)
     return out
 

@@ -48,10 +48,11 @@ def eval_spec(cfg: RunConfig) -> str | None:
     return None
 
 
-def eval_rows(cfg: EvalConfig, data: str | None) -> tuple[str, list[dict]]:
+def eval_rows(cfg: EvalConfig, data: str | None, data_cfg=None) -> tuple[str, list[dict]]:
+    """The evaluation rows: ``data`` (columns mapped by ``data_cfg``, the ``data:`` section) or the task."""
     task = TASKS[0] if cfg.task in (None, "auto") else cfg.task
     spec = data or f"embedded:{task}:{cfg.split}"
-    rows = prompt_rows(spec, split=cfg.split)
+    rows = prompt_rows(spec, split=cfg.split, data_cfg=data_cfg if data else None)
     return spec, rows[: cfg.limit] if cfg.limit else rows
 
 
@@ -92,11 +93,11 @@ def evaluate_model(model, tokenizer, rows: list[dict], cfg: EvalConfig, template
 
 
 def run_eval(model_path: str, cfg: EvalConfig, template: str, data: str | None = None, dtype: str = "auto",
-             progress_factory=None, rollout: RolloutConfig | None = None) -> dict:
+             progress_factory=None, rollout: RolloutConfig | None = None, data_cfg=None) -> dict:
     """Load a model directory and evaluate it with the ``rollout`` engine (default hf); returns the
     JSON-ready report."""
     rollout = rollout or RolloutConfig()
-    spec, rows = eval_rows(cfg, data)
+    spec, rows = eval_rows(cfg, data, data_cfg)
     model = load_causal_lm(model_path, dtype=dtype) if rollout.engine == "hf" else None
     tokenizer = load_tokenizer(model_path)
     engine = eval_engine(rollout, tokenizer, model_path, dtype, cfg, rows, template, model=model)

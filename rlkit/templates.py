@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from rlkit.errors import RlkitError
+
 R1_ZERO = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
     "The assistant first thinks about the reasoning process in the mind and then provides the user with "
@@ -24,6 +26,10 @@ R1_ZERO = (
 )
 
 TEMPLATES = ("r1_zero", "chat", "plain")
+
+
+class TemplateError(RlkitError):
+    """A prompt that the chosen template cannot render."""
 
 
 def completion_text(completion: str, template: str) -> str:
@@ -46,8 +52,17 @@ def full_text(prompt: str, completion: str, template: str, tokenizer) -> str:
     return render_prompt(prompt, template, tokenizer) + completion_text(completion, template) + tokenizer.eos_token
 
 
-def render_prompt(prompt: str, template: str, tokenizer: Any = None) -> str:
-    """Render one prompt with the named template; ``chat`` needs a tokenizer with a chat template."""
+def render_prompt(prompt: str | list[dict], template: str, tokenizer: Any = None) -> str:
+    """Render one prompt with the named template; ``chat`` needs a tokenizer with a chat template. A
+    conversational prompt (a list of ``{role, content}`` messages, TRL's format) goes through the chat
+    template as it is."""
+    if isinstance(prompt, list):
+        if template != "chat":
+            raise TemplateError(f"a conversational prompt (a list of messages) needs data.template chat, not "
+                                f"'{template}'")
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise TemplateError("template 'chat' needs a tokenizer with a chat template; use r1_zero or plain")
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     if template == "r1_zero":
         return R1_ZERO.format(prompt=prompt)
     if template == "plain":

@@ -34,7 +34,7 @@ def test_missing_file_and_columns(tmp_path):
         load_rows(str(tmp_path / "nope.jsonl"))
     p = tmp_path / "q.jsonl"
     p.write_text(json.dumps({"question": "x", "answer": "1"}) + "\n")
-    with pytest.raises(DataError, match=r"expected columns 'prompt'\+'answer'; found 'question', 'answer'"):
+    with pytest.raises(DataError, match=r"expected a 'prompt' column \(set data.prompt_column .*\); found 'question', 'answer'"):
         prompt_rows(str(p))
     with pytest.raises(DataError, match=r"expected columns 'messages' or 'prompt'\+'completion'"):
         sft_rows(str(p))

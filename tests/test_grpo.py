@@ -102,7 +102,7 @@ def test_grpo_bad_inputs(cli, tmp_path):
     assert_clean_error(cli("grpo", "--set", "rewards=[{name: 'no_such_module_xyz:score'}]"),
                        "no_such_module_xyz", "failed to import")
     data = tmp_path / "q.jsonl"
-    data.write_text('{"prompt": "What is 1 + 1?", "solution": "2"}\n')
+    data.write_text('{"prompt": "What is 1 + 1?", "response": "2"}\n')
     assert_clean_error(cli("grpo", "--dataset", data), "q.jsonl", "'answer'")
     assert_clean_error(cli("grpo", "--set", "rl.num_generations=1"), "rl.num_generations")
     assert_clean_error(cli("grpo", "--set", "rl.kl_controller=adaptive"), "kl_target")

@@ -199,7 +199,7 @@ class RLRun:
         # evaluation data, the rollout engine, logging
         self.eval_template = cfg.eval.template or cfg.data.template
         spec = eval_spec(cfg)
-        self.eval_data = eval_rows(cfg.eval, spec)[1] if spec else None
+        self.eval_data = eval_rows(cfg.eval, spec, cfg.data)[1] if spec else None
         if self.eval_data is None and self.main and "before" not in self.history and cfg.eval.task == "auto":
             console.print("[yellow]no evaluation: set data.eval to a held-out split of your data to get before/after "
                           "pass@1[/]")

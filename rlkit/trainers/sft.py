@@ -161,7 +161,7 @@ def _run_sft(cfg: RunConfig, stop: runs.GracefulStop) -> dict:
     from rlkit.evaluation import eval_engine, eval_rows, eval_spec, evaluate_model
 
     if eval_spec(cfg):
-        spec, eval_data = eval_rows(cfg.eval, eval_spec(cfg))
+        spec, eval_data = eval_rows(cfg.eval, eval_spec(cfg), cfg.data)
         final.eval()
         template = cfg.eval.template or cfg.data.template
         engine = None  # hf: the in-memory model; vllm: the directory just written

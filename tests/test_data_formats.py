@@ -1,0 +1,126 @@
+"""The data formats people already have: GSM8K-style parquet, MATH-style JSONL, TRL's conversational prompts
+with a `solution` column, and `datasets` directories saved with `save_to_disk`. Each trains (GRPO, two
+steps) and evaluates; a bad mapping is one line naming the row or column."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlkit.embedded.tasks import task_split
+
+from conftest import assert_clean_error
+
+RL = ["--max-steps", 2, "--set", "rl.prompts_per_step=4", "--set", "rl.num_generations=4",
+      "--set", "rl.log_completions=0", "--set", "rl.reward_check=false"]
+
+
+def _pairs(split: str, n: int) -> list[tuple[str, str]]:
+    return [(r["prompt"], r["answer"]) for r in task_split("arithmetic", split)[:n]]
+
+
+def _gsm8k(split, n):
+    return [{"question": q, "answer": f"Add the numbers.\n#### {a}"} for q, a in _pairs(split, n)]
+
+
+def _math(split, n):
+    return [{"problem": q, "solution": f"The sum is $\\boxed{{{a}}}$.", "level": "Level 1"} for q, a in _pairs(split, n)]
+
+
+def _trl(split, n):
+    return [{"prompt": [{"role": "user", "content": q}], "solution": a} for q, a in _pairs(split, n)]
+
+
+def _write(path, rows):
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _result(out):
+    return json.loads((out / "rlkit_result.json").read_text())
+
+
+FORMATS = {
+    "gsm8k_parquet": (_gsm8k, ".parquet", ["--set", "data.prompt_column=question", "--set", "data.answer_extractor=gsm8k",
+                                           "--set", "data.template=r1_zero"]),
+    "math_jsonl": (_math, ".jsonl", ["--set", "data.prompt_column=problem", "--set", "data.answer_column=solution",
+                                     "--set", "data.answer_extractor=boxed", "--set", "data.template=r1_zero"]),
+    "trl_conversational": (_trl, ".jsonl", ["--set", "data.template=chat"]),
+}
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_format_trains_and_evaluates(cli, tmp_path, name):
+    make, suffix, mapping = FORMATS[name]
+    train = _write(tmp_path / f"train{suffix}", make("train", 64))
+    held = _write(tmp_path / f"test{suffix}", make("test", 16))
+    out = tmp_path / "grpo"
+    r = cli("grpo", "--dataset", train, "--output-dir", out, *RL, "--set", f"data.eval={held}", *mapping)
+    assert r.exit_code == 0, r.output
+    result = _result(out)
+    assert "before/pass@1" in result and "after/pass@1" in result  # evaluated on the mapped held-out file
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("reward/accuracy" in row for row in rows if "reward" in row)  # gold answers reached the reward
+
+    report = tmp_path / "eval.json"
+    r = cli("eval", str(out), "--dataset", held, "--output", report, *mapping)
+    assert r.exit_code == 0, r.output
+    data = json.loads(report.read_text())
+    assert data["metrics"]["n_prompts"] == 16
+    golds = {e["answer"] for e in data["examples"]}
+    assert golds <= {a for _, a in _pairs("test", 16)}  # the extracted answer, not the whole solution text
+
+
+def test_save_to_disk_directory(cli, tmp_path):
+    """A DatasetDict saved with save_to_disk: training reads its train split, evaluation its test split."""
+    import datasets
+
+    d = tmp_path / "ds"
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_list([{"prompt": q, "answer": a} for q, a in _pairs("train", 64)]),
+        "test": datasets.Dataset.from_list([{"prompt": q, "answer": a} for q, a in _pairs("test", 12)]),
+    }).save_to_disk(str(d))
+    out = tmp_path / "grpo"
+    r = cli("grpo", "--dataset", d, "--output-dir", out, *RL, "--set", f"data.eval={d}")
+    assert r.exit_code == 0, r.output
+    assert "after/pass@1" in _result(out)
+    report = tmp_path / "eval.json"
+    assert cli("eval", str(out), "--dataset", d, "--output", report).exit_code == 0
+    assert json.loads(report.read_text())["metrics"]["n_prompts"] == 12
+    single = tmp_path / "single"
+    datasets.Dataset.from_list([{"prompt": "What is 1 + 1?", "answer": "2"}]).save_to_disk(str(single))
+    r = cli("eval", "--dataset", single, "--max-new-tokens", 4)
+    assert r.exit_code == 0, r.output
+
+
+def test_bad_mappings_are_one_line(cli, tmp_path):
+    gsm = _write(tmp_path / "gsm.parquet", _gsm8k("train", 8))
+    assert_clean_error(cli("grpo", "--dataset", gsm, *RL), "gsm.parquet", "'prompt' column", "data.prompt_column",
+                       "'question'")
+    assert_clean_error(cli("grpo", "--dataset", gsm, *RL, "--set", "data.prompt_column=query"), "'query' column")
+    bad = _gsm8k("train", 8)
+    bad[5]["answer"] = "no final line"
+    gsm_bad = _write(tmp_path / "gsm_bad.parquet", bad)
+    assert_clean_error(cli("grpo", "--dataset", gsm_bad, *RL, "--set", "data.prompt_column=question",
+                           "--set", "data.answer_extractor=gsm8k"), "gsm_bad.parquet: row 6", "####")
+    math = _write(tmp_path / "math.jsonl", _math("train", 8))
+    assert_clean_error(cli("grpo", "--dataset", math, *RL, "--set", "data.prompt_column=problem",
+                           "--set", "data.answer_extractor=gsm8k"), "math.jsonl: row 1", "####")
+    trl = _write(tmp_path / "trl.jsonl", _trl("train", 8))
+    assert_clean_error(cli("grpo", "--dataset", trl, *RL, "--set", "data.template=r1_zero"),
+                       "conversational prompt", "data.template chat")
+    assert_clean_error(cli("eval", "--dataset", math, "--set", "data.prompt_column=problem",
+                           "--set", "data.answer_column=answer"), "math.jsonl", "'answer'", "data.answer_column")
+    import datasets
+
+    only_train = tmp_path / "only_train"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"prompt": "x", "answer": "1"}])}).save_to_disk(
+        str(only_train))
+    assert_clean_error(cli("eval", "--dataset", only_train), "only_train", "no 'test' split", "train")
