@@ -124,3 +124,35 @@ def test_bad_mappings_are_one_line(cli, tmp_path):
     datasets.DatasetDict({"train": datasets.Dataset.from_list([{"prompt": "x", "answer": "1"}])}).save_to_disk(
         str(only_train))
     assert_clean_error(cli("eval", "--dataset", only_train), "only_train", "no 'test' split", "train")
+
+
+def test_chat_template_that_opens_think_itself():
+    """Qwen3 and the R1 distills put `<think>` in the generation prompt: the completion starts inside the think
+    block, and the format rewards and eval's format check count the prefilled tag (through the real path:
+    the tokenizer's chat template, render_prompt, the reward set, score_groups, evaluate's format check)."""
+    from transformers import AutoTokenizer
+
+    from rlkit.config import RewardSpec
+    from rlkit.embedded import model_dir
+    from rlkit.rewards.format import is_well_formed
+    from rlkit.rollout import Sample
+    from rlkit.scoring import RewardSet, score_groups
+    from rlkit.templates import render_prompt
+
+    tok = AutoTokenizer.from_pretrained(model_dir())
+    tok.chat_template = tok.chat_template.replace("{{ '<|im_start|>assistant\n' }}",
+                                                  "{{ '<|im_start|>assistant\n<think>\n' }}")
+    prompt = render_prompt([{"role": "user", "content": "What is 3 + 4?"}], "chat", tok)
+    assert prompt.endswith("<think>\n")
+    samples = [Sample(" 3 + 4 = 7 </think> <answer> 7 </answer>", [1]),            # well formed after the prefill
+               Sample("<think> 3 + 4 = 7 </think> <answer> 7 </answer>", [1]),     # reopened: one block, fine
+               Sample(" 3 + 4 = 7 <answer> 7 </answer>", [1])]                      # never closed the think block
+    rewards = RewardSet([RewardSpec(name="think_format"), RewardSpec(name="tag_count"), RewardSpec(name="accuracy")])
+    scored = score_groups(rewards, [{"prompt": "What is 3 + 4?", "answer": "7"}], [prompt], [samples])
+    assert scored.per_reward["think_format"] == [1.0, 1.0, 0.0]
+    assert scored.per_reward["tag_count"] == [1.0, 1.0, 0.75]
+    assert scored.per_reward["accuracy"] == [1.0, 1.0, 1.0]
+    assert [is_well_formed(s.text, prompt) for s in samples] == [True, True, False]
+    plain = render_prompt([{"role": "user", "content": "What is 3 + 4?"}], "chat",
+                          AutoTokenizer.from_pretrained(model_dir()))
+    assert not is_well_formed(samples[0].text, plain)  # without the prefill the same text is malformed
