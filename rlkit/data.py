@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from rlkit.embedded import tasks
-from rlkit.errors import RlkitError
+from rlkit.errors import RlkitError, first_line
 
 
 class DataError(RlkitError):
@@ -121,7 +121,7 @@ def _from_disk(path: Path, split: str) -> list[dict]:
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:
-        raise DataError(f"{path}: not a readable datasets directory ({_first_line(e)})") from None
+        raise DataError(f"{path}: not a readable datasets directory ({first_line(e)})") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"{path}: no '{split}' split in this DatasetDict; it has {', '.join(ds)}")
@@ -129,11 +129,6 @@ def _from_disk(path: Path, split: str) -> list[dict]:
     if len(ds) == 0:
         raise DataError(f"{path}: no rows")
     return [dict(r) for r in ds]
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _hub_rows(spec: str, default_split: str) -> list[dict]:

@@ -24,3 +24,9 @@ class Diverged(RlkitError):
     """Training produced a non-finite loss, gradient or weight; nothing after the last good checkpoint is kept."""
 
     exit_code = 3
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from rlkit.errors import RlkitError
+from rlkit.errors import RlkitError, first_line
 
 
 class ModelError(RlkitError):
@@ -88,7 +88,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ModelError(f"{path}: could not load a tokenizer ({_first_line(e)})") from None
+        raise ModelError(f"{path}: could not load a tokenizer ({first_line(e)})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -103,7 +103,7 @@ def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = Fal
     try:
         config = AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ModelError(f"{path}: could not load a model config ({_first_line(e)})") from None
+        raise ModelError(f"{path}: could not load a model config ({first_line(e)})") from None
     archs = getattr(config, "architectures", None) or []
     if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
         raise ModelError(f"{path}: expected a causal language model, found {archs[0]}")
@@ -118,7 +118,7 @@ def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = Fal
 
 def weights_problem(e: BaseException) -> str:
     """A one-line reason for a failed load; a corrupt or truncated weights file says so."""
-    text = _first_line(e)
+    text = first_line(e)
     if type(e).__name__ == "SafetensorError" or "safetensors" in text.lower() or "header" in text.lower():
         return f"the weights file is corrupt or truncated: {text}"
     return text
@@ -131,12 +131,7 @@ def context_length(path: str, trust_remote_code: bool = False) -> int | None:
     try:
         config = AutoConfig.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ModelError(f"{path}: could not load a model config ({_first_line(e)})") from None
+        raise ModelError(f"{path}: could not load a model config ({first_line(e)})") from None
     config = getattr(config, "text_config", None) or config
     n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     return int(n) if n else None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from rlkit.errors import RlkitError
+from rlkit.errors import RlkitError, first_line
 from rlkit.models import resolve_model_path
 from rlkit.rollout.base import Sample, SamplingParams
 
@@ -191,7 +191,7 @@ class VLLMColocateEngine:
                 self.llm.generate([{"prompt_token_ids": [self.stop_ids[0] if self.stop_ids else 0]}],
                                   VSP(max_tokens=1, temperature=0.0, detokenize=False), use_tqdm=False)
         except Exception as e:  # a model vLLM cannot load or run, too little memory, ...
-            raise EngineError(f"rollout.engine vllm: vLLM could not load {model_path} ({_first_line(e)})") from None
+            raise EngineError(f"rollout.engine vllm: vLLM could not load {model_path} ({first_line(e)})") from None
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams, progress=None) -> list[list[Sample]]:
         from vllm import SamplingParams as VSP
@@ -382,8 +382,3 @@ def _untie(tensors: dict) -> dict:
         out[k] = t.clone() if ptr in seen else t
         seen.setdefault(ptr, k)
     return out
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
