@@ -17,7 +17,8 @@ from rlkit.errors import RlkitError
 
 RewardFn = Callable[..., list]
 REWARDS: dict[str, RewardFn] = {}
-_BUILTIN_MODULES = ("rlkit.rewards.math_answer", "rlkit.rewards.format", "rlkit.rewards.length", "rlkit.rewards.model")
+_BUILTIN_MODULES = ("rlkit.rewards.math_answer", "rlkit.rewards.format", "rlkit.rewards.length", "rlkit.rewards.model",
+                    "rlkit.rewards.reasoning_tasks")
 
 
 class RewardError(RlkitError):

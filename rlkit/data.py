@@ -4,6 +4,7 @@ A data spec is a string:
 
 - ``embedded:arithmetic`` (train split) or ``embedded:arithmetic:test``: a built-in task;
 - ``path/to/file.jsonl`` (one JSON object per line), ``.json`` (a list of objects) or ``.parquet``;
+- ``reasoning_gym:NAME?size=N&seed=S&param=value``: a reasoning-gym task's generated problems;
 - a directory written by ``datasets``' ``save_to_disk`` (a DatasetDict: its train split, or eval's split);
 - anything else is a ``datasets`` name (``org/name`` or ``org/name:split``), loaded from the local cache.
 
@@ -76,6 +77,8 @@ def load_rows(spec: str, default_split: str = "train") -> list[dict]:
             return tasks.dataset(name)
         task, split = _embedded(spec, default_split)
         return tasks.task_split(task, split)
+    if spec.startswith(REASONING_GYM):
+        return reasoning_gym_rows(spec)
     path = Path(spec).expanduser()
     if path.is_dir() and not (path / "data.jsonl").is_file() and _saved_dataset(path):
         return _from_disk(path, default_split)
@@ -108,6 +111,44 @@ def load_rows(spec: str, default_split: str = "train") -> list[dict]:
             raise DataError(f"{path}: no rows")
         return rows
     return _hub_rows(spec, default_split)
+
+
+REASONING_GYM = "reasoning_gym:"
+
+
+def reasoning_gym_rows(spec: str) -> list[dict]:
+    """``reasoning_gym:NAME?size=2000&seed=1&max_terms=3``: the task's procedurally generated problems as
+    ``{prompt, answer, metadata}`` rows (score them with the ``reasoning_gym`` reward). Parameters other than
+    size and seed go to the task's config; values are read as YAML scalars. Held-out data: another seed."""
+    import yaml
+
+    name, _, query = spec.removeprefix(REASONING_GYM).partition("?")
+    params: dict = {"size": 500, "seed": 0}
+    for item in filter(None, query.split("&")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise DataError(f"{spec}: expected NAME?key=value&key=value, got '{item}'")
+        params[key] = yaml.safe_load(value)
+    try:
+        import reasoning_gym
+    except ImportError:
+        raise DataError(f"{spec}: needs the reasoning-gym package: pip install 'rlkit[reasoning-gym]'") from None
+    from reasoning_gym.factory import DATASETS
+
+    if name not in DATASETS:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(DATASETS), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; {len(DATASETS)} tasks, e.g. basic_arithmetic"
+        raise DataError(f"{spec}: unknown reasoning-gym task '{name}'{hint}")
+    try:
+        ds = reasoning_gym.create_dataset(name, **params)
+        rows = [{"prompt": x["question"], "answer": str(x["answer"]), "metadata": x["metadata"]} for x in ds]
+    except Exception as e:  # a parameter the task does not take, or a value it refuses
+        raise DataError(f"{spec}: reasoning-gym could not build '{name}' ({first_line(e)})") from None
+    if not rows:
+        raise DataError(f"{spec}: no rows (size={params['size']})")
+    return rows
 
 
 def _saved_dataset(path: Path) -> bool:

@@ -6,7 +6,8 @@
 - ``format``: share of greedy completions in the strict ``<think>…</think><answer>…</answer>`` format
   (``format@K`` for the samples).
 
-Scoring is the same code as the ``accuracy`` and ``think_format`` rewards.
+Scoring is the same code as the ``accuracy`` (or, on reasoning-gym data, the ``reasoning_gym``) and
+``think_format`` rewards.
 
     rlkit eval --model outputs/sft --task arithmetic --num-samples 8 --output eval.json
 """
@@ -66,7 +67,7 @@ def evaluate_model(model, tokenizer, rows: list[dict], cfg: EvalConfig, template
     if engine is None:
         engine = make_engine(RolloutConfig(), tokenizer, model=model, max_batch=cfg.batch_size)
     greedy = engine.generate(prompt_ids, SamplingParams(n=1, max_new_tokens=cfg.max_new_tokens, temperature=0), progress)
-    correct = [s == 1.0 for s in answer_scores([g[0].text for g in greedy], [r["answer"] for r in rows])]
+    correct = [s == 1.0 for s in score_answers([g[0].text for g in greedy], rows)]
     formatted = [is_well_formed(g[0].text, p) for g, p in zip(greedy, prompts)]
     n = len(rows)
     metrics = {
@@ -78,7 +79,7 @@ def evaluate_model(model, tokenizer, rows: list[dict], cfg: EvalConfig, template
     if k > 1:
         params = SamplingParams(n=k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
         sampled = engine.generate(prompt_ids, params, progress)
-        flat = answer_scores([s.text for g in sampled for s in g], [r["answer"] for r in rows for _ in range(k)])
+        flat = score_answers([s.text for g in sampled for s in g], [r for r in rows for _ in range(k)])
         per = [[x == 1.0 for x in flat[i * k : (i + 1) * k]] for i in range(n)]
         metrics[f"avg@{k}"] = sum(sum(c) for c in per) / (n * k)
         metrics[f"pass@{k}"] = sum(any(c) for c in per) / n
@@ -90,6 +91,17 @@ def evaluate_model(model, tokenizer, rows: list[dict], cfg: EvalConfig, template
         for r, g, c in list(zip(rows, greedy, correct))[:5]
     ]
     return EvalReport(metrics, examples)
+
+
+def score_answers(completions: list[str], rows: list[dict]) -> list[float]:
+    """Each completion's correctness against its row: a reasoning-gym row by its task's own checker (the
+    ``reasoning_gym`` reward), any other by math-verify (the ``accuracy`` reward)."""
+    if rows and isinstance(rows[0].get("metadata"), dict) and "source_dataset" in rows[0]["metadata"]:
+        from rlkit.rewards.reasoning_tasks import reasoning_gym_score
+
+        return reasoning_gym_score(completions, answer=[r["answer"] for r in rows],
+                                   metadata=[r["metadata"] for r in rows], prompt=[r["prompt"] for r in rows])
+    return answer_scores(completions, [r["answer"] for r in rows])
 
 
 def run_eval(model_path: str, cfg: EvalConfig, template: str, data: str | None = None, dtype: str = "auto",

@@ -156,3 +156,44 @@ def test_chat_template_that_opens_think_itself():
     plain = render_prompt([{"role": "user", "content": "What is 3 + 4?"}], "chat",
                           AutoTokenizer.from_pretrained(model_dir()))
     assert not is_well_formed(samples[0].text, plain)  # without the prefill the same text is malformed
+
+
+RG = "reasoning_gym:basic_arithmetic?size={n}&seed={seed}&max_terms=2&max_digits=1"
+
+
+def test_reasoning_gym_task_trains_and_evaluates(cli, tmp_path):
+    """A reasoning-gym task as RL and eval data, scored by the task's own checker (the reasoning_gym reward
+    in training, the same scorer in eval)."""
+    from rlkit.data import prompt_rows
+    from rlkit.rewards.reasoning_tasks import reasoning_gym_score
+
+    rows = prompt_rows(RG.format(n=4, seed=3))
+    assert rows[0]["metadata"]["source_dataset"] == "basic_arithmetic" and rows[0]["prompt"].startswith("Calculate")
+    gold = rows[0]["answer"]
+    scores = reasoning_gym_score([f"<think> x </think> <answer> {gold} </answer>", "<answer> 99999 </answer>",
+                                  f" {gold}"], answer=[gold] * 3, metadata=[rows[0]["metadata"]] * 3)
+    assert scores == [1.0, 0.0, 1.0]  # inside <answer>, or the whole completion when there is no block
+
+    out = tmp_path / "grpo"
+    r = cli("grpo", "--dataset", RG.format(n=64, seed=1), "--output-dir", out, *RL,
+            "--set", f"data.eval={RG.format(n=12, seed=2)}",
+            "--set", "rewards=[{name: reasoning_gym}, {name: think_format, weight: 0.2}]")
+    assert r.exit_code == 0, r.output
+    assert "after/pass@1" in _result(out)
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("reward/reasoning_gym" in row for row in steps if "reward" in row)
+    report = tmp_path / "eval.json"
+    assert cli("eval", str(out), "--dataset", RG.format(n=12, seed=2), "--output", report).exit_code == 0
+    assert json.loads(report.read_text())["metrics"]["n_prompts"] == 12
+
+
+def test_reasoning_gym_bad_specs_are_one_line(cli, monkeypatch):
+    assert_clean_error(cli("eval", "--dataset", "reasoning_gym:basic_arithmetik"), "unknown reasoning-gym task",
+                       "did you mean basic_arithmetic")
+    assert_clean_error(cli("eval", "--dataset", "reasoning_gym:basic_arithmetic?max_termz=2"),
+                       "could not build 'basic_arithmetic'", "max_termz")
+    assert_clean_error(cli("grpo", "--set", "rewards=[{name: reasoning_gym}]"), "no 'metadata' column", "reasoning_gym")
+    import sys
+
+    monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # an environment without the package
+    assert_clean_error(cli("eval", "--dataset", "reasoning_gym:basic_arithmetic"), "pip install 'rlkit[reasoning-gym]'")
