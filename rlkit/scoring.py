@@ -33,7 +33,7 @@ import threading
 from dataclasses import dataclass, field
 
 from rlkit.data import DataError
-from rlkit.rewards import RewardError, get_reward
+from rlkit.rewards import REWARDS, RewardError, get_reward
 from rlkit.tracking import console
 
 
@@ -126,11 +126,13 @@ class RewardSet:
             raise RewardError("no rewards configured; list at least one under 'rewards:'")
         self.specs = specs
         self.fns = {}
+        self.plugin: dict[str, bool] = {}
         for s in specs:
             key = s.alias or s.name
             if key in self.fns:
                 raise RewardError(f"reward '{key}' is listed twice; give one an 'alias'")
             self.fns[key] = get_reward(s.name)
+            self.plugin[key] = s.name not in REWARDS  # a dotted path or entry point, maybe written for TRL
             prepare = getattr(self.fns[key], "prepare", None)
             if prepare is not None:  # e.g. load a reward model now: a bad path fails before training starts
                 prepare(**dict(s.params))
@@ -169,6 +171,11 @@ class RewardSet:
         errors: dict[str, str] = {}
         total = [0.0] * n
         routes = columns.get("route")
+        # TRL's convention on conversational data (prompts that are message lists): a reward gets each completion
+        # as [{"role": "assistant", "content": text}] and ``prompts`` as the prompt messages. rlkit's own rewards
+        # read text; plug-ins get what TRL would give them, so TRL-style reward functions work unchanged.
+        prompt_col = columns.get("prompt") or [None]
+        conversational = isinstance(prompt_col[0], list)
         for spec in self.specs:
             key = spec.alias or spec.name
             if spec.routes is None:
@@ -179,8 +186,12 @@ class RewardSet:
             errs: list[str | None] = [None] * n
             if idx:
                 sub_cols = {k: [v[i] for i in idx] for k, v in columns.items()}
-                sub_vals, sub_errs = self._call(key, self.fns[key], [completions[i] for i in idx], sub_cols,
-                                                dict(spec.params), spec.timeout)
+                sub_comps: list = [completions[i] for i in idx]
+                if conversational and self.plugin[key]:
+                    sub_comps = [[{"role": "assistant", "content": c}] for c in sub_comps]
+                    sub_cols["prompts"] = sub_cols["prompt"]
+                sub_vals, sub_errs = self._call(key, self.fns[key], sub_comps, sub_cols, dict(spec.params),
+                                                spec.timeout)
                 for i, v, e in zip(idx, sub_vals, sub_errs):
                     vals[i], errs[i] = v, e
             per[key] = vals

@@ -197,3 +197,18 @@ def test_reasoning_gym_bad_specs_are_one_line(cli, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # an environment without the package
     assert_clean_error(cli("eval", "--dataset", "reasoning_gym:basic_arithmetic"), "pip install 'rlkit[reasoning-gym]'")
+
+
+def test_trl_style_reward_function_plugs_in_unchanged(cli, tmp_path):
+    """On a conversational data set a plug-in reward gets completions and prompts as TRL gives them (message
+    lists); rlkit's own rewards in the same run still read text. Passing strings would make the plug-in fail
+    on every sample (completion[0]["content"] on a str)."""
+    trl = _write(tmp_path / "trl.jsonl", _trl("train", 32))
+    out = tmp_path / "grpo"
+    r = cli("grpo", "--dataset", trl, "--output-dir", out, *RL, "--set", "data.template=chat",
+            "--set", "rewards=[{name: 'trl_style_reward:accuracy_reward'}, {name: think_format}]")
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "reward" in row]
+    assert steps and all(row["reward/trl_style_reward:accuracy_reward/failures"] == 0 for row in steps)
+    assert all("reward/think_format" in row for row in steps)
