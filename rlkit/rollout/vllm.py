@@ -156,7 +156,7 @@ class VLLMColocateEngine:
         path = resolve_model_path(model_path)
         cuda = torch.cuda.is_available()
         context = context_length(path)
-        max_len = min(max_len or context or 2048, context or 1 << 30)
+        max_len = min(cfg.max_model_len or max_len or context or 2048, context or 1 << 30)  # rollout.max_model_len wins
         self.tokenizer = tokenizer
         self.stop_ids = _stop_ids(path, tokenizer)
         self.sleeping = False

@@ -296,7 +296,7 @@ class RLRun:
         self.shared_server = cfg.rollout.engine == "vllm" and cfg.rollout.mode == "server"
         engine = make_engine(cfg.rollout, self.tokenizer, model=self.unwrapped if self.main or not self.shared_server
                              else None, model_path=cfg.model.path, max_batch=max(self.B, 1),
-                             max_len=cfg.rollout.max_model_len or longest, seed=self.t.seed, dtype=cfg.model.dtype)
+                             max_len=longest, seed=self.t.seed, dtype=cfg.model.dtype)
         if self.shared_server:
             self.acc.wait_for_everyone()  # the server holds the weights before any process samples
         return engine
