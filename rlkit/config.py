@@ -50,6 +50,11 @@ class MixSource(_Section):
     max_samples: int | None = Field(None, gt=0, description="Use at most this many rows of it.")
 
 
+class FewShot(_Section):
+    prompt: str = Field(..., description="An example question (a user turn).")
+    completion: str = Field(..., description="Its worked answer (the assistant turn that follows).")
+
+
 class DataConfig(_Section):
     train: str = Field(
         "embedded:arithmetic",
@@ -71,6 +76,12 @@ class DataConfig(_Section):
     answer_extractor: Literal["none", "gsm8k", "boxed"] = Field(
         "none", description="How the gold answer is read from that column: as it is; 'gsm8k', the text after the "
         "final '####'; 'boxed', the last \\boxed{...} (MATH solutions).")
+    system_prompt: str | None = Field(
+        None, description="RL/eval data under the chat template: a system message before each prompt (as open-r1's "
+        "system_prompt); a conversational prompt that has its own system message keeps it.")
+    few_shot: list[FewShot] = Field(
+        default_factory=list, description="RL/eval data under the chat template: worked examples, each a "
+        "{prompt, completion} pair, put before each prompt as earlier user and assistant turns.")
     on_overlong: Literal["error", "drop"] = Field(
         "error", description="A row too long for the model (SFT/RM: longer than train.max_length; RL: prompt plus "
         "rl.max_new_tokens beyond the model's context): 'error' names the first such row, 'drop' leaves them out "
@@ -253,6 +264,7 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         _check_used_keys(self)
+        _check_chat_turns(self)
         _check_rollout(self.rollout)
         _CHECKS[self.kind](self)
         if self.eval.num_samples > 1 and self.eval.temperature <= 0:
@@ -353,6 +365,14 @@ _ROLLOUT_ONLY = {
     **{k: (("vllm", "colocate"), "rollout.engine vllm with rollout.mode colocate")
        for k in ("gpu_memory_utilization", "kv_cache_gib", "max_model_len", "enforce_eager", "sleep")},
 }
+
+
+def _check_chat_turns(cfg: RunConfig) -> None:
+    for key in ("system_prompt", "few_shot"):
+        if _given(cfg.data, key):
+            for where, template in (("data.template", cfg.data.template), ("eval.template", cfg.eval.template)):
+                if template not in (None, "chat"):
+                    raise ValueError(f"data.{key}: becomes chat turns, so it needs {where} chat, not '{template}'")
 
 
 def _check_rollout(r: RolloutConfig) -> None:

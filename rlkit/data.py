@@ -128,7 +128,11 @@ def reasoning_gym_rows(spec: str) -> list[dict]:
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise DataError(f"{spec}: expected NAME?key=value&key=value, got '{item}'")
-        params[key] = yaml.safe_load(value)
+        try:
+            params[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise DataError(f"{spec}: cannot read '{item}' as a YAML value (e.g. max_terms=3, "
+                            f"operators=[+,-])") from None
     try:
         import reasoning_gym
     except ImportError:
@@ -258,7 +262,7 @@ def map_columns(rows: list[dict], spec: str, data_cfg=None, need_answer: bool = 
                 raise DataError(f"{spec}: row {i}: '{p_col}' must be a string or a list of {{role, content}} messages")
         elif not isinstance(prompt, str):
             raise DataError(f"{spec}: row {i}: '{p_col}' must be a string or a list of chat messages")
-        r["prompt"] = prompt
+        r["prompt"] = with_chat_turns(prompt, data_cfg)
         gold = r.get(a_col)
         if gold is None:
             if need_answer:
@@ -268,6 +272,30 @@ def map_columns(rows: list[dict], spec: str, data_cfg=None, need_answer: bool = 
             r["answer"] = extract_answer(str(gold), extractor, f"{spec}: row {i}: '{a_col}'")
         out.append(r)
     return out
+
+
+def with_chat_turns(prompt: str | list[dict], data_cfg=None) -> str | list[dict]:
+    """The prompt with ``data.system_prompt`` and ``data.few_shot`` as chat turns before it (a list of
+    messages); as it is when neither is set. A conversational prompt's own system message is kept.
+
+    >>> from rlkit.config import DataConfig
+    >>> cfg = DataConfig(system_prompt="Be brief.", few_shot=[{"prompt": "1 + 1?", "completion": "2"}])
+    >>> [m["role"] for m in with_chat_turns("2 + 2?", cfg)]
+    ['system', 'user', 'assistant', 'user']
+    """
+    system = getattr(data_cfg, "system_prompt", None)
+    shots = getattr(data_cfg, "few_shot", None) or []
+    if system is None and not shots:
+        return prompt
+    messages = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    head = []
+    if messages[0]["role"] == "system":
+        head, messages = [messages[0]], messages[1:]
+    elif system is not None:
+        head = [{"role": "system", "content": system}]
+    for shot in shots:
+        head += [{"role": "user", "content": shot.prompt}, {"role": "assistant", "content": shot.completion}]
+    return head + messages
 
 
 def extract_answer(text: str, extractor: str, where: str) -> str:

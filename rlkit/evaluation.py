@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 
 from rlkit.config import EvalConfig, RolloutConfig, RunConfig
-from rlkit.data import is_embedded, prompt_rows
+from rlkit.data import is_embedded, prompt_rows, with_chat_turns
 from rlkit.embedded.tasks import TASKS
 from rlkit.models import load_causal_lm, load_tokenizer
 from rlkit.rewards.format import is_well_formed
@@ -54,6 +54,8 @@ def eval_rows(cfg: EvalConfig, data: str | None, data_cfg=None) -> tuple[str, li
     task = TASKS[0] if cfg.task in (None, "auto") else cfg.task
     spec = data or f"embedded:{task}:{cfg.split}"
     rows = prompt_rows(spec, split=cfg.split, data_cfg=data_cfg if data else None)
+    if not data:  # a built-in task: its columns need no mapping, but data.system_prompt/few_shot still apply
+        rows = [{**r, "prompt": with_chat_turns(r["prompt"], data_cfg)} for r in rows]
     return spec, rows[: cfg.limit] if cfg.limit else rows
 
 

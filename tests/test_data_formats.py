@@ -212,3 +212,46 @@ def test_trl_style_reward_function_plugs_in_unchanged(cli, tmp_path):
     steps = [row for row in rows if "reward" in row]
     assert steps and all(row["reward/trl_style_reward:accuracy_reward/failures"] == 0 for row in steps)
     assert all("reward/think_format" in row for row in steps)
+
+
+def test_system_prompt_and_few_shot_become_chat_turns(cli, tmp_path):
+    """data.system_prompt and data.few_shot put a system message and worked examples before every RL and eval
+    prompt as chat turns (what gets SmolLM2 to answer in tags: recipes/smollm2_rg.yaml); they need the chat
+    template, for training and for eval."""
+    from transformers import AutoTokenizer
+
+    from rlkit.config import DataConfig, EvalConfig
+    from rlkit.data import prompt_rows
+    from rlkit.evaluation import eval_rows
+    from rlkit.models import resolve_model_path
+    from rlkit.templates import render_prompt
+
+    cfg = DataConfig(template="chat", system_prompt="Answer in <answer> tags.",
+                     few_shot=[{"prompt": "Calculate 2 + 5.", "completion": "<answer>7</answer>"}])
+    rows = prompt_rows(RG.format(n=3, seed=3), data_cfg=cfg)
+    assert [m["role"] for m in rows[0]["prompt"]] == ["system", "user", "assistant", "user"]
+    assert rows[0]["prompt"][-1]["content"].startswith("Calculate")
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("embedded"))
+    text = render_prompt(rows[0]["prompt"], "chat", tok)
+    assert text.index("Answer in <answer> tags.") < text.index("<answer>7</answer>") < text.index(rows[0]["prompt"][-1]["content"])
+    # a conversational prompt keeps its own system message; built-in tasks get the turns in eval too
+    own = prompt_rows(str(_write(tmp_path / "trl.jsonl", [{"prompt": [{"role": "system", "content": "Mine."},
+                                                                      {"role": "user", "content": "1 + 1?"}],
+                                                           "answer": "2"}])), data_cfg=cfg)
+    assert [m["content"] for m in own[0]["prompt"]][:2] == ["Mine.", "Calculate 2 + 5."]
+    _, task_rows = eval_rows(EvalConfig(), None, cfg)
+    assert task_rows[0]["prompt"][0]["role"] == "system"
+
+    out = tmp_path / "grpo"
+    r = cli("grpo", "--dataset", RG.format(n=32, seed=1), "--output-dir", out, *RL, "--set", "data.template=chat",
+            "--set", f"data.eval={RG.format(n=8, seed=2)}", "--set", "data.system_prompt=Be brief.",
+            "--set", "data.few_shot=[{prompt: 'Calculate 2 + 5.', completion: '<answer>7</answer>'}]",
+            "--set", "rewards=[{name: reasoning_gym}]")
+    assert r.exit_code == 0, r.output
+    assert "after/pass@1" in _result(out)
+    assert_clean_error(cli("grpo", "--set", "data.few_shot=[{prompt: a, completion: b}]", "--set",
+                           "data.template=r1_zero"), "data.few_shot", "needs data.template chat")
+    assert_clean_error(cli("eval", "--recipe", "r1_zero", "--set", "data.template=chat", "--set", "data.system_prompt=x", "--template",
+                           "plain"), "data.system_prompt", "needs eval.template chat")
+    assert_clean_error(cli("eval", "--dataset", "reasoning_gym:basic_arithmetic?max_terms=[2"),
+                       "cannot read 'max_terms=[2'")
