@@ -115,16 +115,30 @@ def save_process_state(tmp: Path, rank: int) -> None:
 
 
 def save_main_state(tmp: Path, model, tokenizer, optimizer, scheduler, state: dict,
-                    extra: dict | None = None) -> None:
+                    extra: dict | None = None, state_dict: dict | None = None, sharded: bool = False) -> None:
     """Policy (HF format), tokenizer, optimizer, scheduler, state.json; ``extra``: more objects with a
-    ``state_dict`` (a critic's optimizer, say), saved as ``rlkit_state/<name>.pt``."""
-    model.save_pretrained(tmp)
+    ``state_dict`` (a critic's optimizer, say), saved as ``rlkit_state/<name>.pt``. ``sharded`` (FSDP2):
+    ``state_dict`` is the gathered full model, and the optimizers are in per-process shard files
+    (:func:`save_optimizer_shards`)."""
+    model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), tmp / "rlkit_state" / "optimizer.pt")
+    if not sharded:
+        torch.save(optimizer.state_dict(), tmp / "rlkit_state" / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "rlkit_state" / "scheduler.pt")
     for name, obj in (extra or {}).items():
-        torch.save(obj.state_dict(), tmp / "rlkit_state" / f"{name}.pt")
+        if not (sharded and "optimizer" in name):
+            torch.save(obj.state_dict(), tmp / "rlkit_state" / f"{name}.pt")
     (tmp / "rlkit_state" / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+
+
+def save_optimizer_shards(tmp: Path, rank: int, optimizer, extra: dict | None = None) -> None:
+    """This process's shard of each optimizer (FSDP2) as plain tensors: ``rlkit_state/optimizer.rank<R>.pt``."""
+    from rlkit.trainers.sharding import local_optimizer_state
+
+    torch.save(local_optimizer_state(optimizer), tmp / "rlkit_state" / f"optimizer.rank{rank}.pt")
+    for name, obj in (extra or {}).items():
+        if "optimizer" in name:
+            torch.save(local_optimizer_state(obj), tmp / "rlkit_state" / f"{name}.rank{rank}.pt")
 
 
 def commit(output_dir: str | Path, step: int, keep: int) -> Path:
@@ -156,16 +170,32 @@ def apply_learning_rate(optimizer, scheduler, lr: float) -> None:
         scheduler._last_lr = [g["lr"] for g in groups]
 
 
-def load_state(ckpt: Path, rank: int, optimizer, scheduler, extra: dict | None = None) -> dict:
-    """Restore optimizer, scheduler, ``extra`` objects and this process's RNG; return state.json."""
+def load_state(ckpt: Path, rank: int, optimizer, scheduler, extra: dict | None = None,
+               world: int | None = None) -> dict:
+    """Restore optimizer, scheduler, ``extra`` objects and this process's RNG; return state.json.
+    ``world``: a sharded (FSDP2) run of that many processes, whose optimizers are in shard files."""
     st = ckpt / "rlkit_state"
     try:
         state = json.loads((st / "state.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{st / 'state.json'}: unreadable ({e})") from None
-    optimizer.load_state_dict(safe_load(st / "optimizer.pt"))
+    shards = sorted(st.glob("optimizer.rank*.pt"))
+    if world is not None or shards:
+        if world is None or len(shards) != world:
+            wrote = f"{len(shards)} sharded processes (FSDP2)" if shards else "an unsharded run"
+            raise CheckpointError(f"{ckpt}: written by {wrote}; resume it with the same accelerate config and "
+                                  f"number of processes (this run: {world or 1}, "
+                                  f"{'FSDP2' if world is not None else 'not sharded'})")
+        from rlkit.trainers.sharding import load_local_optimizer_state
+
+        load_local_optimizer_state(optimizer, safe_load(st / f"optimizer.rank{rank}.pt"))
+    else:
+        optimizer.load_state_dict(safe_load(st / "optimizer.pt"))
     scheduler.load_state_dict(safe_load(st / "scheduler.pt"))
     for name, obj in (extra or {}).items():
-        obj.load_state_dict(safe_load(st / f"{name}.pt"))
+        if world is not None and "optimizer" in name:
+            load_local_optimizer_state(obj, safe_load(st / f"{name}.rank{rank}.pt"))
+        else:
+            obj.load_state_dict(safe_load(st / f"{name}.pt"))
     load_rng_state(st, rank)
     return state

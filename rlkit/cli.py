@@ -314,6 +314,22 @@ def vllm_serve(
           gpu_memory_utilization=gpu_memory_utilization, kv_cache_gib=kv_cache_gib, extra=extra)
 
 
+@app.command("config-path")
+@friendly_errors
+def config_path_(
+    name: Annotated[Optional[str], typer.Argument(help="ddp, fsdp2, zero2 or zero3; none: list them.")] = None,
+) -> None:
+    """Print the path of a shipped accelerate config, for
+    `accelerate launch --config_file $(rlkit config-path fsdp2) -m rlkit grpo ...`."""
+    from rlkit.launch import CONFIGS, config_path
+
+    if name is None:
+        for n, what in CONFIGS.items():
+            typer.echo(f"{n:6s} {config_path(n)}  ({what})")
+        return
+    typer.echo(str(config_path(name)))
+
+
 @rewards_app.command("check")
 @friendly_errors
 def rewards_check(

@@ -16,8 +16,9 @@ from rlkit.trainers.batch import build_batch, completion_logprobs
 from rlkit.trainers.rl import _update
 
 
-@pytest.fixture(scope="module")
-def world():
+def build_world():
+    """The embedded model (fixed seed) and a batch of six ragged completions with advantages, old and
+    reference log-probs; the same in every process."""
     torch.manual_seed(0)
     model = load_causal_lm("embedded", "float32").train()
     tok = load_tokenizer("embedded")
@@ -33,6 +34,11 @@ def world():
     batch.old_logp = logp - 0.05 * torch.randn(logp.shape, generator=g)  # ratios != 1, some clipped
     batch.ref_logp = logp + 0.1 * torch.randn(logp.shape, generator=g)
     return model, batch
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_world()
 
 
 def _step(model, batch, **rl) -> tuple[dict[str, torch.Tensor], dict]:
@@ -108,3 +114,32 @@ def test_importance_weights_from_the_update_forward_equal_a_separate_pass(world)
     d_plain = step(unweighted, None)  # no correction: a different step
     assert unweighted.is_weights is None
     assert max(float((d_plain[k] - d_sep[k]).abs().max()) for k in d_sep) > 1e-6
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_gradient(world, tmp_path):
+    """The batch split over 2 processes (gloo, one sample per micro-batch; the halves hold 16 and 20
+    completion tokens) gives the gradient of the whole batch in one process, for every aggregation: the
+    loss is normalised by the global token or sequence count, not by each process's own."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "deltas.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(Path(__file__).parent / "dist_update.py"), str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    two = load_file(str(out))
+    model, batch = world
+    for aggregation in AGGREGATIONS:
+        one, stats = _step(model, batch, micro_batch_size=6, loss_aggregation=aggregation)
+        for k in one:
+            torch.testing.assert_close(two[f"{aggregation}/{k}"], one[k], rtol=1e-4, atol=1e-6,
+                                       msg=f"{aggregation}: {k}")
+        assert float(two[f"{aggregation}/loss"]) == pytest.approx(stats["loss/policy"], rel=1e-4, abs=1e-7)

@@ -75,6 +75,7 @@ class HFEngine:
                 eos_token_id=sorted(self.stop_ids),
                 return_dict_in_generate=True,
                 output_scores=self.return_logprobs,
+                synced_gpus=False,  # FSDP2: the RL loop generates on gathered weights, no collectives per token
             )
             seqs = gen.sequences[:, enc["input_ids"].shape[1] :]
             lps = None

@@ -80,8 +80,8 @@ def full_weights(model):
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
         yield from _merged_lora_weights(model)
         return
-    for name, tensor in model.state_dict().items():
-        yield name, tensor.detach()
+    for name, tensor in model.state_dict().items():  # FSDP2 shards: gathered one tensor at a time (a collective)
+        yield name, (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach()
 
 
 def _merged_lora_weights(model):

@@ -57,16 +57,18 @@ from rlkit.algos import (
     truncated_is_weights,
     value_loss,
 )
-from rlkit.config import RunConfig
+from rlkit.config import ConfigError, RunConfig
 from rlkit.data import DataError, check_lengths, rl_rows
 from rlkit.errors import Diverged
 from rlkit.evaluation import eval_rows, eval_spec, evaluate_model
 from rlkit.models import context_length, load_causal_lm, load_tokenizer, lora_targets
 from rlkit.outputs import finish_run
 from rlkit.rollout import SamplingParams, make_engine
+from rlkit.rollout.vllm import full_weights
 from rlkit.scoring import RewardSet, score_groups
 from rlkit.templates import full_text, render_prompt
 from rlkit.tracking import MetricsLogger, console, truncate_metrics
+from rlkit.trainers import sharding
 from rlkit.trainers.batch import RolloutBatch, build_batch, completion_logprobs
 from rlkit.trainers.critic import critic_values, load_critic
 
@@ -108,14 +110,32 @@ class PromptStream:
         return out
 
 
-def _loss_weight(mode: str, micro_mask: torch.Tensor, mini_mask: torch.Tensor) -> float:
-    """Share of a mini-batch's normaliser that one micro-batch carries, so that accumulated micro-batch
-    losses equal the mini-batch loss of the chosen aggregation."""
+def _loss_count(mode: str, mask: torch.Tensor) -> torch.Tensor:
+    """What an aggregation divides by: completion tokens (token_mean), non-empty sequences (the seq_mean
+    modes) or sequences (the constant-normalised modes)."""
     if mode == "token_mean":
-        return float(micro_mask.sum()) / max(float(mini_mask.sum()), 1.0)
+        return mask.sum()
     if mode in ("seq_mean_token_mean", "seq_mean_token_sum"):
-        return float((micro_mask.sum(-1) > 0).sum()) / max(float((mini_mask.sum(-1) > 0).sum()), 1.0)
-    return micro_mask.shape[0] / mini_mask.shape[0]
+        return (mask.sum(-1) > 0).sum()
+    return torch.tensor(mask.shape[0], device=mask.device)
+
+
+def _global_count(acc, mode: str, mini_mask: torch.Tensor) -> float:
+    """A mini-batch's normaliser summed over every process: the loss is normalised by the global count (as
+    verl's agg_loss), not by each process's own, so that a process with more tokens weighs more."""
+    n = _loss_count(mode, mini_mask).to(torch.float64)
+    if acc.num_processes > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(n)
+    return max(float(n), 1.0)
+
+
+def _loss_weight(mode: str, micro_mask: torch.Tensor, total: float, world: int = 1) -> float:
+    """Share of the global mini-batch normaliser ``total`` that one micro-batch carries, times the number of
+    processes (the gradient all-reduce averages over processes): accumulated micro-batch losses of every
+    process then add up to the loss of the whole mini-batch as one process would compute it."""
+    return float(_loss_count(mode, micro_mask)) * world / total
 
 
 KL_CLAMP = 20.0  # bound on |log pi - log pi_ref| before a KL estimator (verl's choice): exp() stays finite
@@ -142,6 +162,14 @@ class RLRun:
         self.rl, self.t = rl, t
         cuda = torch.cuda.is_available()
         bf16 = t.bf16 if t.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+        self.fsdp = sharding.fsdp_options()  # FSDP2 from the accelerate config (sharding.py), or None
+        if self.fsdp is not None and cfg.model.lora is not None:
+            raise ConfigError("model.lora: LoRA under FSDP is not supported by the RL loop yet; use the ddp config "
+                              "(the adapter is small) or full fine-tuning under fsdp2")
+        if self.fsdp is not None and rl.logprob_chunk is not None:
+            raise ConfigError("rl.logprob_chunk: not supported under FSDP (it reads the LM head's weight outside the "
+                              "forward, where FSDP2 holds only a shard); leave it unset")
+        self.bf16 = bf16
         self.acc = acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
         self.rank, self.world, self.main = acc.process_index, acc.num_processes, acc.is_main_process
         self.out = out = Path(cfg.output_dir)
@@ -173,11 +201,17 @@ class RLRun:
         self.need_old_logp = (rl.num_iterations > 1 or n_minibatches > 1 or (rl.kl_in == "reward" and rl.beta > 0)
                               or (self.off_policy and _has_dropout(self.policy)))
         opt_steps = self.max_steps * rl.num_iterations * n_minibatches
-        self.optimizer, self.scheduler = self._optimizer(self.policy, t.learning_rate, opt_steps)
-        self.policy, self.optimizer = acc.prepare(self.policy, self.optimizer)
+        if self.fsdp is not None:  # shard first: the optimizer is built on the shards
+            self.policy = sharding.shard(self.policy.to(acc.device), self.fsdp, bf16)
+            self.optimizer, self.scheduler = self._optimizer(self.policy, t.learning_rate, opt_steps)
+        else:
+            self.optimizer, self.scheduler = self._optimizer(self.policy, t.learning_rate, opt_steps)
+            self.policy, self.optimizer = acc.prepare(self.policy, self.optimizer)
         self.unwrapped = acc.unwrap_model(self.policy)
         if self.ref_model is not None:
             self.ref_model.to(acc.device)
+            if self.fsdp is not None:
+                sharding.shard(self.ref_model, self.fsdp, bf16)
         self.critic: Critic | None = None
         if rl.advantage in NEEDS_VALUES:  # a critic exactly when the advantage estimator reads values
             self.critic = self._build_critic(resume_from, opt_steps)
@@ -266,12 +300,17 @@ class RLRun:
         critic = load_critic(str(resume_from / "critic") if resume_from is not None else rl.value_model,
                              cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code)
         critic.model.config.pad_token_id = self.tokenizer.pad_token_id
-        opt, sched = self._optimizer(critic, rl.value_learning_rate or self.t.learning_rate, opt_steps)
-        critic, opt = self.acc.prepare(critic, opt)
+        if self.fsdp is not None:
+            critic = sharding.shard(critic.to(self.acc.device), self.fsdp, self.bf16)
+            opt, sched = self._optimizer(critic, rl.value_learning_rate or self.t.learning_rate, opt_steps)
+        else:
+            opt, sched = self._optimizer(critic, rl.value_learning_rate or self.t.learning_rate, opt_steps)
+            critic, opt = self.acc.prepare(critic, opt)
         return Critic(critic, opt, sched)
 
     def _restore(self, resume_from: Path) -> None:
-        state = ckpt.load_state(resume_from, self.rank, self.optimizer, self.scheduler, self.extra_state)
+        state = ckpt.load_state(resume_from, self.rank, self.optimizer, self.scheduler, self.extra_state,
+                                world=self.world if self.fsdp is not None else None)
         ckpt.apply_learning_rate(self.optimizer, self.scheduler, self.t.learning_rate)  # --resume-anyway, new rate
         if self.critic is not None:
             ckpt.apply_learning_rate(self.critic.optimizer, self.critic.scheduler,
@@ -344,7 +383,7 @@ class RLRun:
             prompts_rows = self.stream.take(rl.prompts_per_step)[self.rank * self.per_proc : (self.rank + 1) * self.per_proc]
             texts = [render_prompt(r["prompt"], self.cfg.data.template, tok) for r in prompts_rows]
             prompt_ids = tok(texts, add_special_tokens=False)["input_ids"]
-            with self.timer("rollout"):
+            with self.timer("rollout"), sharding.gathered(self.policy) if not self.off_policy else contextlib.nullcontext():
                 groups = _generate(self.engine, prompt_ids, self.params, self.step + 1)
             with self.timer("reward"):
                 scored = score_groups(self.rewards, prompts_rows, texts, groups)
@@ -433,6 +472,9 @@ class RLRun:
             self.engine.wake()
             if self.main or not self.shared_server:
                 self.engine.sync_weights(self.unwrapped)
+            elif self.fsdp is not None:  # the main process gathers the shards to push them: every process joins
+                for _ in full_weights(self.unwrapped):
+                    pass
             if self.shared_server:
                 self.acc.wait_for_everyone()  # no process samples from the server before the new weights are in
 
@@ -483,18 +525,29 @@ class RLRun:
                      "history": self.history, "max_steps": self.max_steps, "ptx_pos": self.ptx.pos if self.ptx else 0}
             _save_checkpoint(self.acc, self.out, step, self.unwrapped, self.tokenizer, self.optimizer, self.scheduler,
                              state, self.t.save_total_limit, self.extra_state,
-                             self.acc.unwrap_model(self.critic.model).model if self.critic is not None else None)
+                             self.acc.unwrap_model(self.critic.model) if self.critic is not None else None,
+                             sharded=self.fsdp is not None)
         if stopping:
             raise self.stop.interrupted(f"saved {self.out / f'checkpoint-{step}'}")
 
     def evaluate(self) -> dict:
-        """Held-out pass@1 on the main process, with the rollout engine (vLLM holds the synced weights)."""
-        if self.eval_data is None or not self.main:
+        """Held-out pass@1 on the main process, with the rollout engine (vLLM holds the synced weights).
+        Sharded: every process evaluates its share of the rows on the gathered weights, and the shares'
+        metrics are combined (a forward that only the main process ran would leave FSDP's state unlike the
+        others')."""
+        if self.eval_data is None or not (self.main or self.fsdp is not None):
             return {}
         engine = self.engine if self.off_policy else None  # hf: a fresh engine at the eval batch size
-        rep = evaluate_model(self.unwrapped, self.tokenizer, self.eval_data, self.cfg.eval, self.eval_template,
-                             engine=engine)
-        return {f"eval/{k}": v for k, v in rep.metrics.items() if k not in ("n_prompts",)}
+        if self.fsdp is None:
+            rep = evaluate_model(self.unwrapped, self.tokenizer, self.eval_data, self.cfg.eval, self.eval_template,
+                                 engine=engine)
+            return {f"eval/{k}": v for k, v in rep.metrics.items() if k not in ("n_prompts",)}
+        rows = self.eval_data[self.rank :: self.world] or self.eval_data[:1]
+        with sharding.gathered(self.policy):
+            rep = evaluate_model(self.unwrapped, self.tokenizer, rows, self.cfg.eval, self.eval_template,
+                                 engine=engine)
+        metrics = _combine_shares(self.acc, rep.metrics, len(self.eval_data[self.rank :: self.world]))
+        return {f"eval/{k}": v for k, v in metrics.items() if k not in ("n_prompts",)} if self.main else {}
 
     def finish(self) -> dict:
         """The final Hugging Face directory (merged with LoRA, the adapter beside it), the critic, the
@@ -502,14 +555,22 @@ class RLRun:
         cfg, out, acc = self.cfg, self.out, self.acc
         acc.wait_for_everyone()
         result: dict = {"steps": self.step, "processes": self.world}
+        if self.fsdp is not None:  # gathered on the main process (a collective), written below
+            full_policy = sharding.full_state_dict(self.policy)
+            full_critic = sharding.full_state_dict(self.critic.model) if self.critic is not None else None
         if self.main:
-            if cfg.model.lora is not None:
-                self.unwrapped.save_pretrained(str(out / "adapter"))  # the adapter first: merging folds it away
-            final = self.unwrapped.merge_and_unload() if cfg.model.lora is not None else self.unwrapped
-            final.save_pretrained(str(out))
+            if self.fsdp is not None:
+                self.unwrapped.save_pretrained(str(out), state_dict=full_policy)
+                if self.critic is not None:
+                    self.critic.model.model.save_pretrained(str(out / "critic"), state_dict=_strip(full_critic, "model."))
+            else:
+                if cfg.model.lora is not None:
+                    self.unwrapped.save_pretrained(str(out / "adapter"))  # the adapter first: merging folds it away
+                final = self.unwrapped.merge_and_unload() if cfg.model.lora is not None else self.unwrapped
+                final.save_pretrained(str(out))
+                if self.critic is not None:
+                    acc.unwrap_model(self.critic.model).model.save_pretrained(str(out / "critic"))
             self.tokenizer.save_pretrained(str(out))
-            if self.critic is not None:
-                acc.unwrap_model(self.critic.model).model.save_pretrained(str(out / "critic"))
             after = _last_eval(out / "metrics.jsonl")
             before = self.history.get("before", {})
             result.update({"before/" + k.removeprefix("eval/"): v for k, v in before.items() if "seconds" not in k})
@@ -574,9 +635,11 @@ def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: fl
         for m0 in range(0, B, mini):
             mini_idx = order[m0 : m0 + mini]
             mini_mask = batch.completion_mask[mini_idx]
+            total = _global_count(acc, rl.loss_aggregation, mini_mask)
+            tokens = _global_count(acc, "token_mean", mini_mask)  # per-token metrics: the global token mean
             micro_chunks = list(range(0, len(mini_idx), rl.micro_batch_size))
             if ptx is not None:
-                with acc.no_sync(policy):
+                with _no_sync(acc, policy, False):
                     ptx_loss = ptx.loss(policy, acc.device)
                     acc.backward(rl.ptx_coef * ptx_loss)
                 sums["loss/ptx"] += ptx_loss.detach()
@@ -584,8 +647,7 @@ def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: fl
                 idx = mini_idx[c0 : c0 + rl.micro_batch_size]
                 mb = batch.select(idx)
                 last = ci == len(micro_chunks) - 1
-                ctx = contextlib.nullcontext() if last else acc.no_sync(policy)
-                with ctx:
+                with _no_sync(acc, policy, last):
                     logp, ent, router_aux = completion_logprobs(policy, mb, rl.temperature, with_entropy=True,
                                                                 chunk_tokens=rl.logprob_chunk, with_aux=True)
                     is_w = mb.is_weights
@@ -607,10 +669,10 @@ def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: fl
                                                            float(rl.max_new_tokens))
                     if router_aux is not None:  # MoE load balancing, as the family's own training adds it
                         loss = loss + aux_coef * router_aux
-                    w = _loss_weight(rl.loss_aggregation, mb.completion_mask, mini_mask)
+                    w = _loss_weight(rl.loss_aggregation, mb.completion_mask, total, acc.num_processes)
                     acc.backward(loss * w)
                 mask = mb.completion_mask
-                wt = _loss_weight("token_mean", mask, mini_mask)  # per-token metrics: the mini-batch's token mean
+                wt = _loss_weight("token_mean", mask, tokens, acc.num_processes)
                 sums["loss/policy"] += pl.detach() * w
                 if router_aux is not None:
                     sums["loss/router_aux"] += router_aux.detach() * w
@@ -621,7 +683,7 @@ def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: fl
                 if kl_tok is not None:
                     sums["kl"] += masked_mean(kl_tok.detach(), mask) * wt
                 if critic is not None:
-                    with contextlib.nullcontext() if last else acc.no_sync(critic.model):
+                    with _no_sync(acc, critic.model, last):
                         v = critic_values(critic.model, mb)
                         vl, vm = value_loss(v, mb.values, mb.returns, mask, clip=rl.value_clip,
                                             aggregation=rl.loss_aggregation, constant=float(rl.max_new_tokens))
@@ -630,7 +692,7 @@ def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: fl
                     for k in ("vf_clip_frac", "explained_variance", "value_mean"):
                         # every process must report the same keys; NaN (constant returns) counts as 0
                         sums[k] += torch.nan_to_num(torch.as_tensor(vm.get(k, 0.0), dtype=torch.float32).detach()) * w
-            sums["grad_norm"] += acc.clip_grad_norm_(policy.parameters(), rl.max_grad_norm).detach()
+            sums["grad_norm"] += _full(acc.clip_grad_norm_(policy.parameters(), rl.max_grad_norm)).detach()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -644,6 +706,37 @@ def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: fl
     values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=acc.device).reshape(())
                           for k in keys]).div(count).tolist()
     return dict(zip(keys, values))
+
+
+def _no_sync(acc, model, sync: bool):
+    """Gradient synchronisation only when ``sync`` (the last micro-batch of an optimizer step)."""
+    if sharding.is_sharded(model):
+        return sharding.no_sync(model, sync)
+    return contextlib.nullcontext() if sync else acc.no_sync(model)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (a sharded model's gradient norm) as the plain tensor it stands for."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _strip(state: dict, prefix: str) -> dict:
+    return {k.removeprefix(prefix): v for k, v in state.items()}
+
+
+def _combine_shares(acc, metrics: dict, n: int) -> dict:
+    """Per-prompt means computed by each process on its share of ``n`` prompts, combined into the means over
+    all prompts (weighted by ``n``); ``n_prompts`` summed, ``seconds`` the slowest share's."""
+    import torch.distributed as dist
+
+    keys = [k for k in metrics if k not in ("n_prompts", "seconds")]
+    t = torch.tensor([metrics[k] * n for k in keys] + [float(n)], dtype=torch.float64, device=acc.device)
+    dist.all_reduce(t)
+    total = float(t[-1])
+    out = {k: float(v) / max(total, 1.0) for k, v in zip(keys, t[:-1].tolist())}
+    out["n_prompts"] = int(total)
+    out["seconds"] = _gmax(acc, float(metrics.get("seconds", 0.0)))
+    return out
 
 
 def _has_dropout(model) -> bool:
@@ -753,17 +846,24 @@ def _gmax(acc, value: float) -> float:
 
 
 def _save_checkpoint(acc, out: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int,
-                     extra: dict | None = None, critic_model=None) -> None:
+                     extra: dict | None = None, critic=None, sharded: bool = False) -> None:
+    """``critic``: the TokenCritic (its classifier is saved). ``sharded``: FSDP2; the full model is gathered
+    onto the main process for the Hugging Face export and each process writes its optimizer shard."""
     acc.wait_for_everyone()
     if acc.is_main_process:
         tmp = ckpt.begin(out, step)
     acc.wait_for_everyone()
     tmp = ckpt.tmp_dir(out, step)
     ckpt.save_process_state(tmp, acc.process_index)
+    full = sharding.full_state_dict(model) if sharded else None
+    full_critic = sharding.full_state_dict(critic) if sharded and critic is not None else None
+    if sharded:
+        ckpt.save_optimizer_shards(tmp, acc.process_index, optimizer, extra)
     if acc.is_main_process:
-        ckpt.save_main_state(tmp, model, tokenizer, optimizer, scheduler, state, extra)
-        if critic_model is not None:
-            critic_model.save_pretrained(tmp / "critic")
+        ckpt.save_main_state(tmp, model, tokenizer, optimizer, scheduler, state, extra, state_dict=full,
+                             sharded=sharded)
+        if critic is not None:
+            critic.model.save_pretrained(tmp / "critic", state_dict=_strip(full_critic, "model.") if sharded else None)
     acc.wait_for_everyone()
     if acc.is_main_process:
         ckpt.commit(out, step, keep)
