@@ -64,3 +64,24 @@ def test_grpo_on_smollm2(cli, smollm2_dir, tmp_path):
     assert [row["step"] for row in rows if "reward" in row] == [1, 2]
     assert all("kl" in row for row in rows if "reward" in row)
     AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_smollm2_rg_recipe_runs_as_written(cli, smollm2_dir, tmp_path):
+    """`rlkit grpo --recipe smollm2_rg` (the README's learning run, 20 steps there) for one small step: the
+    reasoning-gym data, the few-shot chat turns, the task's checker as reward, the vllm engine; and
+    `rlkit eval --recipe smollm2_rg` scores on the recipe's held-out set."""
+    out = tmp_path / "srg"
+    r = cli("grpo", "--recipe", "smollm2_rg", "--model", smollm2_dir, "--output-dir", out, "--max-steps", 1,
+            "--set", "rl.prompts_per_step=2", "--set", "rl.num_generations=4", "--set", "eval.limit=8",
+            "--set", "rl.log_completions=0", "--set", "rl.reward_check=false")
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    step = next(row for row in rows if "reward" in row)
+    assert "reward/reasoning_gym" in step and step["reward/reasoning_gym/failures"] == 0
+    result = json.loads((out / "rlkit_result.json").read_text())
+    assert "before/pass@1" in result and "after/pass@1" in result
+    report = tmp_path / "eval.json"
+    r = cli("eval", "--recipe", "smollm2_rg", "--model", smollm2_dir, "--limit", 8, "--output", report)
+    assert r.exit_code == 0, r.output
+    rep = json.loads(report.read_text())
+    assert rep["data"].startswith("reasoning_gym:basic_arithmetic") and rep["metrics"]["n_prompts"] == 8
