@@ -260,6 +260,18 @@ def test_server_mode_learns_and_a_dead_server_fails_in_one_line(tmp_path):
         assert json.loads((out_ddp / "rlkit_result.json").read_text())["processes"] == 2
         assert all(r["rollout/logprob_diff"] < 1e-4 for r in _metrics(out_ddp) if "reward" in r)
 
+        # the same under FSDP2: the main process pushes weights that every process helps gather
+        from rlkit.launch import config_path
+
+        out_fsdp = tmp_path / "server_fsdp2"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path("fsdp2")),
+               "--num_processes", "2", "--mixed_precision", "no", "-m", "rlkit",
+               *grpo(out_fsdp, "--max-steps", 2, "--set", "eval.limit=16")]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        assert (out_fsdp / "checkpoint-2" / "rlkit_state" / "optimizer.rank1.pt").is_file()  # really sharded
+        assert all(r["rollout/logprob_diff"] < 1e-4 for r in _metrics(out_fsdp) if "reward" in r)
+
         # the server dies after checkpoint-2 of a longer run
         out2 = tmp_path / "dies"
         exe = os.path.join(os.path.dirname(sys.executable), "rlkit")

@@ -337,8 +337,17 @@ class RLRun:
                              else None, model_path=cfg.model.path, max_batch=max(self.B, 1),
                              max_len=longest, seed=self.t.seed, dtype=cfg.model.dtype)
         if self.shared_server:
+            if not self.main:
+                self._join_gather()
             self.acc.wait_for_everyone()  # the server holds the weights before any process samples
         return engine
+
+    def _join_gather(self) -> None:
+        """Under FSDP2, take part in the gathers of the main process's push to a shared server (it reads the
+        weights one tensor at a time; each is a collective). Unsharded: nothing to do."""
+        if self.fsdp is not None:
+            for _ in full_weights(self.unwrapped):
+                pass
 
     # ----------------------------------------------------------------------------------- the loop
 
@@ -472,9 +481,8 @@ class RLRun:
             self.engine.wake()
             if self.main or not self.shared_server:
                 self.engine.sync_weights(self.unwrapped)
-            elif self.fsdp is not None:  # the main process gathers the shards to push them: every process joins
-                for _ in full_weights(self.unwrapped):
-                    pass
+            else:
+                self._join_gather()
             if self.shared_server:
                 self.acc.wait_for_everyone()  # no process samples from the server before the new weights are in
 
