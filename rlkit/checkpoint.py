@@ -183,9 +183,9 @@ def load_state(ckpt: Path, rank: int, optimizer, scheduler, extra: dict | None =
     if world is not None or shards:
         if world is None or len(shards) != world:
             wrote = f"{len(shards)} sharded processes (FSDP2)" if shards else "an unsharded run"
+            now = f"FSDP2 over {world} processes" if world is not None else "not sharded"
             raise CheckpointError(f"{ckpt}: written by {wrote}; resume it with the same accelerate config and "
-                                  f"number of processes (this run: {world or 1}, "
-                                  f"{'FSDP2' if world is not None else 'not sharded'})")
+                                  f"number of processes (this run: {now})")
         from rlkit.trainers.sharding import load_local_optimizer_state
 
         load_local_optimizer_state(optimizer, safe_load(st / f"optimizer.rank{rank}.pt"))

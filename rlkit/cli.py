@@ -230,8 +230,8 @@ def eval_(
                    "rollout": {"engine": engine}}
     layers.append(("command-line flags", _drop_none(flags)))
     cfg = build_config(layers)
-    if data is None and task is None and cfg.eval.task == "auto":
-        data = cfg.data.eval  # a recipe's held-out data
+    if data is None and task is None and cfg.eval.task is not None:
+        data = cfg.data.eval  # a recipe's held-out data, as training evaluates on it
     tmpl = cfg.eval.template or cfg.data.template
     report = run_eval(cfg.model.path, cfg.eval, tmpl, data=data, dtype=cfg.model.dtype,
                       progress_factory=lambda total: progress_bar("evaluating", total), rollout=cfg.rollout,

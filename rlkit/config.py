@@ -293,6 +293,8 @@ USED_KEYS: dict[str, tuple[str, ...]] = {
 UNUSED_KEYS: dict[str, tuple[tuple[str, ...], str]] = {
     "grpo": (("rl.value_model", "rl.value_learning_rate", "rl.value_clip", "rl.whiten_advantages", "rl.lam"),
              "only used with a value model (rl.advantage gae, rlkit ppo)"),
+    "sample": (("data.system_prompt", "data.few_shot"),
+               "not used by rlkit sample (its rows become SFT data: prompts as they are)"),
 }
 
 

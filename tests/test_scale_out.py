@@ -168,4 +168,6 @@ def test_sharding_configs_the_rl_loop_does_not_take_are_one_line(cli, monkeypatc
     monkeypatch.setenv("FSDP_VERSION", "2")
     assert_clean_error(cli("grpo", "--output-dir", tmp_path / "c", "--set", "model.lora={r: 8}"), "model.lora",
                        "not supported")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")  # other ranks would start from zeros
+    assert_clean_error(cli("grpo", "--output-dir", tmp_path / "d"), "fsdp_cpu_ram_efficient_loading")
     assert_clean_error(cli("config-path", "fsdp"), "unknown accelerate config 'fsdp'", "did you mean fsdp2")

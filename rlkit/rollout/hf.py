@@ -75,7 +75,7 @@ class HFEngine:
                 eos_token_id=sorted(self.stop_ids),
                 return_dict_in_generate=True,
                 output_scores=self.return_logprobs,
-                synced_gpus=False,  # FSDP2: the RL loop generates on gathered weights, no collectives per token
+                **_synced(model),
             )
             seqs = gen.sequences[:, enc["input_ids"].shape[1] :]
             lps = None
@@ -96,6 +96,16 @@ class HFEngine:
                 progress(len(chunk))
         model.train(was_training)
         return [out[k * params.n : (k + 1) * params.n] for k in range(len(prompt_ids))]
+
+
+def _synced(model) -> dict:
+    """An FSDP2 model whose weights the RL loop has gathered (``sharding.gathered``) runs plain forwards:
+    no per-token synchronisation between processes. Otherwise transformers decides (it syncs sharded models)."""
+    from rlkit.trainers.sharding import is_sharded
+
+    if is_sharded(model) and not hasattr(next(model.parameters()), "to_local"):
+        return {"synced_gpus": False}
+    return {}
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

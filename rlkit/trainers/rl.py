@@ -368,7 +368,7 @@ class RLRun:
                 self.values(batch)               # critic values (when the advantage estimator reads them)
                 self.advantages(batch)
                 stats = self.update(batch)
-                _check_finite(stats, self.policy, self.step + 1)
+                _check_finite(self.acc, stats, self.policy, self.step + 1)
                 self.sync()                      # the engine samples from the new weights
                 self.step += 1
                 self.log(batch, stats, step_t0)
@@ -551,7 +551,7 @@ class RLRun:
                                  engine=engine)
             return {f"eval/{k}": v for k, v in rep.metrics.items() if k not in ("n_prompts",)}
         rows = self.eval_data[self.rank :: self.world] or self.eval_data[:1]
-        with sharding.gathered(self.policy):
+        with sharding.gathered(self.policy) if not self.off_policy else contextlib.nullcontext():
             rep = evaluate_model(self.unwrapped, self.tokenizer, rows, self.cfg.eval, self.eval_template,
                                  engine=engine)
         metrics = _combine_shares(self.acc, rep.metrics, len(self.eval_data[self.rank :: self.world]))
@@ -728,6 +728,11 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def _full_local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (a sharded model's parameter), else the tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _strip(state: dict, prefix: str) -> dict:
     return {k.removeprefix(prefix): v for k, v in state.items()}
 
@@ -795,11 +800,14 @@ _LAST_GOOD = ("the last good checkpoint is kept; lower train.learning_rate (or r
               "with --resume-anyway to continue from it, or --overwrite to start over")
 
 
-def _check_finite(stats: dict, policy, step: int) -> None:
-    """Stop on a non-finite loss, gradient norm or weight, before anything of this step is saved."""
+def _check_finite(acc, stats: dict, policy, step: int) -> None:
+    """Stop on a non-finite loss, gradient norm or weight, before anything of this step is saved; every
+    process stops when any finds one (FSDP2: each checks its own shard of the weights, no collective)."""
     bad = [k for k in ("loss/policy", "loss/value", "grad_norm") if k in stats and not math.isfinite(stats[k])]
-    if not bad and not all_finite(p for p in policy.parameters() if p.requires_grad):
+    if not bad and not all_finite(_full_local(p) for p in policy.parameters() if p.requires_grad):
         bad = ["weights"]
+    if _any_process(acc, bool(bad)) and not bad:
+        bad = ["weights or losses on another process"]
     if bad:
         shown = ", ".join(f"{k}={stats[k]}" if k in stats else k for k in bad)
         raise Diverged(f"step {step}: training diverged (non-finite {shown}); {_LAST_GOOD}")

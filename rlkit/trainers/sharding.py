@@ -55,6 +55,9 @@ def fsdp_options() -> FsdpOptions | None:
     if version != "2":
         raise ConfigError(f"accelerate config: fsdp_version {version}; the RL loop shards with FSDP2: set "
                           f"fsdp_version: 2 (as $(rlkit config-path fsdp2) does)")
+    if _env_true("FSDP_CPU_RAM_EFFICIENT_LOADING"):  # transformers then loads real weights on rank 0 only
+        raise ConfigError("accelerate config: fsdp_cpu_ram_efficient_loading true is not supported by the RL loop "
+                          "(every process loads the model itself); set it to false")
     classes = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").strip()
     return FsdpOptions(reshard_after_forward=_env_true("FSDP_RESHARD_AFTER_FORWARD", "true"),
                        offload=_env_true("FSDP_OFFLOAD_PARAMS"),
