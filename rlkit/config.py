@@ -169,6 +169,9 @@ class RolloutConfig(_Section):
         "'server' uses a running `rlkit vllm-serve` at rollout.server_url.")
     server_url: str = Field("http://127.0.0.1:8000", description="vllm server mode: the server's base URL.")
     server_timeout: float = Field(600.0, gt=0, description="vllm server mode: seconds one request may take.")
+    server_wait: float = Field(
+        240.0, ge=0, description="vllm server mode: seconds to wait at start for a server that is still starting "
+        "(its /health endpoint polled; TRL's client waits as long); 0: fail at once when none answers.")
     sync_dir: str | None = Field(
         None, description="vllm server mode: where the trainer writes its weights (safetensors) for the server to "
         "reload after every update; default: a temporary directory (server on the same machine). For a server on "
@@ -363,6 +366,7 @@ _ROLLOUT_ONLY = {
     "tis_cap": (("vllm", None), "rollout.engine vllm"),
     "server_url": (("vllm", "server"), "rollout.engine vllm with rollout.mode server"),
     "server_timeout": (("vllm", "server"), "rollout.engine vllm with rollout.mode server"),
+    "server_wait": (("vllm", "server"), "rollout.engine vllm with rollout.mode server"),
     "sync_dir": (("vllm", "server"), "rollout.engine vllm with rollout.mode server"),
     **{k: (("vllm", "colocate"), "rollout.engine vllm with rollout.mode colocate")
        for k in ("gpu_memory_utilization", "kv_cache_gib", "max_model_len", "enforce_eager", "sleep")},
@@ -457,7 +461,7 @@ _CHECKS = {"sft": lambda cfg: None, "rm": lambda cfg: None, "grpo": _check_grpo,
 # changes to them.
 RESULT_NEUTRAL = ("name", "description", "output_dir", "report_to", "train.logging_steps", "train.save_steps",
                   "train.save_total_limit", "rl.log_completions", "rl.reward_check", "rl.eval_steps", "eval",
-                  "data.eval", "rollout.mode", "rollout.server_url", "rollout.server_timeout", "rollout.sync_dir",
+                  "data.eval", "rollout.mode", "rollout.server_url", "rollout.server_timeout", "rollout.server_wait", "rollout.sync_dir",
                   "rollout.gpu_memory_utilization", "rollout.kv_cache_gib", "rollout.max_model_len",
                   "rollout.enforce_eager", "rollout.sleep")
 # Changing these on resume extends or shortens a run; they still change its result.
