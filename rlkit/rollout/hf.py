@@ -76,6 +76,7 @@ class HFEngine:
                 return_dict_in_generate=True,
                 output_scores=self.return_logprobs,
                 **_synced(model),
+                **_no_router_loss(model),
             )
             seqs = gen.sequences[:, enc["input_ids"].shape[1] :]
             lps = None
@@ -114,3 +115,12 @@ def _eos_ids(model, tokenizer) -> list[int]:
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return sorted(set(ids))
+
+
+def _no_router_loss(model) -> dict:
+    """An MoE whose config has ``output_router_logits`` on computes its load-balancing loss in every forward,
+    in generation too, where transformers compares each decode step's router logits with the whole sequence's
+    attention mask and fails on a padded batch ("size of tensor a (64) must match ... b (1216)"): off here."""
+    config = model.config.get_text_config() if hasattr(model, "config") else None
+    return {"output_router_logits": False} if getattr(config, "output_router_logits", False) else {}
+

@@ -75,11 +75,11 @@ def build_batch(prompt_ids: list[list[int]], samples: list[Sample], group_ids: l
 
 
 def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, with_entropy: bool = False,
-                        chunk_tokens: int | None = None, with_aux: bool = False) -> tuple:
+                        chunk_tokens: int | None = None, with_aux: bool = False, router_logits: bool = False) -> tuple:
     """Log-probs [B, T] of the completion tokens under ``model`` (logits divided by the sampling
     temperature, as the sampler saw them), and optionally the per-token entropy [B, T]. With ``with_aux``
     a third value: the MoE router's load-balancing loss (a scalar) when the model computes one (its config's
-    ``output_router_logits``), else None.
+    ``output_router_logits``, or ``router_logits`` asks for it in this forward), else None.
 
     Position ids follow the attention mask, so left padding gives the same positions as generation.
     Only the last T+1 positions go through the LM head. With ``chunk_tokens``, the LM head runs over
@@ -89,16 +89,17 @@ def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, wi
     T = batch.completion_len
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
     targets = batch.input_ids[:, -T:]
+    extra = {"output_router_logits": True} if router_logits else {}
     if chunk_tokens is None:
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
-                    use_cache=False, logits_to_keep=T + 1)
+                    use_cache=False, logits_to_keep=T + 1, **extra)
         logits = out.logits[:, -(T + 1) : -1, :].float() / temperature
         logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         ent = entropy_from_logits(logits.detach()) if with_entropy else None
         return (logp, ent, getattr(out, "aux_loss", None)) if with_aux else (logp, ent)
     # The forward still goes through the (possibly DDP-wrapped) module; it computes logits for one position.
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
-                use_cache=False, logits_to_keep=1, output_hidden_states=True)
+                use_cache=False, logits_to_keep=1, output_hidden_states=True, **extra)
     hidden = out.hidden_states[-1][:, -(T + 1) : -1, :]
     head = _unwrap(model).get_output_embeddings()
     B, H = hidden.shape[0], hidden.shape[-1]

@@ -628,7 +628,11 @@ def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: fl
     B = batch.input_ids.shape[0]
     mini = rl.mini_batch_size or B
     fill_old = (batch.old_logp is None and batch.sampler_logp is not None and rl.num_iterations == 1 and mini >= B)
-    aux_coef = float(getattr(acc.unwrap_model(policy).config, "router_aux_loss_coef", 0.0) or 0.0)
+    config = acc.unwrap_model(policy).config.get_text_config()
+    aux_coef = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+    # MoE: the router's load-balancing loss whenever the family computes one and its coefficient is set, as TRL's
+    # SFTTrainer adds it (whatever the config's output_router_logits, which the released configs leave off)
+    router = aux_coef > 0 and hasattr(config, "output_router_logits")
     if fill_old:
         batch.old_logp = torch.zeros_like(batch.completion_mask)
         if tis_cap is not None:
@@ -657,7 +661,8 @@ def _update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: fl
                 last = ci == len(micro_chunks) - 1
                 with _no_sync(acc, policy, last):
                     logp, ent, router_aux = completion_logprobs(policy, mb, rl.temperature, with_entropy=True,
-                                                                chunk_tokens=rl.logprob_chunk, with_aux=True)
+                                                                chunk_tokens=rl.logprob_chunk, with_aux=True,
+                                                                router_logits=router)
                     is_w = mb.is_weights
                     if fill_old:
                         old = logp.detach()

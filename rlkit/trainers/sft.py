@@ -137,6 +137,8 @@ def _run_sft(cfg: RunConfig, stop: runs.GracefulStop) -> dict:
     )
     # TensorBoard and W&B come from the trainer's own callbacks; metrics.jsonl from ours.
     logger = MetricsLogger(out, [r for r in cfg.report_to if r == "jsonl"], run_name=cfg.name)
+    text_config = model.config.get_text_config()
+    asks_router_logits = getattr(text_config, "output_router_logits", None)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -145,6 +147,13 @@ def _run_sft(cfg: RunConfig, stop: runs.GracefulStop) -> dict:
         peft_config=peft_config,
         callbacks=[jsonl_callback(logger)],
     )
+    if asks_router_logits is not None:
+        # MoE: TRL adds the router's load-balancing loss (the config's router_aux_loss_coef) by passing
+        # output_router_logits=True to each training forward, and also switches it on in the config. Left on there,
+        # generation (the eval below; later stages loading the saved model) computes that loss at each decode step
+        # against the whole sequence's attention mask and fails (transformers: "size of tensor a (64) must match
+        # ... b (1216)"). The config keeps the model's own setting.
+        text_config.output_router_logits = asks_router_logits
     quiet_progress(trainer)
     result = hf_trainer.train(trainer, out, stop, logger)
 
