@@ -1,12 +1,15 @@
 """Load policies, tokenizers and (later) reference, value and reward models; LoRA via peft.
 
 ``embedded`` names the built-in tiny pretrained model (see :mod:`rlkit.embedded`). A path that looks
-local but does not exist, or a hub name that is not in the local cache, is a one-line :class:`ModelError`.
+local but does not exist, or a hub name that is not in the local cache, is a one-line :class:`ModelError`, and so
+is a checkpoint whose weights do not match its ``config.json`` (missing, unexpected or mis-shaped weights, which
+transformers only logs and rlkit's quiet logging hides): see :func:`check_weights`.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -108,12 +111,65 @@ def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = Fal
     if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
         raise ModelError(f"{path}: expected a causal language model, found {archs[0]}")
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            resolved, dtype=pick_dtype(dtype), trust_remote_code=trust_remote_code
+        model, info = AutoModelForCausalLM.from_pretrained(
+            resolved, dtype=pick_dtype(dtype), trust_remote_code=trust_remote_code, output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported by check_weights with the shapes, not as a bare RuntimeError
         )
     except Exception as e:  # OSError, ValueError, a corrupt safetensors file (SafetensorError), ...
         raise ModelError(f"{path}: could not load the model ({weights_problem(e)})") from None
+    check_weights(path, info)
     return model
+
+
+def check_weights(path: str, info: dict, new: tuple[str, ...] = (), spare: tuple[str, ...] = ()) -> list[str]:
+    """Refuse a load whose ``from_pretrained(..., output_loading_info=True)`` report (``missing_keys``,
+    ``unexpected_keys``, ``mismatched_keys`` as (name, checkpoint shape, model shape), ``error_msgs``) shows
+    weights that would start random or go unused. Tied weights (an lm_head tied to the embeddings) are not
+    reported missing by transformers. ``new``: name prefixes of the heads rlkit adds on purpose, which may
+    start new (missing or mis-shaped); ``spare``: prefixes of checkpoint weights that may go unused (a causal
+    LM's ``lm_head.`` under a classifier). Returns the names of the weights initialised new."""
+    mismatched = {k: (ckpt, model) for k, ckpt, model in info.get("mismatched_keys", ())}
+    missing = [k for k in info.get("missing_keys", ()) if not k.startswith(new)]
+    unexpected = [k for k in info.get("unexpected_keys", ()) if not k.startswith(spare)]
+    shapes = [k for k in mismatched if not k.startswith(new)]
+    if info.get("error_msgs"):
+        raise ModelError(f"{path}: could not load the weights ({first_line(RuntimeError(info['error_msgs'][0]))})")
+    if missing:
+        raise ModelError(f"{path}: config.json describes weights the checkpoint does not have (they would start "
+                         f"random): {_some(missing)}")
+    if unexpected:
+        raise ModelError(f"{path}: the checkpoint has weights config.json does not describe (they would be "
+                         f"dropped): {_some(unexpected)}")
+    if shapes:
+        k = sorted(shapes, key=_natural)[0]
+        ckpt, model = mismatched[k]
+        more = f" (and {len(shapes) - 1} more)" if len(shapes) > 1 else ""
+        raise ModelError(f"{path}: config.json does not match the checkpoint's shapes: {k} is {_shape(ckpt)} in the "
+                         f"checkpoint, {_shape(model)} by config.json{more}")
+    fresh = {*info.get("missing_keys", ()), *mismatched} - {*missing, *shapes}
+    return sorted(fresh, key=_natural)
+
+
+def note_new_head(what: str, model, fresh: list[str]) -> None:
+    """One line for a head rlkit initialised on purpose, e.g. 'reward model: score head initialised new (1 × 64)'."""
+    if not fresh or os.environ.get("RANK", "0") != "0":  # once per run, not once per process
+        return
+    weight = next((k for k in fresh if k.endswith(".weight")), fresh[0])
+    print(f"{what} initialised new ({_shape(model.get_parameter(weight).shape)})", flush=True)
+
+
+def _natural(key: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+
+
+def _some(keys: list[str], shown: int = 2) -> str:
+    keys = sorted(keys, key=_natural)
+    head = ", ".join(keys[:shown])
+    return f"{head} and {len(keys) - shown} more" if len(keys) > shown else head
+
+
+def _shape(shape) -> str:
+    return " × ".join(str(n) for n in shape)
 
 
 def weights_problem(e: BaseException) -> str:

@@ -1,8 +1,9 @@
 """The PPO value model: a sequence classifier's backbone and scalar head, read at every completion token.
 
 InstructGPT initialises the value function from the reward model; ``rl.value_model: policy`` starts from
-the policy's weights with a fresh head instead. The module wraps the classifier so that accelerate/DDP
-sees one ``forward`` and synchronises its gradients.
+the policy's weights with a fresh head instead, said in one line ("critic: value head initialised new (1 × H)");
+any other weight missing from, or left over in, the checkpoint is an error. The module wraps the classifier so
+that accelerate/DDP sees one ``forward`` and synchronises its gradients.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def load_critic(value_model: str, policy_path: str, dtype: str, trust_remote_cod
     from rlkit.trainers.rm import load_reward_model
 
     if value_model == "policy":
-        model = load_reward_model(policy_path, dtype, trust_remote_code, init=True)
+        model = load_reward_model(policy_path, dtype, trust_remote_code, init=True, head="critic: value head")
     else:
         model = load_reward_model(value_model, dtype, trust_remote_code)
     return TokenCritic(model)

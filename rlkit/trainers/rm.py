@@ -21,7 +21,8 @@ import torch
 from rlkit import runs
 from rlkit.config import RunConfig
 from rlkit.data import DataError, check_lengths, preference_rows
-from rlkit.models import ModelError, load_tokenizer, pick_dtype, resolve_model_path, weights_problem
+from rlkit.models import (ModelError, check_weights, load_tokenizer, note_new_head, pick_dtype, resolve_model_path,
+                          weights_problem)
 from rlkit.outputs import finish_run
 from rlkit.templates import completion_text, render_prompt
 from rlkit.tracking import MetricsLogger, available
@@ -80,9 +81,12 @@ def to_preference_examples(rows: list[dict], template: str, tokenizer) -> list[d
     return out
 
 
-def load_reward_model(path: str, dtype: str = "auto", trust_remote_code: bool = False, init: bool = False):
+def load_reward_model(path: str, dtype: str = "auto", trust_remote_code: bool = False, init: bool = False,
+                      head: str = "reward model: score head"):
     """A sequence classifier with one output. ``init``: build the head on top of a causal LM (training
-    start); otherwise the directory must already be a reward model."""
+    start; the score head starts new, said in one line that begins with ``head``, and the LM's lm_head goes
+    unused); otherwise the directory must already be a reward model. Any other weight that is missing,
+    unexpected or mis-shaped is a :class:`ModelError`."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     resolved = resolve_model_path(path)
@@ -99,10 +103,14 @@ def load_reward_model(path: str, dtype: str = "auto", trust_remote_code: bool = 
     if not init and getattr(config, "num_labels", 1) != 1:
         raise ModelError(f"{path}: a reward model has one output, this one has {config.num_labels}")
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            resolved, num_labels=1, dtype=pick_dtype(dtype), trust_remote_code=trust_remote_code)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            resolved, num_labels=1, dtype=pick_dtype(dtype), trust_remote_code=trust_remote_code,
+            output_loading_info=True, ignore_mismatched_sizes=True)
     except Exception as e:  # OSError, ValueError, a corrupt safetensors file, ...
         raise ModelError(f"{path}: could not load a reward model ({weights_problem(e)})") from None
+    fresh = check_weights(path, info, new=("score.",), spare=("lm_head.",)) if init else check_weights(path, info)
+    note_new_head(head, model, fresh)
+    return model
 
 
 def run_rm(cfg: RunConfig, resume: str = "auto") -> dict:
