@@ -9,8 +9,12 @@ failure and scores 0. Because the reward bounds its own time this way, it is mar
 reward runner calls it on its own thread, without a time limit of its own.
 
 Gold answers and answer blocks are read as LaTeX math (``$...$`` is added when missing), so ``2\\pi`` is
-2π, not 2. ``gold_error`` says why a gold answer cannot be checked (``accuracy.check_row`` runs it on each
-dataset row before training starts).
+2π, not 2. Digit groups are one number (``1 000``, ``1\\,000``, ``1{,}000``, a thin or no-break space), in
+answers and gold alike; math-verify alone reads ``1 000`` as the product 1 · 000 = 0. ``gold_error`` says
+why a gold answer cannot be checked: it must parse, and verify against itself (``12:00`` parses as 12/0,
+which verifies against nothing); ``accuracy.check_row`` runs it on each dataset row before training
+starts. A completion whose answer makes math-verify raise is a wrong answer (0), not a failure; only a
+timeout, or a crash of the check itself, is a failure.
 
 >>> accuracy(["<think> 4 + 7 = 11 </think> <answer> 11 </answer>", "<answer> 12 </answer>"], answer=["11", "11"])
 [1.0, 0.0]
@@ -27,8 +31,10 @@ import threading
 from functools import lru_cache
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+from math_verify.errors import TimeoutException  # a BaseException: ``except Exception`` lets it through
 from sympy.core.function import AppliedUndef
 
+from rlkit.errors import first_line
 from rlkit.rewards import register
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
@@ -52,9 +58,26 @@ def extract_answer(completion: str, mode: str = "tags") -> str | None:
     return None
 
 
+# A digit-group separator: a space (also thin U+2009, narrow no-break U+202F, no-break U+00A0), LaTeX's
+# thin or normal space (\, \: \; \  ~), or the {,} that keeps a LaTeX comma from spacing out.
+_SEP = r"(?:[ \u2009\u202f\u00a0]|\\[,:; ]|~|\{,\})"
+_GROUPED = re.compile(rf"(?<![\d.,])\d{{1,3}}(?:{_SEP}\d{{3}})+(?![\d])")
+_SEP_RE = re.compile(_SEP)
+
+
+def join_digit_groups(text: str) -> str:
+    r"""Digit groups as one number: a first group of 1-3 digits, then groups of exactly 3.
+
+    >>> join_digit_groups(r"1 000 and 12\,345\,678 and 1{,}000, not 3 14 or 1 0000")
+    '1000 and 12345678 and 1000, not 3 14 or 1 0000'
+    """
+    return _GROUPED.sub(lambda m: _SEP_RE.sub("", m.group(0)), text)
+
+
 def _math_text(answer: str) -> str:
-    """An answer as math-verify should read it: as LaTeX math. Without ``$`` math-verify reads bare LaTeX
-    only in part (``2\\pi`` as 2) or not at all (``\\sqrt{2}``)."""
+    """An answer as math-verify should read it: as LaTeX math, digit groups joined. Without ``$``
+    math-verify reads bare LaTeX only in part (``2\\pi`` as 2) or not at all (``\\sqrt{2}``)."""
+    answer = join_digit_groups(answer)
     return answer if "$" in answer or "\\boxed" in answer else f"${answer}$"
 
 
@@ -91,11 +114,20 @@ def _gold_error(text: str) -> str | None:
     try:
         parsed = parse(_math_text(text), extraction_config=_CONFIG, parsing_timeout=TIMEOUT_S if on_main else None,
                        raise_on_error=True)
-    except Exception as e:  # math-verify's TimeoutException, or a sympy failure
+    except (Exception, TimeoutException) as e:  # a timeout, or a sympy failure
         return f"gold answer {text!r} cannot be parsed by math-verify ({type(e).__name__})"
     expr = next((p for p in parsed if not isinstance(p, str)), None)
     if expr is None:
         return f"gold answer {text!r} cannot be parsed by math-verify as a number or expression"
+    try:  # an answer that equals nothing (12:00 parses as 12/0, complex infinity) would fail every sample
+        itself = verify(parsed, parsed, timeout_seconds=TIMEOUT_S if on_main else None, raise_on_error=True)
+    except (Exception, TimeoutException) as e:
+        itself, why = False, f"{type(e).__name__}: {first_line(e, 80)}"
+    else:
+        why = "it is not equal to itself"
+    if not itself:
+        return (f"gold answer {text!r} is read by math-verify as {expr}, which it cannot compare ({why}); "
+                "write the answer as a number or expression")
     names = [str(s) for s in getattr(expr, "free_symbols", ())]
     names += [f.func.__name__ for f in expr.atoms(AppliedUndef)] if hasattr(expr, "atoms") else []  # sin(x): i*s*n(x)
     one_letter = {n.lower() for n in names if len(n) == 1}
@@ -116,12 +148,17 @@ def _check(completion: str, answer: str, mode: str, timeout: int | None) -> floa
         pred_text = _math_text(pred_text)
     try:
         gold = parse(_math_text(answer), extraction_config=_CONFIG, parsing_timeout=timeout, raise_on_error=True)
+    except (Exception, TimeoutException):  # the gold answer cannot be read: a failure, not a wrong answer
+        return math.nan
+    try:
         pred = parse(pred_text, extraction_config=_CONFIG, parsing_timeout=timeout, raise_on_error=True)
         if not gold or not pred:
             return 0.0
         return float(verify(gold, pred, timeout_seconds=timeout, raise_on_error=True))
-    except Exception:  # math-verify's TimeoutException, or a sympy failure on odd input
+    except TimeoutException:  # the check did not finish: a failure (counted), not a verdict
         return math.nan
+    except Exception:  # sympy cannot read or compare this answer (12/0, odd input): a wrong answer
+        return 0.0
 
 
 def _check_batch(items: list[tuple[str, str, str]]) -> list[float]:

@@ -19,6 +19,7 @@ except ImportError:  # pragma: no cover
 
 from rlkit import __version__
 from rlkit.errors import RlkitError
+from rlkit.runs import check_output_file
 from rlkit.tracking import quiet_libraries
 
 class OneLineErrors(TyperGroup):
@@ -220,6 +221,8 @@ def eval_(
     from rlkit.recipe import recipe_path
     from rlkit.tracking import progress_bar
 
+    if output is not None:
+        check_output_file(output, "--output")
     layers = [("defaults", {"data": {"template": "r1_zero"}})]
     if recipe:
         path = recipe_path(recipe)
@@ -262,6 +265,8 @@ def bench(
     """Rollout tokens/s per engine, a full GRPO step per phase, and TRL's GRPOTrainer, side by side."""
     from rlkit.bench import run_bench
 
+    if output is not None:
+        check_output_file(output, "--output")
     try:
         sizes = [int(x) for x in batch_sizes.split(",") if x]
     except ValueError:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rlkit.errors import RlkitError
 
@@ -96,9 +96,12 @@ class TrainConfig(_Section):
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     max_length: int = Field(512, gt=0, description="Truncate training sequences to this many tokens.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up the learning rate.")
-    lr_scheduler: str = Field("cosine", description="transformers scheduler name (cosine, linear, constant, ...).")
+    lr_scheduler: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                          "inverse_sqrt"] = Field(
+        "cosine", description="transformers scheduler (those that need no arguments beyond the warm-up and total steps).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    seed: int = Field(0, description="Seed for data order, initialisation and sampling.")
+    seed: int = Field(0, ge=0, lt=2**32, description="Seed for data order, initialisation and sampling (0 to 2**32-1, "
+                      "as numpy takes it).")
     logging_steps: int = Field(5, gt=0, description="Log metrics every N steps.")
     save_steps: int = Field(100, gt=0, description="Checkpoint every N steps (for resume).")
     save_total_limit: int = Field(2, gt=0, description="Keep this many checkpoints.")
@@ -249,6 +252,13 @@ class RunConfig(_Section):
     name: str = Field("run", description="Recipe name.")
     description: str = Field("", description="One line on what the recipe does.")
     output_dir: str = Field("outputs/run", description="Where the Hugging Face output directory is written.")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("empty (an unset shell variable?); give the directory to write to, e.g. outputs/run")
+        return v
     report_to: list[Literal["jsonl", "tensorboard", "wandb"]] = Field(
         default_factory=lambda: ["jsonl", "tensorboard"],
         description="Metric sinks besides stdout; tensorboard and wandb are used when installed."
@@ -587,8 +597,15 @@ def parse_set(items: list[str] | None) -> dict:
 def load_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: recipe file not found")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                          "save the recipe as UTF-8") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""

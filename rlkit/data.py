@@ -224,7 +224,30 @@ def sft_rows(spec: str, max_samples: int | None = None) -> list[dict]:
                 raise DataError(f"{spec}: row {i}: 'messages' must be a list of {{role, content}} objects")
             if msgs[-1]["role"] != "assistant":
                 raise DataError(f"{spec}: row {i}: the last message must be the assistant's (the demonstration)")
+            if _blank(msgs[:-1]):
+                raise DataError(f"{spec}: row {i}: no prompt: the messages before the assistant's are missing or empty")
+            if _blank(msgs[-1:]):
+                raise DataError(f"{spec}: row {i}: the assistant's message (the demonstration) is empty")
+    else:
+        for i, r in enumerate(rows, 1):
+            for col in ("prompt", "completion"):
+                if not isinstance(r[col], (str, list)):
+                    raise DataError(f"{spec}: row {i}: '{col}' must be a string or a list of chat messages, "
+                                    f"got {type(r[col]).__name__}")
+                if _blank(r[col]):
+                    raise DataError(f"{spec}: row {i}: the '{col}' is empty")
     return rows[:max_samples] if max_samples else rows
+
+
+def _blank(prompt) -> bool:
+    """An empty prompt: blank text, or chat messages with no text in any of them.
+
+    >>> _blank("   "), _blank([{"role": "user", "content": ""}]), _blank("2 + 2?")
+    (True, True, False)
+    """
+    if isinstance(prompt, str):
+        return not prompt.strip()
+    return not any(isinstance(m, dict) and str(m.get("content") or "").strip() for m in prompt)
 
 
 def prompt_rows(spec: str, split: str = "train", answer: bool = True, data_cfg=None) -> list[dict]:
@@ -262,6 +285,8 @@ def map_columns(rows: list[dict], spec: str, data_cfg=None, need_answer: bool = 
                 raise DataError(f"{spec}: row {i}: '{p_col}' must be a string or a list of {{role, content}} messages")
         elif not isinstance(prompt, str):
             raise DataError(f"{spec}: row {i}: '{p_col}' must be a string or a list of chat messages")
+        if _blank(prompt):
+            raise DataError(f"{spec}: row {i}: the '{p_col}' is empty (the model would be trained on no question)")
         r["prompt"] = with_chat_turns(prompt, data_cfg)
         gold = r.get(a_col)
         if gold is None:

@@ -45,22 +45,21 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
-import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, get_args
 
-from pydantic import BaseModel
-from pydantic_core import to_jsonable_python
 
 from rlkit.errors import RunInterrupted
-from rlkit.config import (RESULT_NEUTRAL, ConfigError, RunConfig, _check_unknown, applicable, build_config,
-                          load_yaml, parse_set, upgrade_dump)
+from rlkit.config import (ConfigError, RunConfig, _check_unknown, applicable, build_config,
+                          load_yaml, parse_set)
+from rlkit.manifest import (STAGE_REF, changes, flatten, listed, move_aside, read_manifest, recorded_config,
+                            stage_hash, write_atomic)
 from rlkit.recipe import recipe_path
-
-STAGE_REF = "stage:"
+STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
 @dataclass
@@ -94,6 +93,10 @@ class Pipeline:
         seen: list[str] = []
         kinds = get_args(RunConfig.model_fields["kind"].annotation)
         for s in self.stages:
+            if not isinstance(s.name, str) or not STAGE_NAME.fullmatch(s.name) or ".." in s.name:
+                raise ConfigError(f"{self.source}: stage name {s.name!r}: a stage's name is a directory name under the "
+                                  "pipeline's output, not a path: letters, digits, '_', '-' and '.', starting with a "
+                                  "letter or digit")
             if s.name in seen:
                 raise ConfigError(f"{self.source}: stage '{s.name}' is defined twice")
             if s.kind not in kinds:
@@ -131,7 +134,7 @@ def check_shared(pipeline: Pipeline, layer: dict, source: str) -> None:
     """Keys for every stage (``defaults:``, ``--set defaults.*``) must exist and be read by some stage."""
     _check_unknown(layer, RunConfig, source)
     kept = [applicable(layer, s.kind) for s in pipeline.stages]
-    for key, value in _flatten(layer).items():
+    for key, value in flatten(layer).items():
         if value != {} and not any(_has_key(k, key) for k in kept):
             kinds = ", ".join(sorted({s.kind for s in pipeline.stages}))
             raise ConfigError(f"{source}: {key}: no stage of this pipeline uses this key (its stages run rlkit "
@@ -263,78 +266,6 @@ def stage_config(pipeline: Pipeline, stage: Stage, outputs: dict[str, str], out_
     return build_config(layers)
 
 
-# ----------------------------------------------------------------------------------------------- hashing
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _is_unhashed(key: str) -> bool:
-    return any(key == u or key.startswith(u + ".") for u in RESULT_NEUTRAL)
-
-
-def _as_refs(obj: Any, paths: dict[str, str]) -> Any:
-    """Replace stage output directories (``paths``: directory -> stage name) by ``stage:NAME``."""
-    if isinstance(obj, str):
-        return f"{STAGE_REF}{paths[obj]}" if obj in paths else obj
-    if isinstance(obj, dict):
-        return {k: _as_refs(v, paths) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_as_refs(v, paths) for v in obj]
-    return obj
-
-
-def _fields(cfg: RunConfig | dict, paths: dict[str, str]) -> dict[str, Any]:
-    dump = cfg.model_dump(mode="json") if isinstance(cfg, RunConfig) else cfg
-    return _flatten(_as_refs(dump, paths))
-
-
-def _hash(cfg: RunConfig | dict, input_hashes: dict[str, str], paths: dict[str, str] | None = None) -> str:
-    """A stage's hash: its config without the ``RESULT_NEUTRAL`` keys, plus the hashes of the stages it reads.
-
-    ``cfg`` is a config or its JSON dump. ``paths`` maps stage output directories to stage names; a config
-    value equal to one is hashed as ``stage:NAME``, so no hash depends on where the pipeline's output is.
-    """
-    hashed = {k: v for k, v in _fields(cfg, paths or {}).items() if not _is_unhashed(k)}
-    blob = json.dumps({"config": hashed, "inputs": input_hashes}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _recorded_config(entry: dict) -> dict | None:
-    """The config a manifest entry ran with, as today's full dump (None when there is none)."""
-    return upgrade_dump(entry["config"]) if isinstance(entry.get("config"), dict) else None
-
-
-def _changes(old: RunConfig | dict, new: RunConfig | dict, paths: dict[str, str]) -> tuple[list[str], list[str]]:
-    """(hashed keys, unhashed keys) whose values differ between two configs of one stage."""
-    a, b = _fields(old, paths), _fields(new, paths)
-    diff = sorted(k for k in set(a) | set(b) if a.get(k, ...) != b.get(k, ...))
-    return [k for k in diff if not _is_unhashed(k)], [k for k in diff if _is_unhashed(k) and k != "output_dir"]
-
-
-def _listed(keys: list[str], most: int = 4) -> str:
-    return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
-
-
-def _move_aside(out: Path, name: str, path: Path) -> Path:
-    """Move a stage's previous output to ``OUTPUT/.superseded/NAME-<UTC time>`` (never delete it)."""
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    dest = out / ".superseded" / f"{name}-{stamp}"
-    n = 1
-    while dest.exists():
-        n += 1
-        dest = out / ".superseded" / f"{name}-{stamp}-{n}"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    path.rename(dest)
-    return dest
-
-
 def _run_stage(cfg: RunConfig) -> dict:
     if cfg.kind == "sft":
         from rlkit.trainers.sft import run_sft
@@ -363,10 +294,14 @@ def run_pipeline(pipeline: Pipeline, output_dir: str | None = None, *, start_fro
     from rlkit.tracking import quiet_libraries
 
     quiet_libraries()
+    if output_dir is not None and not str(output_dir).strip():
+        raise ConfigError("--output-dir: empty (an unset shell variable?); give the directory to write to")
     out = Path(output_dir or pipeline.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from rlkit.runs import prepare_output_dir
+
+    prepare_output_dir(out, markers=("manifest.json", "manifest.json.torn"))
     manifest_path = out / "manifest.json"
-    old = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    old = read_manifest(manifest_path, pipeline, out)
     old_stages = {s["name"]: s for s in old.get("stages", [])}
     per, common = stage_sets(pipeline, sets)
     names = [s.name for s in pipeline.stages]
@@ -389,7 +324,7 @@ def run_pipeline(pipeline: Pipeline, output_dir: str | None = None, *, start_fro
     # Stage output directories, today's and those earlier runs recorded (OUTPUT may have moved since).
     paths = {e["output"]: n for n, e in old_stages.items() if isinstance(e.get("output"), str)}
     paths.update({path: n for n, path in outputs.items()})
-    recorded_cfgs = {n: _recorded_config(e) for n, e in old_stages.items()}
+    recorded_cfgs = {n: recorded_config(e) for n, e in old_stages.items()}
     # The hash of what each stage's output holds, by today's rules: its recorded config re-hashed, with the
     # hashes of the outputs it read (an input that has changed since it read it counts as stale).
     recorded: dict[str, str | None] = {}
@@ -399,20 +334,18 @@ def run_pipeline(pipeline: Pipeline, output_dir: str | None = None, *, start_fro
         recorded_ins[n] = {r: recorded.get(r) if read is None or read.get(r) == old_stages.get(r, {}).get("hash")
                            else f"stale:{read.get(r)}" for r in e.get("inputs") or []}
         ok = recorded_cfgs[n] is not None and None not in recorded_ins[n].values()
-        recorded[n] = _hash(recorded_cfgs[n], recorded_ins[n], paths) if ok else None
+        recorded[n] = stage_hash(recorded_cfgs[n], recorded_ins[n], paths) if ok else None
         if recorded[n] is not None and n in entries:  # keep the manifest's hashes in today's terms
             entries[n].update({"hash": recorded[n], "input_hashes": recorded_ins[n]})
 
     def save() -> None:
-        tmp = manifest_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        tmp.replace(manifest_path)
+        write_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
 
     selected = {n for n in names if (only is None and start_from is None) or n in forced}
     effective: dict[str, str] = {}  # the hash of each stage's output once this run has passed it
     for s in pipeline.stages:
         e, cfg = entries[s.name], configs[s.name]
-        h = _hash(cfg, {r: effective[r] for r in s.refs()}, paths)
+        h = stage_hash(cfg, {r: effective[r] for r in s.refs()}, paths)
         if s.name not in selected:
             effective[s.name] = recorded.get(s.name) or h
             continue
@@ -423,11 +356,11 @@ def run_pipeline(pipeline: Pipeline, output_dir: str | None = None, *, start_fro
                                   "run the pipeline without --from/--only first")
         before = recorded.get(s.name)
         cfg_old = recorded_cfgs.get(s.name)
-        changed_keys, cosmetic = _changes(cfg_old, cfg, paths) if cfg_old is not None else ([], [])
+        changed_keys, cosmetic = changes(cfg_old, cfg, paths) if cfg_old is not None else ([], [])
         if (s.name not in forced and e.get("status") == "done" and before == h
                 and Path(cfg.output_dir).is_dir()):
             if on_stage:
-                note = (f"; not re-run for {_listed(cosmetic)} (they do not change its output)" if cosmetic else "")
+                note = (f"; not re-run for {listed(cosmetic)} (they do not change its output)" if cosmetic else "")
                 on_stage(s.name, f"skipped (finished, same config){note}")
             continue
         fresh = s.name in forced or (e.get("status") not in (None, "pending") and before != h)
@@ -435,11 +368,11 @@ def run_pipeline(pipeline: Pipeline, output_dir: str | None = None, *, start_fro
             if s.name in forced:
                 why = "re-run requested"
             elif changed_keys:
-                why = f"config changed ({_listed(changed_keys)})"
+                why = f"config changed ({listed(changed_keys)})"
             else:
                 ins = [r for r in s.refs() if recorded_ins.get(s.name, {}).get(r) != effective[r]]
-                why = f"input changed ({_listed(ins)})" if ins and before is not None else "changed since it ran"
-            dest = _move_aside(out, s.name, Path(cfg.output_dir))
+                why = f"input changed ({listed(ins)})" if ins and before is not None else "changed since it ran"
+            dest = move_aside(out, s.name, Path(cfg.output_dir))
             e.setdefault("superseded", []).append(str(dest))
             if on_stage:
                 on_stage(s.name, f"{why}; previous output moved to {dest}")

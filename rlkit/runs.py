@@ -11,6 +11,12 @@
 - SIGTERM and SIGINT stop a run at the end of the current step, after a checkpoint of that step is saved;
   a second signal stops at once (the last checkpoint is kept either way). The run then exits with one line
   and 143 (SIGTERM) or 130 (SIGINT).
+- A worker of ``accelerate launch`` / ``torchrun`` whose launcher dies (SIGKILL, the OOM killer) stops the
+  same way: torchrun starts each worker in a session of its own, so killing the launcher's process group
+  leaves the workers running, holding the lock. :class:`LauncherWatch` notices the launcher is gone
+  (the worker's parent changes) within a second and sends the worker SIGTERM; if the step has not ended
+  ``LAUNCHER_GRACE_S`` seconds later (a collective waiting on a peer that is gone), SIGTERM again (stop at
+  once), and after as long again the process exits. The lock goes with it; the same command resumes.
 """
 
 from __future__ import annotations
@@ -42,8 +48,41 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def prepare_output_dir(out: Path) -> None:
-    """Create ``out`` or fail with one line saying why (a file in the way, no permission, ...)."""
+# What a run writes at the top of its output directory (a model card, weights, tokenizer, logs): a directory
+# that holds any of them and was not written by rlkit is someone else's.
+RUN_OUTPUTS = ("README.md", "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json",
+               "tokenizer_config.json", "generation_config.json", "chat_template.jinja", "metrics.jsonl",
+               "training.png", "data.jsonl", "report.json", "manifest.json")
+
+
+RLKIT_MARKERS = (LOCK_FILE, RUN_FILE, "rlkit_result.json")  # any of them: a directory rlkit wrote (or a copy of one)
+
+
+def check_foreign_dir(out: Path, markers: tuple[str, ...] = RLKIT_MARKERS, what: str = "--output-dir") -> None:
+    """Refuse an existing directory that rlkit did not write (no ``markers`` in it) when it is the current
+    directory or one above it (``--output-dir .``, ``..``, or an unset variable's ``""``) and holds anything,
+    or when it holds files a run would overwrite (its README.md, config.json, ...)."""
+    if not out.is_dir() or any((out / m).exists() for m in markers):
+        return
+    names = sorted(p.name for p in out.iterdir())
+    if not names:
+        return
+    here = Path.cwd().resolve()
+    resolved = out.resolve()
+    clobbered = [n for n in RUN_OUTPUTS if n in names]
+    if resolved == here or resolved in here.parents or resolved == Path.home().resolve():
+        shown = ", ".join((clobbered or names)[:3]) + (" ..." if len(clobbered or names) > 3 else "")
+        raise OutputError(f"{out}: refusing to write a run into {resolved} (the current directory, or one above it or "
+                          f"home): it holds files rlkit did not write ({shown}); give a new or empty {what}")
+    if clobbered:
+        raise OutputError(f"{out}: holds {', '.join(clobbered[:3])} that rlkit did not write (no {' or '.join(markers)} "
+                          f"there); a run would overwrite them: give a new or empty {what}")
+
+
+def prepare_output_dir(out: Path, markers: tuple[str, ...] = RLKIT_MARKERS) -> None:
+    """Create ``out`` or fail with one line saying why (a file in the way, no permission, a directory of
+    someone else's files, ...)."""
+    check_foreign_dir(out, markers)
     for parent in [out, *out.parents]:
         if parent.exists():
             if not parent.is_dir():
@@ -60,6 +99,23 @@ def prepare_output_dir(out: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise OutputError(f"{out}: the output directory is not writable ({e.strerror or e})") from None
+
+
+def check_output_file(path: Path, flag: str) -> None:
+    """A file the command will write at the end (``rlkit eval --output``): checked before the work, so that a
+    directory, a parent that is a file or an unwritable place fails in one line, not after the work is done."""
+    if path.is_dir():
+        raise OutputError(f"{flag} {path}: is a directory; give a file name, e.g. {path / 'report.json'}")
+    parent = path.parent
+    for p in [parent, *parent.parents]:
+        if p.exists():
+            if not p.is_dir():
+                raise OutputError(f"{flag} {path}: cannot write it: {p} is a file")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise OutputError(f"{flag} {path}: cannot write it: {p} is not writable")
+            break
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputError(f"{flag} {path}: the file is not writable")
 
 
 class RunLock:
@@ -123,13 +179,58 @@ def check_resume(out: Path, cfg: RunConfig, resuming: bool, mode: str) -> None:
     tmp.replace(record)
 
 
+LAUNCHER_GRACE_S = 15.0
+
+
+def launched_worker() -> bool:
+    """A worker process started by torchrun (what ``accelerate launch`` runs for several processes)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+class LauncherWatch:
+    """Stop this worker when its launcher dies: a daemon thread polls ``os.getppid()`` (a dead parent's
+    children are re-parented), then SIGTERMs this process (finish the step, save, exit), SIGTERMs it again
+    after ``grace`` seconds (stop at once) and ends it after ``grace`` more (a thread blocked in C)."""
+
+    def __init__(self, grace: float = LAUNCHER_GRACE_S, poll: float = 0.5):
+        self.parent = os.getppid()
+        self.grace, self.poll = grace, poll
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="rlkit launcher watch", daemon=True)
+
+    def start(self) -> LauncherWatch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def _watch(self) -> None:
+        while not self._done.wait(self.poll):
+            if os.getppid() != self.parent:
+                break
+        else:
+            return
+        print(f"\nthe launcher (pid {self.parent}) is gone: stopping as on SIGTERM (finishing this step and saving "
+              "a checkpoint)", file=sys.stderr, flush=True)
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGTERM)
+            if self._done.wait(self.grace):
+                return
+        print("the launcher is gone and the run did not stop: exiting; the last checkpoint is kept",
+              file=sys.stderr, flush=True)
+        os._exit(143)
+
+
 class GracefulStop:
     """SIGTERM/SIGINT → ``requested`` is set and the loop stops after saving the current step; a second
-    signal raises KeyboardInterrupt at once. Handlers are installed on the main thread only."""
+    signal raises KeyboardInterrupt at once. Handlers are installed on the main thread only. A worker of
+    torchrun also watches its launcher (:class:`LauncherWatch`)."""
 
     def __init__(self):
         self.requested: int | None = None
         self._old: dict[int, object] = {}
+        self._watch: LauncherWatch | None = None
 
     def _handle(self, signum, frame):
         if self.requested is not None:
@@ -142,9 +243,14 @@ class GracefulStop:
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGTERM, signal.SIGINT):
                 self._old[s] = signal.signal(s, self._handle)
+            if launched_worker():
+                self._watch = LauncherWatch().start()
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
         for s, h in self._old.items():
             signal.signal(s, h)
         self._old.clear()

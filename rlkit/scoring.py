@@ -15,6 +15,10 @@ batch. A thread cannot interrupt C code that holds the GIL (a runaway ``re`` mat
 bound its own time. A reward marked ``fn.self_timed = True`` already does (the math check: SIGALRM on the
 main thread, a process pool off it) and is called on the calling thread, without the time limit.
 
+A reward gets copies of the completions, the columns and its params, so a plug-in that edits them (appends
+to a prompt's messages) cannot change the data later steps read; a reward that raises ``SystemExit`` (calls
+``sys.exit()``) fails its samples like any other exception instead of ending the run.
+
 The first failure of each reward is printed once, with the sample and the error, and kept in
 ``RewardSet.first_errors``; each batch's first failure per reward is in ``ScoredBatch.errors``. A reward
 that fails on every sample of a batch is reported loudly, so a run never goes on silently scoring zeros.
@@ -28,6 +32,7 @@ with a row; ``RewardSet.check_rows`` runs both over a data set before training s
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 from dataclasses import dataclass, field
@@ -111,6 +116,8 @@ def _short(x, limit: int = 60) -> str:
 
 
 def _describe(e: BaseException) -> str:
+    if isinstance(e, SystemExit):
+        return f"SystemExit: the reward called sys.exit({e.code!r})"
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
@@ -230,13 +237,25 @@ class RewardSet:
             except ValueError as e:
                 errors[i], results[i] = str(e), 0.0
 
+        # What a reward may raise and still only fail its samples: any Exception, and SystemExit (a plug-in
+        # that calls sys.exit() must not end the run with exit code 0 and nothing saved). On a reward thread
+        # a KeyboardInterrupt can only come from the reward (signals reach the main thread); on the main thread
+        # (a self-timed reward) it is the user's Ctrl-C and stops the run.
+        self_timed = getattr(fn, "self_timed", False)
+        caught = (Exception, SystemExit) if self_timed else (Exception, SystemExit, KeyboardInterrupt)
+
+        def call(comps, cols):
+            """The reward on copies: a plug-in that edits its arguments (appends to a prompt's messages, say)
+            must not change the data set that later steps read."""
+            return fn(copy.deepcopy(comps), **copy.deepcopy(cols), **copy.deepcopy(params))
+
         def work():
             try:
                 try:
-                    raw = _as_list(fn(completions, **columns, **params), n)
+                    raw = _as_list(call(completions, columns), n)
                 except RewardError:
                     raise
-                except Exception:
+                except caught:
                     raw = None
                 if raw is not None:
                     if len(raw) != n:
@@ -246,18 +265,18 @@ class RewardSet:
                     return
                 for i in range(n):  # the batch raised: retry one by one, so one bad sample fails alone
                     try:
-                        one = _as_list(fn([completions[i]], **{k: [v[i]] for k, v in columns.items()}, **params), 1)
+                        one = _as_list(call([completions[i]], {k: [v[i]] for k, v in columns.items()}), 1)
                         if len(one) != 1:
                             raise RewardError(f"reward '{key}' returned {len(one)} scores for 1 completion")
                         settle(i, one[0])
                     except RewardError:
                         raise
-                    except Exception as e:
+                    except caught as e:
                         errors[i], results[i] = _describe(e), 0.0
             except BaseException as e:  # noqa: BLE001 - handed to the calling thread
                 raised.append(e)
 
-        if getattr(fn, "self_timed", False):
+        if self_timed:
             work()
         else:
             worker = threading.Thread(target=work, name=f"reward {key}", daemon=True)

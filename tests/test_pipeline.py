@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from rlkit.config import ConfigError
-from rlkit.pipeline import Pipeline, Stage, _hash, load_pipeline, stage_config, stage_sets
+from rlkit.manifest import stage_hash as _hash
+from rlkit.pipeline import Pipeline, Stage, load_pipeline, stage_config, stage_sets
 
 from conftest import assert_clean_error
 

@@ -171,3 +171,57 @@ def test_sharding_configs_the_rl_loop_does_not_take_are_one_line(cli, monkeypatc
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")  # other ranks would start from zeros
     assert_clean_error(cli("grpo", "--output-dir", tmp_path / "d"), "fsdp_cpu_ram_efficient_loading")
     assert_clean_error(cli("config-path", "fsdp"), "unknown accelerate config 'fsdp'", "did you mean fsdp2")
+
+
+def _gone(procs) -> bool:
+    """Every process has exited (a zombie left for a re-parented child's reaper counts as gone)."""
+    import psutil
+
+    for q in procs:
+        try:
+            if q.status() != psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            pass
+    return True
+
+
+def test_workers_stop_when_the_launcher_is_killed_and_the_run_resumes(tmp_path):
+    """Reliability 1: SIGKILL of the launcher's process group only (a scheduler, the OOM killer) leaves
+    torchrun's workers running in their own sessions. They notice within a second, stop as on SIGTERM
+    (finish the step, save it), and are gone within 30 s; the same command then resumes from their
+    checkpoint instead of being refused by the lock."""
+    import psutil
+
+    out = tmp_path / "run"
+    common = ["grpo", "--output-dir", out, "--set", "train.save_steps=2", "--set", "rl.eval_steps=1000", *SMALL]
+    # 300 steps: more than the workers could finish in the 30 s they are given on their own
+    cmd = _launch("--config_file", config_path("fsdp2"), "--main_process_port", _free_port(),
+                  rlkit_args=[*common, "--max-steps", 300])
+    log = open(tmp_path / "launch.log", "w")
+    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoint-2").is_dir() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.1)
+    assert (out / "checkpoint-2").is_dir(), (tmp_path / "launch.log").read_text()[-3000:]
+    workers = [q for q in psutil.Process(p.pid).children(recursive=True) if "rlkit" in " ".join(q.cmdline())]
+    assert len(workers) == 2 and all(q.pid != os.getpgid(q.pid) or os.getsid(q.pid) != os.getsid(p.pid)
+                                     for q in workers), "expected torchrun's two workers in sessions of their own"
+    os.killpg(p.pid, signal.SIGKILL)  # the launcher's group: not the workers
+    p.wait(timeout=30)
+    t0 = time.time()
+    while not _gone(workers) and time.time() - t0 < 30:
+        time.sleep(0.2)
+    left = [q.pid for q in workers if not _gone([q])]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"workers {left} still running 30 s after their launcher was killed"
+    assert "stopping as on SIGTERM" in (tmp_path / "launch.log").read_text()
+    saved = max(int(d.name.split("-")[1]) for d in out.glob("checkpoint-*") if not d.name.endswith(".tmp"))
+    assert 2 <= saved < 300 and not (out / "rlkit_result.json").exists()
+
+    # the same command (to two steps past the checkpoint, to keep the test short) resumes: not refused by the lock
+    again = _run(_launch("--config_file", config_path("fsdp2"), "--main_process_port", _free_port(),
+                         rlkit_args=[*common, "--max-steps", saved + 2]))
+    assert "resuming from" in again.stdout and f"(step {saved})" in again.stdout, again.stdout[-2000:]
+    assert sorted(_steps(out)) == list(range(1, saved + 3))
