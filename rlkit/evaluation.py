@@ -112,8 +112,10 @@ def run_eval(model_path: str, cfg: EvalConfig, template: str, data: str | None =
     JSON-ready report."""
     rollout = rollout or RolloutConfig()
     spec, rows = eval_rows(cfg, data, data_cfg)
-    model = load_causal_lm(model_path, dtype=dtype) if rollout.engine == "hf" else None
     tokenizer = load_tokenizer(model_path)
+    for r in rows:  # a template the tokenizer cannot render (no chat template, a refused turn) fails before any work
+        render_prompt(r["prompt"], template, tokenizer)
+    model = load_causal_lm(model_path, dtype=dtype) if rollout.engine == "hf" else None
     engine = eval_engine(rollout, tokenizer, model_path, dtype, cfg, rows, template, model=model)
     total = len(rows) * (1 + (cfg.num_samples if cfg.num_samples > 1 else 0))
     try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rlkit.errors import RlkitError
+from rlkit.errors import RlkitError, first_line
 
 R1_ZERO = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
@@ -47,9 +47,26 @@ def full_text(prompt: str, completion: str, template: str, tokenizer) -> str:
     """Prompt and completion as one training text: a chat conversation, or the rendered prompt, the
     completion and EOS (what TRL's trainers see for non-conversational data)."""
     if template == "chat":
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], tokenize=False)
+        return apply_chat(tokenizer, [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}],
+                          generation_prompt=False)
     return render_prompt(prompt, template, tokenizer) + completion_text(completion, template) + tokenizer.eos_token
+
+
+def apply_chat(tokenizer, messages: list[dict], generation_prompt: bool = True) -> str:
+    """``messages`` through the tokenizer's chat template; a tokenizer without one, or a template that
+    refuses the conversation (Gemma's refuses a system turn; some want user and assistant to alternate),
+    is a one-line :class:`TemplateError` that says what it refused."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or "the model"
+        raise TemplateError(f"data.template chat: {name}'s tokenizer has no chat template; use data.template r1_zero "
+                            "or plain (and eval.template), or a model that has one")
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e:  # jinja2's TemplateError from the template's raise_exception(), or a bad template
+        roles = ", ".join(m.get("role", "?") for m in messages)
+        hint = " (drop data.system_prompt, or put it in the user turn)" if messages[0].get("role") == "system" else ""
+        raise TemplateError(f"the chat template of {getattr(tokenizer, 'name_or_path', 'the model')} refused the "
+                            f"conversation [{roles}]: {first_line(e)}{hint}") from None
 
 
 def render_prompt(prompt: str | list[dict], template: str, tokenizer: Any = None) -> str:
@@ -60,17 +77,11 @@ def render_prompt(prompt: str | list[dict], template: str, tokenizer: Any = None
         if template != "chat":
             raise TemplateError(f"a conversational prompt (a list of messages) needs data.template chat, not "
                                 f"'{template}'")
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise TemplateError("template 'chat' needs a tokenizer with a chat template; use r1_zero or plain")
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return apply_chat(tokenizer, prompt)
     if template == "r1_zero":
         return R1_ZERO.format(prompt=prompt)
     if template == "plain":
         return prompt
     if template == "chat":
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError("template 'chat' needs a tokenizer with a chat template; use r1_zero or plain")
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    raise ValueError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
+        return apply_chat(tokenizer, [{"role": "user", "content": prompt}])
+    raise TemplateError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")

@@ -239,3 +239,39 @@ def test_typed_values_reach_one_line_before_any_work(cli, tmp_path):
     assert_clean_error(cli("sft", "--set", "train.lr_scheduler=cosine_with_min_lr", "--output-dir", tmp_path / "b"),
                        "train.lr_scheduler")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def _tokenizer_variant(tmp_path, name, template):
+    """The embedded model with another chat template (None: none at all)."""
+    import shutil
+
+    from rlkit.embedded import model_dir
+
+    d = tmp_path / name
+    shutil.copytree(model_dir(), d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (d / "chat_template.jinja").unlink(missing_ok=True)
+    if template is not None:
+        (d / "chat_template.jinja").write_text(template)
+    return d
+
+
+def test_chat_templates_that_cannot_render_the_prompt_are_one_line(cli, tmp_path):
+    """13. data.template chat on a model with no chat template; a template that refuses a system turn (as
+    Gemma's does) with data.system_prompt: one line before any work, for training and evaluation."""
+    none = _tokenizer_variant(tmp_path, "nochat", None)
+    no_system = _tokenizer_variant(tmp_path, "nosys", (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"))
+    assert_clean_error(cli("grpo", "--model", none, "--set", "data.template=chat", "--output-dir", tmp_path / "a",
+                           *GRPO_SMALL), "no chat template")
+    r = cli("eval", none, "--template", "chat", "--limit", 2)
+    assert_clean_error(r, "no chat template")
+    assert "evaluating" not in r.output
+    assert_clean_error(cli("grpo", "--model", no_system, "--set", "data.template=chat", "--set", "data.system_prompt=Be brief.",
+                           "--output-dir", tmp_path / "b", *GRPO_SMALL), "System role not supported",
+                       "data.system_prompt")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

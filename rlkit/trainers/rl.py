@@ -66,7 +66,7 @@ from rlkit.outputs import finish_run
 from rlkit.rollout import SamplingParams, make_engine
 from rlkit.rollout.vllm import full_weights
 from rlkit.scoring import RewardSet, score_groups
-from rlkit.templates import full_text, render_prompt
+from rlkit.templates import apply_chat, full_text, render_prompt
 from rlkit.tracking import MetricsLogger, console, truncate_metrics
 from rlkit.trainers import sharding
 from rlkit.trainers.batch import RolloutBatch, build_batch, completion_logprobs
@@ -909,7 +909,7 @@ class _PtxStream:
         from rlkit.data import sft_rows
 
         rows = sft_rows(rl.ptx_data)
-        texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) if "messages" in r
+        texts = [apply_chat(tokenizer, r["messages"], generation_prompt=False) if "messages" in r
                  else full_text(r["prompt"], r["completion"], template, tokenizer) for r in rows]
         self.ids = [tokenizer(x, add_special_tokens=False)["input_ids"][:512] for x in texts]
         self.batch, self.pad, self.pos = rl.ptx_batch_size, tokenizer.pad_token_id, 0

@@ -26,7 +26,7 @@ from rlkit.config import RunConfig
 from rlkit.data import DataError, check_lengths, sft_rows
 from rlkit.models import context_length, load_causal_lm, load_tokenizer, lora_targets
 from rlkit.outputs import finish_run
-from rlkit.templates import completion_text, render_prompt
+from rlkit.templates import apply_chat, completion_text, render_prompt
 from rlkit.tracking import MetricsLogger, available
 from rlkit.trainers import hf_trainer
 from rlkit.trainers.hf_trainer import checkpointing_arg, jsonl_callback, last_trainer_checkpoint, quiet_progress
@@ -61,8 +61,8 @@ def example_lengths(examples: list[dict], tokenizer, second: str = "completion")
     out = []
     for ex in examples:
         if isinstance(ex["prompt"], list):
-            out.append(len(tokenizer.apply_chat_template(ex["prompt"] + ex[second], tokenize=True,
-                                                         return_dict=False)))
+            text = apply_chat(tokenizer, ex["prompt"] + ex[second], generation_prompt=False)
+            out.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
         else:
             out.append(len(tokenizer(ex["prompt"] + ex[second], add_special_tokens=False)["input_ids"]) + 1)
     return out
