@@ -17,11 +17,11 @@ import json
 from pathlib import Path
 
 from rlkit.embedded import tasks
-from rlkit.errors import RlkitError, first_line
+from rlkit.errors import DataError
+from rlkit.sources import REASONING_GYM, from_disk, hub_rows, reasoning_gym_rows, saved_dataset
 
-
-class DataError(RlkitError):
-    pass
+__all__ = ["DataError", "load_rows", "prompt_rows", "rl_rows", "sft_rows", "preference_rows", "map_columns",
+           "reasoning_gym_rows"]
 
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -80,8 +80,8 @@ def load_rows(spec: str, default_split: str = "train") -> list[dict]:
     if spec.startswith(REASONING_GYM):
         return reasoning_gym_rows(spec)
     path = Path(spec).expanduser()
-    if path.is_dir() and not (path / "data.jsonl").is_file() and _saved_dataset(path):
-        return _from_disk(path, default_split)
+    if path.is_dir() and not (path / "data.jsonl").is_file() and saved_dataset(path):
+        return from_disk(path, default_split)
     if path.is_dir():  # a stage's output directory, e.g. rejection samples
         if not (path / "data.jsonl").is_file():
             raise DataError(f"{path}: a data directory needs a data.jsonl file (or a datasets save_to_disk directory)")
@@ -110,85 +110,7 @@ def load_rows(spec: str, default_split: str = "train") -> list[dict]:
         if not rows:
             raise DataError(f"{path}: no rows")
         return rows
-    return _hub_rows(spec, default_split)
-
-
-REASONING_GYM = "reasoning_gym:"
-
-
-def reasoning_gym_rows(spec: str) -> list[dict]:
-    """``reasoning_gym:NAME?size=2000&seed=1&max_terms=3``: the task's procedurally generated problems as
-    ``{prompt, answer, metadata}`` rows (score them with the ``reasoning_gym`` reward). Parameters other than
-    size and seed go to the task's config; values are read as YAML scalars. Held-out data: another seed."""
-    import yaml
-
-    name, _, query = spec.removeprefix(REASONING_GYM).partition("?")
-    params: dict = {"size": 500, "seed": 0}
-    for item in filter(None, query.split("&")):
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise DataError(f"{spec}: expected NAME?key=value&key=value, got '{item}'")
-        try:
-            params[key] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise DataError(f"{spec}: cannot read '{item}' as a YAML value (e.g. max_terms=3, "
-                            f"operators=[+,-])") from None
-    try:
-        import reasoning_gym
-    except ImportError:
-        raise DataError(f"{spec}: needs the reasoning-gym package: pip install 'rlkit[reasoning-gym]'") from None
-    from reasoning_gym.factory import DATASETS
-
-    if name not in DATASETS:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(DATASETS), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; {len(DATASETS)} tasks, e.g. basic_arithmetic"
-        raise DataError(f"{spec}: unknown reasoning-gym task '{name}'{hint}")
-    try:
-        ds = reasoning_gym.create_dataset(name, **params)
-        rows = [{"prompt": x["question"], "answer": str(x["answer"]), "metadata": x["metadata"]} for x in ds]
-    except Exception as e:  # a parameter the task does not take, or a value it refuses
-        raise DataError(f"{spec}: reasoning-gym could not build '{name}' ({first_line(e)})") from None
-    if not rows:
-        raise DataError(f"{spec}: no rows (size={params['size']})")
-    return rows
-
-
-def _saved_dataset(path: Path) -> bool:
-    return any((path / f).is_file() for f in ("dataset_dict.json", "state.json", "dataset_info.json"))
-
-
-def _from_disk(path: Path, split: str) -> list[dict]:
-    """A directory written by ``datasets``' ``save_to_disk``: a Dataset, or a DatasetDict and its ``split``."""
-    import datasets
-
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except Exception as e:
-        raise DataError(f"{path}: not a readable datasets directory ({first_line(e)})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise DataError(f"{path}: no '{split}' split in this DatasetDict; it has {', '.join(ds)}")
-        ds = ds[split]
-    if len(ds) == 0:
-        raise DataError(f"{path}: no rows")
-    return [dict(r) for r in ds]
-
-
-def _hub_rows(spec: str, default_split: str) -> list[dict]:
-    name, _, split = spec.partition(":")
-    try:
-        import datasets
-
-        ds = datasets.load_dataset(name, split=split or default_split)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(
-            f"{spec}: not a local file and could not load it as a datasets name ({first}); "
-            f"expected a .jsonl/.json/.parquet path, embedded:TASK, or a cached dataset name"
-        ) from None
-    return [dict(r) for r in ds]
+    return hub_rows(spec, default_split)
 
 
 def require_columns(rows: list[dict], spec: str, *alternatives: tuple[str, ...]) -> tuple[str, ...]:

@@ -10,6 +10,10 @@ class RlkitError(Exception):
     prefix = "error"
 
 
+class DataError(RlkitError):
+    """A data set that cannot be used: the file, line or row, and what was expected."""
+
+
 class RunInterrupted(RlkitError):
     """A run stopped on a signal after saving what it had (SIGINT: exit 130, SIGTERM: exit 143)."""
 
