@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from rlkit.rewards import register
+from rlkit.rewards import RewardError, register
 
 _STRICT = re.compile(
     r"\s*<think>(?:(?!</?think>|</?answer>).)*</think>\s*<answer>(?:(?!</?think>|</?answer>).)*</answer>\s*", re.S
@@ -90,3 +90,12 @@ def language_consistency(completions: list[str], prompts: list[str] | None = Non
             continue
         out.append(sum(all(in_script(ch) for ch in w) for w in words) / len(words))
     return out
+
+
+def _prepare_language(language: str = "en", **_) -> None:
+    if language not in _SCRIPTS:
+        raise RewardError(f"reward 'language': params.language {language!r}; expected one of {', '.join(_SCRIPTS)}")
+
+
+language_consistency.prepare = _prepare_language
+

@@ -9,7 +9,7 @@ penalty down to −1 between L − C and L, and −1 beyond L.
 
 from __future__ import annotations
 
-from rlkit.rewards import register
+from rlkit.rewards import RewardError, register
 
 
 @register("soft_overlong")
@@ -31,3 +31,13 @@ def soft_overlong(completions: list[str], completion_lengths: list[int], max_len
         else:
             out.append(-1.0)
     return out
+
+
+def _prepare(max_len: int = 512, cache: int = 128, **_) -> None:
+    if not (isinstance(max_len, int) and isinstance(cache, int) and 0 < cache <= max_len):
+        raise RewardError(f"reward 'soft_overlong': need whole numbers 0 < params.cache <= params.max_len, got "
+                          f"cache={cache!r}, max_len={max_len!r}")
+
+
+soft_overlong.prepare = _prepare
+

@@ -35,7 +35,7 @@ from math_verify.errors import TimeoutException  # a BaseException: ``except Exc
 from sympy.core.function import AppliedUndef
 
 from rlkit.errors import first_line
-from rlkit.rewards import register
+from rlkit.rewards import RewardError, register
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
 _CONFIG = (LatexExtractionConfig(), ExprExtractionConfig())
@@ -214,6 +214,13 @@ def _check_row(row: dict) -> str | None:
     return gold_error(row["answer"])
 
 
+def _prepare(mode: str = "tags", **_) -> None:
+    if mode not in ("tags", "any"):
+        raise RewardError(f"reward 'accuracy': params.mode {mode!r}; expected tags (the last <answer> block or "
+                          "\\boxed{}) or any (else the whole completion)")
+
+
+accuracy.prepare = _prepare       # the mode is checked when the reward set is built, before training
 accuracy.requires = ("answer",)   # columns each applicable row must have (RewardSet.check_rows)
 accuracy.check_row = _check_row   # the gold answer must be one math-verify can check against
 accuracy.self_timed = True        # bounds its own time (above): the reward runner calls it directly

@@ -124,6 +124,36 @@ def _describe(e: BaseException) -> str:
 
 _PENDING = object()  # no result yet: the call timed out before it reached this sample
 
+# What score_groups passes besides the dataset's own columns, and the columns rlkit's rows always have.
+COLUMNS = ("prompts", "prompt", "answer", "metadata", "completion_lengths", "route")
+
+
+def check_params(key: str, fn, params: dict) -> None:
+    """A reward's ``params`` against its signature, before training: a typo (``mdoe: any``) is an error, not a
+    parameter silently swallowed by ``**_`` (rlkit's own rewards) or a TypeError on every sample (a plug-in
+    with no ``**kwargs``); a parameter named like a column would collide with the column."""
+    import difflib
+    import inspect
+
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to check against
+        return
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    named = [n for n, p in list(sig.parameters.items())[1:] if p.kind in kinds]  # after completions
+    open_ended = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+    own = getattr(fn, "__module__", "").startswith("rlkit.")  # their **_ takes the columns, never parameters
+    takes = [n for n in named if n not in COLUMNS]
+    for name in params:
+        if name in COLUMNS:
+            raise RewardError(f"reward '{key}': params.{name} is a data column the reward is given, not a parameter; "
+                              "remove it")
+        if name not in named and (own or not open_ended):
+            guess = difflib.get_close_matches(name, takes, n=1)
+            hint = f"did you mean '{guess[0]}'? " if guess else ""
+            raise RewardError(f"reward '{key}': unknown parameter '{name}'; {hint}it takes "
+                              f"{', '.join(takes) or 'no parameters'}")
+
 
 class RewardSet:
     """The rewards a recipe lists: ``[{name, weight, params, routes, timeout}]``, built and checked up front."""
@@ -140,6 +170,7 @@ class RewardSet:
                 raise RewardError(f"reward '{key}' is listed twice; give one an 'alias'")
             self.fns[key] = get_reward(s.name)
             self.plugin[key] = s.name not in REWARDS  # a dotted path or entry point, maybe written for TRL
+            check_params(key, self.fns[key], dict(s.params))
             prepare = getattr(self.fns[key], "prepare", None)
             if prepare is not None:  # e.g. load a reward model now: a bad path fails before training starts
                 prepare(**dict(s.params))

@@ -275,3 +275,22 @@ def test_chat_templates_that_cannot_render_the_prompt_are_one_line(cli, tmp_path
                            "--output-dir", tmp_path / "b", *GRPO_SMALL), "System role not supported",
                        "data.system_prompt")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_reward_params_are_checked_before_training(cli, tmp_path, monkeypatch):
+    """13. Reward params: a typo was swallowed by the reward's **_ (or failed every sample with a TypeError
+    in a plug-in), a bad value failed every sample; now one line each before training."""
+    (tmp_path / "strict_rewards.py").write_text("def exact(completions, answer, scale=1.0):\n"
+                                                "    return [scale * (c == a) for c, a in zip(completions, answer)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for rewards, needles in [
+        ("[{name: accuracy, params: {mdoe: any}}]", ("unknown parameter 'mdoe'", "did you mean 'mode'")),
+        ("[{name: accuracy, params: {mode: bogus}}]", ("params.mode 'bogus'",)),
+        ("[{name: language, params: {language: fr}}]", ("params.language 'fr'",)),
+        ("[{name: soft_overlong, params: {max_len: 10, cache: 20}}]", ("params.cache",)),
+        ("[{name: accuracy, params: {answer: '4'}}]", ("params.answer is a data column",)),
+        ("[{name: 'strict_rewards:exact', params: {sclae: 2}}]", ("unknown parameter 'sclae'", "'scale'")),
+    ]:
+        assert_clean_error(cli("grpo", "--set", f"rewards={rewards}", "--output-dir", tmp_path / "a", *GRPO_SMALL),
+                           *needles)
+    assert not (tmp_path / "a").exists()
