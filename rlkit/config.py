@@ -171,6 +171,21 @@ class RolloutConfig(_Section):
         "colocate", description="vllm: 'colocate' runs vLLM inside the training process (one engine per process); "
         "'server' uses a running `rlkit vllm-serve` at rollout.server_url.")
     server_url: str = Field("http://127.0.0.1:8000", description="vllm server mode: the server's base URL.")
+
+    @field_validator("server_url")
+    @classmethod
+    def _server_url(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        u = urlsplit(v.strip())
+        try:
+            port_ok = u.port is None or u.port > 0
+        except ValueError:
+            port_ok = False
+        if u.scheme not in ("http", "https") or not u.hostname or not port_ok:
+            hint = f" (http://{v.strip()}?)" if "://" not in v and v.strip() else ""
+            raise ValueError(f"{v!r}: expected http://HOST:PORT{hint}, where `rlkit vllm-serve` listens")
+        return v
     server_timeout: float = Field(600.0, gt=0, description="vllm server mode: seconds one request may take.")
     server_wait: float = Field(
         240.0, ge=0, description="vllm server mode: seconds to wait at start for a server that is still starting "

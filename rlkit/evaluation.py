@@ -149,4 +149,5 @@ def eval_engine(rollout: RolloutConfig, tokenizer, model_path: str, dtype: str, 
     ids = tokenizer([render_prompt(r["prompt"], template, tokenizer) for r in rows], add_special_tokens=False)["input_ids"]
     longest = max((len(x) for x in ids), default=0) + cfg.max_new_tokens
     return make_engine(rollout, tokenizer, model_path=model_path, dtype=dtype,
-                       max_batch=cfg.batch_size * max(1, cfg.num_samples), max_len=longest)
+                       max_batch=cfg.batch_size * max(1, cfg.num_samples), max_len=longest,
+                       max_prompt_len=max((len(x) for x in ids), default=0))

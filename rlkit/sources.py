@@ -7,7 +7,6 @@ from pathlib import Path
 
 from rlkit.errors import DataError, first_line
 
-
 REASONING_GYM = "reasoning_gym:"
 
 

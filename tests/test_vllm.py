@@ -204,10 +204,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(port: int, log) -> subprocess.Popen:
+def _spawn_server(port: int, log) -> subprocess.Popen:
     exe = os.path.join(os.path.dirname(sys.executable), "rlkit")
-    p = subprocess.Popen([exe, "vllm-serve", "--model", "embedded", "--port", str(port), "--kv-cache-gib", "0.25"],
-                         stdout=log, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
+    return subprocess.Popen([exe, "vllm-serve", "--model", "embedded", "--port", str(port), "--kv-cache-gib", "0.25"],
+                            stdout=log, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
+
+
+def _start_server(port: int, log) -> subprocess.Popen:
+    p = _spawn_server(port, log)
     import urllib.request
 
     deadline = time.time() + 300
@@ -299,16 +303,167 @@ def test_server_mode_learns_and_a_dead_server_fails_in_one_line(tmp_path):
         _stop(server)
 
 
+@pytest.mark.slow
+def test_the_trainer_waits_for_a_server_that_is_starting(tmp_path):
+    """The README's `rlkit vllm-serve ... &` and, at once, `rlkit grpo` in server mode: the trainer says once what
+    it waits for (the server takes tens of seconds to come up), then trains and exits 0."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = _spawn_server(port, (tmp_path / "server.log").open("w"))
+    try:
+        out = tmp_path / "out"
+        p = _rlkit("grpo", "--output-dir", out, "--max-steps", 1, *SMALL, "--set", "eval.limit=4",
+                   "--set", "rollout.engine=vllm", "--set", "rollout.mode=server", "--set", f"rollout.server_url={url}")
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:] + (tmp_path / "server.log").read_text()[-3000:]
+        assert p.stdout.count(f"waiting up to 240 s for the vLLM server at {url} to start (rollout.server_wait)") == 1
+        assert json.loads((out / "rlkit_result.json").read_text())["steps"] == 1
+    finally:
+        _stop(server)
+
+
 # ------------------------------------------------------------------------------------------ bad input
+
+
+def test_no_server_within_server_wait_fails_in_one_line(cli, tmp_path):
+    """Nothing listens at rollout.server_url: the trainer waits rollout.server_wait (2 s here), then one line
+    names the URL, the wait and the fixes."""
+    url = f"http://127.0.0.1:{_free_port()}"
+    t0 = time.monotonic()
+    r = cli("grpo", "--output-dir", tmp_path / "a", "--max-steps", 1, *SMALL, "--set", "rollout.engine=vllm",
+            "--set", "rollout.mode=server", "--set", f"rollout.server_url={url}", "--set", "rollout.server_wait=2")
+    elapsed = time.monotonic() - t0
+    assert_clean_error(r, url, "within 2 s", "rlkit vllm-serve", "rollout.server_wait")
+    assert r.output.count("waiting up to 2 s for the vLLM server") == 1
+    assert 2 <= elapsed < 60, elapsed  # the trainer's own start-up, the wait, no more
+    assert not (tmp_path / "a" / "checkpoint-1").exists()
+
+
+class _FakeServer:
+    """An HTTP server in a thread: ``routes[path]`` is bytes (200, as is), a dict (200, JSON), a callable of
+    the request's JSON (its result, as JSON), ``(status, bytes)``, or missing (``default``)."""
+
+    def __init__(self, routes: dict, default=(404, b'{"detail":"Not Found"}')):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                size = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(size) or b"null")
+                route = routes.get(self.path.split("?")[0], default)
+                route = route(body) if callable(route) else route
+                status, raw = route if isinstance(route, tuple) else (200, route)
+                raw = raw if isinstance(raw, bytes) else json.dumps(raw).encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args):
+                pass
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                pass  # a client that gave up (the timeout case): nothing to report
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _vllm_routes(tok, max_model_len=512, **changes):
+    """What `rlkit vllm-serve` answers where rlkit asks (the model is the embedded one)."""
+    routes = {"/health": b"", "/version": {"version": "0.32.0"}, "/is_sleeping": {"is_sleeping": False},
+              "/v1/models": {"object": "list", "data": [{"id": "m", "owned_by": "vllm", "max_model_len": max_model_len}]},
+              "/tokenize": lambda body: {"tokens": tok(body["prompt"], add_special_tokens=False)["input_ids"]},
+              "/collective_rpc": b"", "/reset_prefix_cache": b""}
+    routes.update(changes)
+    return {k: v for k, v in routes.items() if v is not None}
+
+
+def test_bad_server_urls_and_servers_that_are_not_vllm_are_one_line(cli, tmp_path):
+    """rollout.server_url without a scheme or host, a host that does not resolve, https:// to an http server; a
+    server that answers 200 everywhere, an OpenAI-compatible one that is not vLLM, vLLM without its dev endpoints
+    (the weight reload), with another tokenizer, another model than the one rlkit eval evaluates (it pushes no
+    weights), a context too short for the prompts, a request past
+    rollout.server_timeout, a weight reload that fails: one line each, before any rollout."""
+    tok = AutoTokenizer.from_pretrained(model_dir())
+
+    def run_eval(url, *more):
+        return cli("eval", "--engine", "vllm", "--limit", 2, "--set", "rollout.mode=server",
+                   "--set", f"rollout.server_url={url}", "--set", "rollout.server_wait=0", *more)
+
+    assert_clean_error(run_eval("localhost:8000"), "rollout.server_url", "http://localhost:8000?")
+    assert_clean_error(run_eval("http://"), "rollout.server_url", "expected http://HOST:PORT")
+    assert_clean_error(run_eval("http://no-such-host.invalid:8000"), "unknown host")
+    cases = [
+        ({}, (200, b"ok"), ["not a vLLM server", "/v1/models"]),
+        ({}, (200, b"{}"), ["not a vLLM server", "/v1/models"]),
+        (_vllm_routes(tok, **{"/version": None, "/is_sleeping": None}), None, ["not a vLLM server", "/version"]),
+        (_vllm_routes(tok, **{"/is_sleeping": None}), None, ["no dev endpoints", "rlkit vllm-serve"]),
+        (_vllm_routes(tok, **{"/tokenize": {"tokens": [1, 2, 3]}}), None, ["tokenizer differs", "vllm-serve --model"]),
+        (_vllm_routes(tok, max_model_len=8), None, ["max_model_len 8", "prompt of", "--max-model-len"]),
+        (_vllm_routes(tok, **{"/v1/models": {"data": [{"id": "m", "root": str(tmp_path), "max_model_len": 512}]}}), None,
+         [f"serves {tmp_path}, not embedded", "vllm-serve --model embedded"]),
+        (_vllm_routes(tok, **{"/v1/completions": lambda body: time.sleep(3) or {}}), None,
+         ["no answer within 1 s", "rollout.server_timeout"]),
+    ]
+    for routes, default, needles in cases:
+        with _FakeServer(routes, *([default] if default else [])) as fake:
+            more = ["--set", "rollout.server_timeout=1"] if "/v1/completions" in routes else []
+            assert_clean_error(run_eval(fake.url, *more), fake.url, *needles)
+    with _FakeServer(_vllm_routes(tok)) as fake:  # https:// to an http server
+        assert_clean_error(run_eval(fake.url.replace("http://", "https://")), "TLS failed", "http://")
+
+    # the trainer pushes its weights before the first step: a server that cannot load them says so
+    with _FakeServer(_vllm_routes(tok, **{"/collective_rpc": (500, b'{"error": {"message": "Worker failed"}}')})) as fake:
+        assert_clean_error(cli("grpo", "--output-dir", tmp_path / "a", "--max-steps", 1, *SMALL,
+                               "--set", "rollout.engine=vllm", "--set", "rollout.mode=server",
+                               "--set", f"rollout.server_url={fake.url}"),
+                           fake.url, "could not reload the trainer's weights", "vllm-serve --model embedded")
+
+
+def test_vllm_serve_on_a_port_in_use_and_a_context_too_long_are_one_line(tmp_path):
+    """`rlkit vllm-serve` checks its port and --max-model-len before vLLM starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert_clean_error(_rlkit("vllm-serve", "--port", port, timeout=120), f"--port {port}", "already in use")
+    assert_clean_error(_rlkit("vllm-serve", "--port", _free_port(), "--max-model-len", 100000, timeout=120),
+                       "--max-model-len 100000", "512")
+
+
+def test_max_model_len_shorter_than_the_prompt_is_one_line(tmp_path):
+    """rollout.max_model_len below the prompts' length (colocate): one line naming it, the prompt length and
+    what to set, in rlkit eval and in training (before any step)."""
+    p = _rlkit("eval", "--engine", "vllm", "--limit", 2, "--set", "rollout.max_model_len=8")
+    assert_clean_error(p, "rollout.max_model_len 8", "a prompt of", "set rollout.max_model_len to at least")
+    p = _rlkit("grpo", "--output-dir", tmp_path / "out", "--max-steps", 1, *SMALL, "--set", "rollout.engine=vllm",
+               "--set", "rollout.max_model_len=8")
+    assert_clean_error(p, "rollout.max_model_len 8", "a prompt of")
+    assert not (tmp_path / "out" / "checkpoint-1").exists()
+
 
 
 def test_unreachable_server_and_missing_vllm_are_one_line(cli, tmp_path, monkeypatch):
     url = f"http://127.0.0.1:{_free_port()}"
     assert_clean_error(cli("grpo", "--output-dir", tmp_path / "a", "--max-steps", 1, *SMALL,
                            "--set", "rollout.engine=vllm", "--set", "rollout.mode=server",
-                           "--set", f"rollout.server_url={url}"), url, "rlkit vllm-serve")
+                           "--set", f"rollout.server_url={url}", "--set", "rollout.server_wait=0"), url, "rlkit vllm-serve")
     assert_clean_error(cli("eval", "--engine", "vllm", "--set", "rollout.mode=server",
-                           "--set", f"rollout.server_url={url}"), url)
+                           "--set", f"rollout.server_url={url}", "--set", "rollout.server_wait=0"), url)
     assert_clean_error(cli("grpo", "--set", "rollout.hf_cache=static", "--set", "rollout.engine=vllm"),
                        "rollout.hf_cache", "rollout.engine hf")
     assert_clean_error(cli("grpo", "--set", "rollout.tis_cap=3"), "rollout.tis_cap", "rollout.engine vllm")

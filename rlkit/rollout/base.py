@@ -68,13 +68,14 @@ ENGINES = ("hf", "vllm")
 
 
 def make_engine(cfg, tokenizer, *, model=None, model_path: str | None = None, max_batch: int = 64,
-                max_len: int | None = None, seed: int = 0, dtype: str = "auto", return_logprobs: bool = False
-                ) -> Engine:
+                max_len: int | None = None, seed: int = 0, dtype: str = "auto", return_logprobs: bool = False,
+                max_prompt_len: int | None = None) -> Engine:
     """The engine a ``rollout:`` config section (``rlkit.config.RolloutConfig``) describes.
 
     ``model``: the in-memory model (hf samples from it; vllm syncs it when given); ``model_path``: the
     directory vllm loads (its architecture and first weights); ``max_batch``: sequences generated at
-    once; ``max_len``: the longest prompt plus completion (vllm sizes its KV cache from these)."""
+    once; ``max_len``: the longest prompt plus completion (vllm sizes its KV cache from these);
+    ``max_prompt_len``: the longest prompt (vllm refuses one that cannot fit before it starts)."""
     if cfg.engine == "hf":
         from rlkit.rollout.hf import HFEngine
 
@@ -87,5 +88,5 @@ def make_engine(cfg, tokenizer, *, model=None, model_path: str | None = None, ma
         from rlkit.rollout.vllm import make_vllm_engine
 
         return make_vllm_engine(cfg, tokenizer, model=model, model_path=model_path, max_batch=max_batch,
-                                max_len=max_len, seed=seed, dtype=dtype)
+                                max_len=max_len, seed=seed, dtype=dtype, max_prompt_len=max_prompt_len)
     raise ValueError(f"unknown rollout engine {cfg.engine!r}; expected one of {', '.join(ENGINES)}")

