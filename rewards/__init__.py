@@ -13,7 +13,7 @@ import importlib
 from importlib.metadata import entry_points
 from typing import Callable
 
-from rlkit.errors import RlkitError
+from rlkit.errors import RlkitError, first_line
 
 RewardFn = Callable[..., list]
 REWARDS: dict[str, RewardFn] = {}
@@ -67,8 +67,8 @@ def get_reward(name: str) -> RewardFn:
         if ep.name == name:
             try:
                 return ep.load()
-            except Exception as e:
-                raise RewardError(f"reward '{name}': entry point {ep.value} failed to import ({e})") from None
+            except (Exception, SystemExit) as e:
+                raise RewardError(f"reward '{name}': entry point {ep.value} failed to import ({first_line(e)})") from None
     if "." in name or ":" in name:
         module, _, attr = name.partition(":") if ":" in name else name.rpartition(".")
         try:
@@ -78,9 +78,9 @@ def get_reward(name: str) -> RewardFn:
         except SyntaxError as e:
             where = f"{e.filename}:{e.lineno}" if e.filename else module
             raise RewardError(f"reward '{name}': {where}: syntax error ({e.msg})") from None
-        except Exception as e:  # ImportError, or whatever the module raised while importing
+        except (Exception, SystemExit) as e:  # ImportError, or whatever the module raised (or exited with) importing
             raise RewardError(f"reward '{name}': module '{module}' failed to import "
-                              f"({type(e).__name__}: {e})") from None
+                              f"({type(e).__name__}: {first_line(e)})") from None
         if not callable(fn):
             raise RewardError(f"reward '{name}': '{attr}' is not callable")
         return fn

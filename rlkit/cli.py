@@ -223,7 +223,8 @@ def eval_(
 
     if output is not None:
         check_output_file(output, "--output")
-    layers = [("defaults", {"data": {"template": "r1_zero"}})]
+    # evaluation reads what an RL run's evaluation reads (data.system_prompt, data.few_shot, rollout.*)
+    layers = [("defaults", {"kind": "grpo", "data": {"template": "r1_zero"}, "rewards": [{"name": "accuracy"}]})]
     if recipe:
         path = recipe_path(recipe)
         layers.append((str(path), load_yaml(path)))
@@ -232,7 +233,12 @@ def eval_(
                    "temperature": temperature, "max_new_tokens": max_new_tokens, "limit": limit},
                    "rollout": {"engine": engine}}
     layers.append(("command-line flags", _drop_none(flags)))
-    cfg = build_config(layers)
+    try:
+        cfg = build_config(layers)
+    except RlkitError as e:
+        if recipe:
+            raise
+        raise type(e)(str(e).replace("rlkit grpo does not use", "rlkit eval does not use")) from None
     if data is None and task is None and cfg.eval.task is not None:
         data = cfg.data.eval  # a recipe's held-out data, as training evaluates on it
     tmpl = cfg.eval.template or cfg.data.template
@@ -270,7 +276,9 @@ def bench(
     try:
         sizes = [int(x) for x in batch_sizes.split(",") if x]
     except ValueError:
-        raise typer.BadParameter(f"--batch-sizes {batch_sizes!r}: expected comma-separated integers") from None
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise typer.BadParameter(f"--batch-sizes {batch_sizes!r}: expected comma-separated positive integers, e.g. 8,32")
     from rlkit.bench import ROLLOUT_ENGINES, STEP_ENGINES
 
     chosen = {}
@@ -279,6 +287,8 @@ def bench(
         for e in chosen[opt]:
             if e not in known:
                 raise typer.BadParameter(f"{opt}: unknown engine {e!r}; expected one of {', '.join(known)}")
+    if not chosen["--engines"] and not chosen["--step-engines"] and not trl:
+        raise typer.BadParameter("nothing to measure: --engines and --step-engines are empty and --no-trl is set")
     r = run_bench(model, chosen["--engines"], sizes, prompt_len, gen_len, prompts, generations, steps, trl,
                   str(output) if output else None, step_engines=chosen["--step-engines"])
     c = _console()
@@ -348,7 +358,7 @@ def rewards_check(
     blocks, the answer outside the tags, padding) with a recipe's rewards; flag every hack that scores as
     high as the honest answer. `rlkit grpo` runs it first and prints the summary line."""
     from rlkit.recipe import load_config
-    from rlkit.reward_check import format_table, run_reward_check_cli, summary_line
+    from rlkit.reward_check import check_not_broken, format_table, run_reward_check_cli, summary_line
 
     cfg = load_config(recipe, default_recipe="r1_zero", sets=set_,
                       flags={"model.path": model, "data.train": dataset})
@@ -358,6 +368,7 @@ def rewards_check(
     c.print(summary_line(report))
     for name, err in report.errors.items():
         c.print(f"[yellow]reward '{name}' failed on a probe: {err}[/]")
+    check_not_broken(report)
     if strict and report.hacks:
         raise typer.Exit(1)
 

@@ -22,7 +22,9 @@ class ConfigError(RlkitError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    # allow_inf_nan False: `.inf` / `.nan` in a recipe (a learning rate, a reward weight) is an error, not a run
+    # that diverges after its first step or learns nothing
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class LoraConfig(_Section):
@@ -609,6 +611,21 @@ def parse_set(items: list[str] | None) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error (YAML keeps the last one
+    silently: a second ``train:`` section would drop the first's ``max_steps``)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: recipe file not found")
@@ -620,7 +637,7 @@ def load_yaml(path: Path) -> dict:
         raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
                           "save the recipe as UTF-8") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
@@ -645,15 +662,20 @@ def build_config(layers: list[tuple[str, dict]]) -> RunConfig:
         source = layers[-1][0] if layers else "config"
         # a whole-config check names its key first ("rl.kl_target: ..."): blame the layer that set it
         where = err["loc"] or tuple(msg.split(":", 1)[0].split("."))
-        for s, layer in reversed(layers):
-            if _has_path(layer, where):
-                source = s
+        # the layer that set the key, or (a required field missing) the one that set what holds it
+        for depth in range(len(where), 0, -1):
+            found = next((s for s, layer in reversed(layers) if _has_path(layer, where[:depth])), None)
+            if found is not None:
+                source = found
                 break
         raise ConfigError(f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}") from None
 
 
 def _has_path(d: dict, loc: tuple) -> bool:
     for p in loc:
+        if isinstance(d, list) and isinstance(p, int) and 0 <= p < len(d):
+            d = d[p]  # rewards[0].weight: an item of a list
+            continue
         if not isinstance(d, dict) or p not in d:
             return False
         d = d[p]

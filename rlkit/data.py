@@ -33,6 +33,8 @@ def is_embedded(spec: str) -> bool:
 
 def _embedded(spec: str, default_split: str) -> tuple[str, str]:
     parts = spec.split(":")
+    if len(parts) > 3:
+        raise DataError(f"{spec}: expected embedded:TASK or embedded:TASK:SPLIT")
     task = parts[1] if len(parts) > 1 else ""
     split = parts[2] if len(parts) > 2 else default_split
     if task not in tasks.TASKS:
@@ -153,10 +155,12 @@ def sft_rows(spec: str, max_samples: int | None = None) -> list[dict]:
     else:
         for i, r in enumerate(rows, 1):
             for col in ("prompt", "completion"):
-                if not isinstance(r[col], (str, list)):
-                    raise DataError(f"{spec}: row {i}: '{col}' must be a string or a list of chat messages, "
-                                    f"got {type(r[col]).__name__}")
-                if _blank(r[col]):
+                v = r[col]
+                if not isinstance(v, (str, list)) or isinstance(v, list) and not all(
+                        isinstance(m, dict) and "role" in m and "content" in m for m in v):
+                    raise DataError(f"{spec}: row {i}: '{col}' must be a string or a list of {{role, content}} chat "
+                                    f"messages, got {v!r:.40}")
+                if _blank(v):
                     raise DataError(f"{spec}: row {i}: the '{col}' is empty")
     return rows[:max_samples] if max_samples else rows
 
@@ -216,6 +220,9 @@ def map_columns(rows: list[dict], spec: str, data_cfg=None, need_answer: bool = 
                 raise DataError(f"{spec}: row {i} has no '{a_col}' column")
             r.pop("answer", None)
         else:
+            if isinstance(gold, (dict, list, tuple, bool)):
+                raise DataError(f"{spec}: row {i}: '{a_col}' is {type(gold).__name__} {gold!r:.40}; expected the gold "
+                                "answer as text or a number")
             r["answer"] = extract_answer(str(gold), extractor, f"{spec}: row {i}: '{a_col}'")
         out.append(r)
     return out
@@ -292,18 +299,34 @@ def preference_rows(spec: str, max_samples: int | None = None) -> list[dict]:
         raise DataError(f"{spec}: row {bad} has no 'rejected' column (pairwise rows need 'chosen' and 'rejected')")
     out = []
     for i, r in enumerate(rows, 1):
-        prompt = r.get("prompt", "")
+        prompt = r.get("prompt") or ""
+        _text(prompt, spec, i, "prompt")
         if cols == ("responses",):
             resp = r["responses"]
             if not isinstance(resp, list) or len(resp) < 2:
                 n = len(resp) if isinstance(resp, list) else 0
                 raise DataError(f"{spec}: row {i}: a ranking needs at least 2 responses (best first), got {n}")
+            for j, x in enumerate(resp, 1):
+                _text(x, spec, i, f"responses[{j}]", blank_ok=False)
             for a in range(len(resp)):
                 for b in range(a + 1, len(resp)):
                     out.append({"prompt": prompt, "chosen": resp[a], "rejected": resp[b], "group": i - 1})
         else:
+            for col in ("chosen", "rejected"):
+                _text(r[col], spec, i, col, blank_ok=False)
             out.append({"prompt": prompt, "chosen": r["chosen"], "rejected": r["rejected"], "group": i - 1})
     return out
+
+
+def _text(value, spec: str, row: int, col: str, blank_ok: bool = True) -> None:
+    """A preference row's field must be text (conversational message lists are not supported there yet)."""
+    if isinstance(value, list):
+        raise DataError(f"{spec}: row {row}: '{col}' is a list (conversational preference rows are not supported "
+                        "yet); give the prompt and responses as text (data.template chat renders them as chat turns)")
+    if not isinstance(value, str):
+        raise DataError(f"{spec}: row {row}: '{col}' must be text, got {type(value).__name__} {value!r:.40}")
+    if not blank_ok and not value.strip():
+        raise DataError(f"{spec}: row {row}: '{col}' is empty")
 
 
 def rl_rows(data_cfg, check=None) -> list[dict]:

@@ -24,7 +24,7 @@ from rlkit.models import load_causal_lm, load_tokenizer
 from rlkit.rewards.format import is_well_formed
 from rlkit.rewards.math_answer import scores as answer_scores
 from rlkit.rollout import SamplingParams, make_engine
-from rlkit.templates import render_prompt
+from rlkit.templates import render_prompt, render_rows
 
 
 @dataclass
@@ -57,6 +57,32 @@ def eval_rows(cfg: EvalConfig, data: str | None, data_cfg=None) -> tuple[str, li
     if not data:  # a built-in task: its columns need no mapping, but data.system_prompt/few_shot still apply
         rows = [{**r, "prompt": with_chat_turns(r["prompt"], data_cfg)} for r in rows]
     return spec, rows[: cfg.limit] if cfg.limit else rows
+
+
+def check_eval_rows(rows: list[dict], spec: str, template: str, tokenizer, model_path: str | None,
+                    max_new_tokens: int) -> None:
+    """Everything about the evaluation rows that would otherwise fail (or silently score garbage) mid-way:
+    a gold answer math-verify cannot check, a prompt the template cannot render, a prompt that with the
+    generation budget does not fit the model's context. One line naming the row, before any generation."""
+    from rlkit.data import DataError
+    from rlkit.models import context_length
+    from rlkit.rewards.math_answer import gold_error
+
+    if not (rows and isinstance(rows[0].get("metadata"), dict) and "source_dataset" in rows[0]["metadata"]):
+        for i, r in enumerate(rows, 1):  # scored by math-verify (reasoning-gym rows by their task's checker)
+            problem = gold_error(r["answer"])
+            if problem:
+                raise DataError(f"{spec}: row {i}: {problem}")
+    texts = render_rows([r["prompt"] for r in rows], template, tokenizer, spec)
+    context = context_length(model_path) if model_path else None
+    if context is not None:
+        lengths = [len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        over = [i for i, n in enumerate(lengths) if n + max_new_tokens > context]
+        if over:
+            i = over[0]
+            raise DataError(f"{spec}: row {i + 1} is {lengths[i]} tokens, which with eval.max_new_tokens "
+                            f"{max_new_tokens} exceeds the model's context of {context} tokens ({len(over)} of "
+                            f"{len(rows)} rows are); shorten them, lower eval.max_new_tokens, or leave them out")
 
 
 def evaluate_model(model, tokenizer, rows: list[dict], cfg: EvalConfig, template: str, progress=None,
@@ -112,10 +138,9 @@ def run_eval(model_path: str, cfg: EvalConfig, template: str, data: str | None =
     JSON-ready report."""
     rollout = rollout or RolloutConfig()
     spec, rows = eval_rows(cfg, data, data_cfg)
-    tokenizer = load_tokenizer(model_path)
-    for r in rows:  # a template the tokenizer cannot render (no chat template, a refused turn) fails before any work
-        render_prompt(r["prompt"], template, tokenizer)
     model = load_causal_lm(model_path, dtype=dtype) if rollout.engine == "hf" else None
+    tokenizer = load_tokenizer(model_path)
+    check_eval_rows(rows, spec, template, tokenizer, model_path, cfg.max_new_tokens)
     engine = eval_engine(rollout, tokenizer, model_path, dtype, cfg, rows, template, model=model)
     total = len(rows) * (1 + (cfg.num_samples if cfg.num_samples > 1 else 0))
     try:

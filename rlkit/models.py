@@ -41,7 +41,30 @@ def resolve_model_path(path: str) -> str:
         return str(p)
     if path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep in path and not _hub_like(path):
         raise ModelError(f"{path}: model directory does not exist")
+    _note_hub_fetch(path)
     return path
+
+
+_NOTED: set[str] = set()
+
+
+def _note_hub_fetch(name: str) -> None:
+    """One line before transformers goes to the hub for a name that is not in the local cache (it may retry
+    for half a minute on a machine without a network)."""
+    if name in _NOTED or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        return
+    _NOTED.add(name)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return
+    except Exception:  # an invalid repo id: transformers says so
+        return
+    import sys
+
+    print(f"{name}: not a local directory nor in the Hugging Face cache; fetching it from the hub "
+          "(HF_HUB_OFFLINE=1 to stay offline)", file=sys.stderr, flush=True)
 
 
 def _hub_like(name: str) -> bool:
@@ -67,13 +90,38 @@ LORA_TARGETS: dict[str, list[str]] = {
 def lora_targets(model, requested: str | list[str]) -> str | list[str]:
     """``model.lora.target_modules`` resolved: 'auto' -> a regex over the module names of the family's entry
     of ``LORA_TARGETS`` outside routed experts, or 'all-linear' for a family not in the table; anything
-    else as given."""
+    else as given, once checked against the model's modules (a name that matches nothing, or a regex that
+    does not compile, is a one-line error here instead of peft's traceback)."""
     if requested != "auto":
+        _check_lora_targets(model, requested)
         return requested
     names = LORA_TARGETS.get(getattr(model.config, "model_type", ""), None)
     if names is None:
         return "all-linear"
     return rf"^(?!.*\.experts\.).*\.({'|'.join(names)})$"
+
+
+def _check_lora_targets(model, requested: str | list[str]) -> None:
+    import re
+
+    if requested == "all-linear":
+        return
+    modules = [n for n, _ in model.named_modules() if n]
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    known = f"this model's linear layers: {', '.join(linear[:12])}"
+    if isinstance(requested, str):  # peft: a string is a regex over full module names
+        try:
+            pattern = re.compile(requested)
+        except re.error as e:
+            raise ModelError(f"model.lora.target_modules {requested!r}: not a valid regex ({e})") from None
+        if not any(pattern.fullmatch(n) for n in modules):
+            raise ModelError(f"model.lora.target_modules {requested!r}: the regex matches no module (peft matches "
+                             f"whole names, e.g. model.layers.0.self_attn.q_proj); {known}")
+        return
+    missing = [t for t in requested if not any(n == t or n.endswith("." + t) for n in modules)]
+    if missing:
+        raise ModelError(f"model.lora.target_modules: no module is named {missing[0]!r}; {known} "
+                         "(or 'auto', 'all-linear')")
 
 
 def pick_dtype(name: str) -> torch.dtype:

@@ -183,13 +183,27 @@ def load_pipeline(name_or_path: str) -> Pipeline:
     if unknown:
         raise ConfigError(f"{path}: unknown pipeline key '{sorted(unknown)[0]}'; expected name, description, "
                           "output_dir, defaults, stages")
+    if not isinstance(data["stages"] or [], list):
+        raise ConfigError(f"{path}: stages: expected a list of stages (- name: ..., kind: ...), got "
+                          f"{type(data['stages']).__name__}")
+    if not isinstance(data.get("defaults") or {}, dict):
+        raise ConfigError(f"{path}: defaults: expected a mapping of config keys, got {type(data['defaults']).__name__}")
+    for key in ("name", "description", "output_dir"):
+        if key in data and not (isinstance(data[key], str) and (data[key].strip() or key == "description")):
+            raise ConfigError(f"{path}: {key}: expected a non-empty string, got {data[key]!r}")
     stages = []
     for i, raw in enumerate(data["stages"] or [], 1):
-        if not isinstance(raw, dict) or "name" not in raw:
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), (str, int)) or isinstance(raw.get("name"), bool):
             raise ConfigError(f"{path}: stage {i} needs a 'name'")
         raw = dict(raw)
         name = str(raw.pop("name"))
         recipe = raw.pop("recipe", None)
+        if recipe is not None:
+            if not isinstance(recipe, str):
+                raise ConfigError(f"{path}: stage '{name}': recipe: expected a recipe name or file, got {recipe!r}")
+            if is_pipeline_file(recipe_path(recipe)):
+                raise ConfigError(f"{path}: stage '{name}': recipe '{recipe}' is a pipeline; a stage starts from a "
+                                  "single-stage recipe (sft, rm, ppo, r1_zero, ...)")
         kind = raw.get("kind") or (load_yaml(recipe_path(recipe)).get("kind") if recipe else None)
         if kind is None:
             raise ConfigError(f"{path}: stage '{name}' needs a 'kind' (sft, rm, grpo, ppo) or a 'recipe'")
@@ -261,6 +275,13 @@ def stage_config(pipeline: Pipeline, stage: Stage, outputs: dict[str, str], out_
     layers.append(("--set", applicable(common, stage.kind)))
     layers.append((f"{pipeline.source} (stage '{stage.name}')", stage.config))
     layers.append((f"--set stages.{stage.name}.*", per.get(stage.name, {})))
+    earlier = [s.name for s in pipeline.stages[: pipeline.stages.index(stage)]]
+    for src, layer in layers:
+        for ref in _find_refs(layer):
+            if ref not in earlier:
+                where = "runs after it or is itself" if ref in outputs else "is not a stage of this pipeline"
+                raise ConfigError(f"{src}: stage:{ref} for stage '{stage.name}': '{ref}' {where}; a stage reads "
+                                  f"earlier stages' outputs only ({', '.join(earlier) or 'none before it'})")
     layers = [(src, _resolve_refs(layer, outputs)) for src, layer in layers]
     layers.append(("pipeline", {"output_dir": str(out_dir / stage.name), "name": f"{pipeline.name}/{stage.name}"}))
     return build_config(layers)
@@ -288,6 +309,24 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _check_inputs(name: str, cfg: RunConfig, out: Path) -> None:
+    """The local files a stage reads that no stage writes must be there before the pipeline starts (a data set
+    missing from the last stage would otherwise fail only after the earlier stages trained)."""
+    from rlkit.data import LOCAL_SUFFIXES
+
+    specs = [("data.train", cfg.data.train), ("data.eval", cfg.data.eval), ("rl.ptx_data", cfg.rl.ptx_data),
+             ("sample.mix_data", cfg.sample.mix_data), ("model.path", cfg.model.path),
+             *((f"data.mix[{i}].data", m.data) for i, m in enumerate(cfg.data.mix))]
+    for key, spec in specs:
+        if not spec or ":" in spec.split("/")[0]:  # embedded:..., reasoning_gym:..., a hub name with a split
+            continue
+        path = Path(spec).expanduser()
+        if out.resolve() in path.resolve().parents:
+            continue  # a stage's output, written before this stage runs
+        if (path.suffix in LOCAL_SUFFIXES or spec.startswith((".", "/", "~"))) and not path.exists():
+            raise ConfigError(f"stage '{name}': {key}: {spec} does not exist")
+
+
 def run_pipeline(pipeline: Pipeline, output_dir: str | None = None, *, start_from: str | None = None,
                  only: str | None = None, sets: list[str] | None = None,
                  on_stage: Callable[[str, str], None] | None = None) -> dict:
@@ -297,21 +336,24 @@ def run_pipeline(pipeline: Pipeline, output_dir: str | None = None, *, start_fro
     if output_dir is not None and not str(output_dir).strip():
         raise ConfigError("--output-dir: empty (an unset shell variable?); give the directory to write to")
     out = Path(output_dir or pipeline.output_dir)
-    from rlkit.runs import prepare_output_dir
-
-    prepare_output_dir(out, markers=("manifest.json", "manifest.json.torn"))
-    manifest_path = out / "manifest.json"
-    old = read_manifest(manifest_path, pipeline, out)
-    old_stages = {s["name"]: s for s in old.get("stages", [])}
     per, common = stage_sets(pipeline, sets)
     names = [s.name for s in pipeline.stages]
     for flag, value in (("--from", start_from), ("--only", only)):
         if value is not None and value not in names:
             raise ConfigError(f"{flag} {value}: unknown stage; stages: {', '.join(names)}")
 
-    # Resolve every config first: a bad key in the last stage fails before the first one trains.
+    # Resolve every config first: a bad key, or an input file that is not there, in the last stage fails before
+    # the first one trains (and before the output directory is made)
     outputs: dict[str, str] = {s.name: str(out / s.name) for s in pipeline.stages}
     configs = {s.name: stage_config(pipeline, s, outputs, out, per, common) for s in pipeline.stages}
+    for s in pipeline.stages:
+        _check_inputs(s.name, configs[s.name], out)
+    from rlkit.runs import prepare_output_dir
+
+    prepare_output_dir(out, markers=("manifest.json", "manifest.json.torn"))
+    manifest_path = out / "manifest.json"
+    old = read_manifest(manifest_path, pipeline, out)
+    old_stages = {s["name"]: s for s in old.get("stages", [])}
 
     forced: set[str] = set()
     if start_from is not None:
@@ -351,7 +393,7 @@ def run_pipeline(pipeline: Pipeline, output_dir: str | None = None, *, start_fro
             continue
         effective[s.name] = h
         for ref in s.refs():
-            if ref not in selected and entries[ref].get("status") != "done":
+            if ref not in selected and (entries[ref].get("status") != "done" or not Path(outputs[ref]).is_dir()):
                 raise ConfigError(f"stage '{s.name}' reads stage '{ref}', which has not finished; "
                                   "run the pipeline without --from/--only first")
         before = recorded.get(s.name)

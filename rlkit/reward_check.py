@@ -20,11 +20,12 @@ opens ``<think>`` (some chat templates do) is respected: the probes then start i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rich.table import Table
 
 from rlkit.data import DataError, rl_rows
+from rlkit.rewards import RewardError
 from rlkit.scoring import RewardSet
 from rlkit.templates import completion_text, render_prompt
 
@@ -49,6 +50,7 @@ class RewardCheckReport:
     rewards: list[str]
     probes: list[ProbeScore]          # in PROBES order, honest first
     errors: dict[str, str]            # first failure per reward while scoring the probes
+    broken: list[str] = field(default_factory=list)  # rewards that failed on every probe they apply to
 
     def probe(self, name: str) -> ProbeScore:
         return next(p for p in self.probes if p.name == name)
@@ -119,7 +121,18 @@ def run_reward_check(rewards: RewardSet, row: dict, prompt: str, template: str, 
     results = [ProbeScore(name, text, length, {r: scored.per_reward[r][i] for r in rewards.names}, scored.total[i],
                           flagged=i > 0 and scored.total[i] >= honest - 1e-9)
                for i, (name, text, length) in enumerate(zip(PROBES, texts, lengths))]
-    return RewardCheckReport(gold, rewards.names, results, dict(scored.errors))
+    broken = [r for r in rewards.names if scored.failures.get(r, 0)
+              and scored.failures[r] == sum(v is not None for v in scored.per_reward[r])]
+    return RewardCheckReport(gold, rewards.names, results, dict(scored.errors), broken)
+
+
+def check_not_broken(report: RewardCheckReport) -> None:
+    """A reward that fails on every probe (it raises, returns the wrong shape, ``builtins:len``) would score
+    every sample of the run 0: one line before training instead."""
+    if report.broken:
+        name = report.broken[0]
+        raise RewardError(f"reward '{name}' failed on every probe completion ({report.errors[name]}); fix it before "
+                          "training, or set rl.reward_check=false to skip this check")
 
 
 def run_reward_check_cli(cfg) -> RewardCheckReport:

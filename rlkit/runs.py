@@ -163,8 +163,11 @@ def check_resume(out: Path, cfg: RunConfig, resuming: bool, mode: str) -> None:
             old = upgrade_dump(json.loads(record.read_text())["config"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             old = None
+        if old is None and mode == "auto":  # cannot tell whether the config changed: ask, as for a change
+            raise OutputError(f"{record}: unreadable, so whether this config matches the run there is unknown; add "
+                              "--resume-anyway to resume it with this config, or --overwrite to start over")
         diffs = result_differences(old, new) if old is not None else []
-        if not diffs:
+        if not diffs and old is not None:
             return
         shown = [f"{k}: {a!r} -> {b!r}" for k, a, b in diffs]
         if mode == "auto":
@@ -173,7 +176,8 @@ def check_resume(out: Path, cfg: RunConfig, resuming: bool, mode: str) -> None:
                 f"{out}: the run there was started with a different config ({'; '.join(shown[:4])}{more}); run "
                 "the original command to resume it, add --resume-anyway to resume with the new settings, or "
                 "--overwrite to start over")
-        print(f"resuming with a changed config (--resume-anyway): {'; '.join(shown)}", flush=True)
+        print(f"resuming with a changed config (--resume-anyway): {'; '.join(shown)}" if old is not None else
+              f"resuming (--resume-anyway) with this config: {record.name} was unreadable", flush=True)
     tmp = record.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"config": new}, indent=2) + "\n")
     tmp.replace(record)

@@ -38,6 +38,7 @@ import threading
 from dataclasses import dataclass, field
 
 from rlkit.data import DataError
+from rlkit.errors import RlkitError
 from rlkit.rewards import REWARDS, RewardError, get_reward
 from rlkit.tracking import console
 
@@ -144,6 +145,10 @@ def check_params(key: str, fn, params: dict) -> None:
     open_ended = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
     own = getattr(fn, "__module__", "").startswith("rlkit.")  # their **_ takes the columns, never parameters
     takes = [n for n in named if n not in COLUMNS]
+    required = [n for n in takes if sig.parameters[n].default is inspect.Parameter.empty]
+    missing = [n for n in required if n not in params]
+    if missing and own:  # a plug-in's required argument may be one of its data's columns
+        raise RewardError(f"reward '{key}': needs params.{missing[0]} (e.g. params: {{{missing[0]}: ...}})")
     for name in params:
         if name in COLUMNS:
             raise RewardError(f"reward '{key}': params.{name} is a data column the reward is given, not a parameter; "
@@ -173,7 +178,12 @@ class RewardSet:
             check_params(key, self.fns[key], dict(s.params))
             prepare = getattr(self.fns[key], "prepare", None)
             if prepare is not None:  # e.g. load a reward model now: a bad path fails before training starts
-                prepare(**dict(s.params))
+                try:
+                    prepare(**dict(s.params))
+                except RlkitError:
+                    raise
+                except (Exception, SystemExit) as e:  # a plug-in's own check, or a parameter it needs and lacks
+                    raise RewardError(f"reward '{key}': its params were refused ({_describe(e)})") from None
         self.warn_all_failed = warn_all_failed
         self.first_errors: dict[str, str] = {}  # reward -> its first failure, "sample 3: ValueError: ..."
 
@@ -201,6 +211,15 @@ class RewardSet:
                 problem = check(row) if check is not None else None
                 if problem:
                     raise DataError(f"{spec}: row {i}{where}: {problem} (reward '{key}')")
+
+    def check_routes(self, rows: list[dict]) -> None:
+        """Each route a reward lists must be some row's (a typo would apply the reward to nothing)."""
+        found = sorted({str(r["route"]) for r in rows if r.get("route") is not None})
+        for s in self.specs:
+            for route in s.routes or []:
+                if route not in found:
+                    raise RewardError(f"reward '{s.alias or s.name}': routes: no row has route '{route}'; the data's "
+                                      f"routes are {', '.join(found) or 'none (set data.route or data.mix[].route)'}")
 
     def score(self, completions: list[str], columns: dict[str, list]) -> ScoredBatch:
         n = len(completions)

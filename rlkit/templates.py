@@ -58,8 +58,8 @@ def apply_chat(tokenizer, messages: list[dict], generation_prompt: bool = True) 
     is a one-line :class:`TemplateError` that says what it refused."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or "the model"
-        raise TemplateError(f"data.template chat: {name}'s tokenizer has no chat template; use data.template r1_zero "
-                            "or plain (and eval.template), or a model that has one")
+        raise TemplateError(f"template chat (data.template or eval.template): {name}'s tokenizer has no chat template; "
+                            "use r1_zero or plain, or a model that has one")
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as e:  # jinja2's TemplateError from the template's raise_exception(), or a bad template
@@ -85,3 +85,18 @@ def render_prompt(prompt: str | list[dict], template: str, tokenizer: Any = None
     if template == "chat":
         return apply_chat(tokenizer, [{"role": "user", "content": prompt}])
     raise TemplateError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
+
+
+def render_rows(prompts: list, template: str, tokenizer, spec: str) -> list[str]:
+    """Every prompt of a data set rendered; a template error names the data set and its row (1-based) unless
+    it is the same for every row (no chat template at all)."""
+    out = []
+    for i, p in enumerate(prompts, 1):
+        try:
+            out.append(render_prompt(p, template, tokenizer))
+        except TemplateError as e:
+            if "has no chat template" in str(e) or "unknown template" in str(e):
+                raise
+            raise TemplateError(f"{spec}: row {i}: {e}") from None
+    return out
+

@@ -32,6 +32,9 @@ def quiet_libraries() -> None:
         import datasets
         import transformers
 
+        import huggingface_hub
+
+        huggingface_hub.utils.logging.set_verbosity_error()  # no "Retrying in 8s" lines for a hub name it cannot reach
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
         datasets.disable_progress_bars()

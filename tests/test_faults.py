@@ -176,6 +176,17 @@ def test_resume_with_a_changed_config_is_refused_unless_asked(grpo_run, tmp_path
     assert not (out / "checkpoint-3").exists() and [row["step"] for row in _metrics(out) if "reward" in row] == [1, 2]
 
 
+def test_an_unreadable_run_record_is_not_a_config_match(grpo_run, tmp_path, cli):
+    """Reliability 13: a torn rlkit_run.json made resuming with a changed config pass without a word."""
+    out = _copy(grpo_run, tmp_path / "run")
+    (out / "rlkit_run.json").write_text('{"config": {"kind": "gr')
+    base = ["grpo", "--output-dir", out, "--set", "train.save_steps=2", *GRPO_SMALL, "--max-steps", 3]
+    assert_clean_error(cli(*base, "--set", "train.learning_rate=1e-3"), "rlkit_run.json: unreadable", "--resume-anyway")
+    r = cli(*base, "--resume-anyway")
+    assert r.exit_code == 0 and "resuming from" in r.output and "was unreadable" in r.output, r.output
+    assert json.loads((out / "rlkit_run.json").read_text())["config"]["kind"] == "grpo"
+
+
 def test_two_runs_into_one_directory(tmp_path, cli):
     """6. A second run into a directory another run holds: one line naming the holder."""
     out = tmp_path / "busy"

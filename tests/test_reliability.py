@@ -294,3 +294,87 @@ def test_reward_params_are_checked_before_training(cli, tmp_path, monkeypatch):
         assert_clean_error(cli("grpo", "--set", f"rewards={rewards}", "--output-dir", tmp_path / "a", *GRPO_SMALL),
                            *needles)
     assert not (tmp_path / "a").exists()
+
+
+def _sweep_files(d):
+    """The files of the bad-input sweep: data sets, recipes and pipelines a careless user writes."""
+    rows = {"dictans.jsonl": [{"prompt": "What is 2 + 3?", "answer": {"v": 5}}],
+            "rm_int.jsonl": [{"prompt": "q", "chosen": 5, "rejected": "b"}],
+            "rm_conv.jsonl": [{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                               "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}],
+            "sft_conv.jsonl": [{"prompt": [{"role": "user", "content": "What is 1 + 1?"}],
+                                "completion": [{"role": "assistant", "content": "2"}]}] * 8,
+            "sft_badlist.jsonl": [{"prompt": "q", "completion": ["5"]}],
+            "long.jsonl": [{"prompt": "What is " + "1 + " * 600 + "1?", "answer": "601"}],
+            "clock.jsonl": [{"prompt": "When is noon?", "answer": "12:00"}]}
+    for name, rs in rows.items():
+        _jsonl(d / name, rs)
+    texts = {"dup.yaml": "kind: grpo\ntrain:\n  max_steps: 3\ntrain:\n  learning_rate: 1.0e-5\n",
+             "p_stages.yaml": "stages: 5\n",
+             "p_defaults.yaml": "defaults: [1]\nstages:\n  - {name: s, kind: sft}\n",
+             "p_ref.yaml": "defaults:\n  model: {path: 'stage:nosuch'}\nstages:\n  - {name: s, kind: sft}\n",
+             "p_recipe.yaml": "stages:\n  - {name: s, recipe: instructgpt}\n",
+             "p_outdir.yaml": "output_dir: [a]\nstages:\n  - {name: s, kind: sft}\n",
+             "p_missing.yaml": "stages:\n  - {name: a, kind: sft, train: {max_steps: 1}}\n"
+                               "  - {name: b, kind: sft, data: {train: missing.jsonl}}\n"}
+    for name, text in texts.items():
+        (d / name).write_text(text)
+    (d / "exits_on_import.py").write_text("import sys\nsys.exit(3)\n")
+
+
+SWEEP = [  # (args, words the one error line must hold): what the bad-input sweep found, each now one line
+    (["grpo", "--set", "train.learning_rate=.inf"], ["train.learning_rate", "finite"]),
+    (["grpo", "--set", "rewards=[{name: accuracy, weight: .nan}]"], ["rewards.0.weight", "finite"]),
+    (["grpo", "--set", "train.epochs=.inf"], ["train.epochs", "finite"]),
+    (["grpo", "--set", "rl.beta=.inf"], ["rl.beta", "finite"]),
+    (["grpo", "--recipe", "{d}/dup.yaml"], ["dup.yaml:4", "'train' is given twice"]),
+    (["grpo", "--set", "data.mix=[{data: x.jsonl}]"], ["--set", "data.mix.0.route"]),
+    (["grpo", "--set", "rewards=[{name: reward_model}]"], ["needs params.path"]),
+    (["grpo", "--set", "rewards=[{name: 'exits_on_import:f'}]"], ["failed to import", "SystemExit: 3"]),
+    (["grpo", "--set", "rewards=[{name: 'builtins:len'}]"], ["failed on every probe"]),
+    (["rewards", "check", "--set", "rewards=[{name: 'builtins:len'}]"], ["failed on every probe"]),
+    (["grpo", "--set", "rewards=[{name: accuracy, routes: [mathh]}]", "--set", "data.route=math"],
+     ["no row has route 'mathh'", "math"]),
+    (["grpo", "--dataset", "{d}/dictans.jsonl"], ["dictans.jsonl: row 1", "'answer' is dict"]),
+    (["eval", "--data", "{d}/dictans.jsonl"], ["dictans.jsonl: row 1", "'answer' is dict"]),
+    (["eval", "--data", "{d}/clock.jsonl"], ["clock.jsonl: row 1", "12:00"]),
+    (["eval", "--data", "{d}/long.jsonl"], ["long.jsonl: row 1", "context"]),
+    (["eval", "--set", "train.batch_size=3"], ["rlkit eval does not use this key"]),
+    (["rm", "--dataset", "{d}/rm_int.jsonl"], ["rm_int.jsonl: row 1", "'chosen' must be text"]),
+    (["rm", "--dataset", "{d}/rm_conv.jsonl"], ["rm_conv.jsonl: row 1", "is a list"]),
+    (["sft", "--dataset", "{d}/sft_badlist.jsonl"], ["sft_badlist.jsonl: row 1", "'completion' must be"]),
+    (["sft", "--set", "data.eval={d}/missing.jsonl"], ["missing.jsonl", "not found"]),
+    (["sample", "--set", "sample.mix_data={d}/missing.jsonl"], ["missing.jsonl", "not found"]),
+    (["run", "{d}/p_stages.yaml"], ["stages: expected a list"]),
+    (["run", "{d}/p_defaults.yaml"], ["defaults: expected a mapping"]),
+    (["run", "{d}/p_ref.yaml"], ["stage:nosuch", "not a stage of this pipeline"]),
+    (["run", "{d}/p_recipe.yaml"], ["recipe 'instructgpt' is a pipeline"]),
+    (["run", "{d}/p_outdir.yaml"], ["output_dir: expected a non-empty string"]),
+    (["run", "{d}/p_missing.yaml"], ["stage 'b'", "missing.jsonl does not exist"]),
+    (["run", "{d}/p_missing.yaml", "--set", "stages.a.model.path=stage:b"], ["'b' runs after it"]),
+    (["grpo", "--set", "model.lora.target_modules=[nosuch]"], ["target_modules", "'nosuch'", "q_proj"]),
+    (["sft", "--set", "model.lora.target_modules='[['"], ["target_modules", "not a valid regex"]),
+    (["sft", "--set", "model.lora.target_modules='.*nosuch'"], ["target_modules", "matches no module"]),
+    (["grpo", "--dataset", "embedded:arithmetic:test:extra"], ["expected embedded:TASK or embedded:TASK:SPLIT"]),
+    (["bench", "--batch-sizes", "0"], ["--batch-sizes", "positive"]),
+    (["bench", "--engines", "", "--step-engines", "", "--no-trl"], ["nothing to measure"]),
+]
+
+
+def test_the_bad_input_sweep(cli, tmp_path, monkeypatch):
+    """13. A sweep over every value a user types (recipe files, --set, pipeline defaults/stages, reward params,
+    data files, command options) found each of these reaching a traceback, a run that learned nothing, an error
+    after the work, or a silent wrong result. Each is one line now, before any output directory is made."""
+    _sweep_files(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    for args, needles in SWEEP:
+        out = tmp_path / "out"
+        args = [a.replace("{d}", str(tmp_path)) for a in args]
+        if args[0] in ("grpo", "sft", "rm", "sample", "run"):
+            args += ["--output-dir", str(out)]
+        r = cli(*args)
+        assert r.exit_code != 0 and "Traceback" not in r.output, (args, r.output[-2000:])
+        errors = [line for line in r.output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and all(n in errors[0] for n in needles), (args, r.output[-2000:])
+        assert not out.exists(), args

@@ -60,13 +60,13 @@ from rlkit.algos import (
 from rlkit.config import ConfigError, RunConfig
 from rlkit.data import DataError, check_lengths, rl_rows
 from rlkit.errors import Diverged
-from rlkit.evaluation import eval_rows, eval_spec, evaluate_model
+from rlkit.evaluation import check_eval_rows, eval_rows, eval_spec, evaluate_model
 from rlkit.models import context_length, load_causal_lm, load_tokenizer, lora_targets
 from rlkit.outputs import finish_run
 from rlkit.rollout import SamplingParams, make_engine
 from rlkit.rollout.vllm import full_weights
 from rlkit.scoring import RewardSet, score_groups
-from rlkit.templates import apply_chat, full_text, render_prompt
+from rlkit.templates import apply_chat, full_text, render_prompt, render_rows
 from rlkit.tracking import MetricsLogger, console, truncate_metrics
 from rlkit.trainers import sharding
 from rlkit.trainers.batch import RolloutBatch, build_batch, completion_logprobs
@@ -185,6 +185,7 @@ class RLRun:
         self.context = context_length(cfg.model.path, cfg.model.trust_remote_code)
         self.longest_prompt = 0
         rows = rl_rows(cfg.data, check=self._fits)
+        rewards.check_routes(rows)
         if rl.reward_check and self.main:
             _reward_check(rewards, rows, cfg.data.template, tokenizer)
         self.max_steps = t.max_steps or max(1, math.ceil(t.epochs * len(rows) / rl.prompts_per_step))
@@ -234,6 +235,8 @@ class RLRun:
         self.eval_template = cfg.eval.template or cfg.data.template
         spec = eval_spec(cfg)
         self.eval_data = eval_rows(cfg.eval, spec, cfg.data)[1] if spec else None
+        if self.eval_data:
+            check_eval_rows(self.eval_data, spec, self.eval_template, tokenizer, cfg.model.path, cfg.eval.max_new_tokens)
         if self.eval_data is None and self.main and "before" not in self.history and cfg.eval.task == "auto":
             console.print("[yellow]no evaluation: set data.eval to a held-out split of your data to get before/after "
                           "pass@1[/]")
@@ -251,7 +254,7 @@ class RLRun:
         rl.max_new_tokens in the model's context."""
         rl, tok = self.rl, self.tokenizer
         self.rewards.check_rows(source_rows, spec)
-        texts = [render_prompt(r["prompt"], self.cfg.data.template, tok) for r in source_rows]
+        texts = render_rows([r["prompt"] for r in source_rows], self.cfg.data.template, tok, spec)
         lengths = [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]
         if self.context is None:
             self.longest_prompt = max([self.longest_prompt, *lengths])
@@ -782,12 +785,13 @@ def _route_metrics(routes: list, totals: list[float], per_reward: dict[str, list
 
 def _reward_check(rewards: RewardSet, rows: list[dict], template: str, tokenizer) -> None:
     """One line before training: does any known hack score as high as an honest answer? (rlkit rewards check)"""
-    from rlkit.reward_check import run_reward_check, summary_line
+    from rlkit.reward_check import check_not_broken, run_reward_check, summary_line
 
     row = next((r for r in rows if r.get("answer") is not None), None)
     if row is None:
         return
     report = run_reward_check(rewards, row, render_prompt(row["prompt"], template, tokenizer), template, tokenizer)
+    check_not_broken(report)
     hint = "; see `rlkit rewards check`, or rl.reward_check=false to skip" if report.hacks else ""
     console.print(f"[{'yellow' if report.hacks else 'green'}]{summary_line(report)}{hint}[/]")
 

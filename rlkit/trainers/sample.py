@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from rlkit.config import RunConfig
-from rlkit.data import DataError, rl_rows, sft_rows
-from rlkit.models import load_causal_lm, load_tokenizer
+from rlkit.data import DataError, check_lengths, rl_rows, sft_rows
+from rlkit.models import context_length, load_causal_lm, load_tokenizer
 from rlkit.rollout import SamplingParams, make_engine
 from rlkit.scoring import RewardSet, score_groups
-from rlkit.templates import completion_text, render_prompt
+from rlkit.templates import completion_text, render_rows
 from rlkit.runs import locked_output
 from rlkit.tracking import progress_bar
 
@@ -45,13 +45,26 @@ def _run_sample(cfg: RunConfig) -> dict:
     rows = rl_rows(cfg.data)
     if sc.max_prompts:
         rows = rows[: sc.max_prompts]
-    rewards.check_rows(rows, cfg.data.train)  # e.g. every gold answer is one the math check can verify
+    rewards.check_rows(rows, cfg.data.train)
+    rewards.check_routes(rows)  # e.g. every gold answer is one the math check can verify
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     template = cfg.data.template
-    texts_all = [render_prompt(r["prompt"], template, tokenizer) for r in rows]
+    texts_all = render_rows([r["prompt"] for r in rows], template, tokenizer, cfg.data.train)
     ids_all = tokenizer(texts_all, add_special_tokens=False)["input_ids"]
+    context = context_length(cfg.model.path, cfg.model.trust_remote_code)
+    if context is not None:  # a prompt with no room for its samples would be sampled as garbage, or not at all
+        fits = check_lengths(list(zip(rows, texts_all, ids_all)), [len(x) for x in ids_all],
+                             context - sc.max_new_tokens, cfg.data.train, cfg.data.on_overlong,
+                             f"which with sample.max_new_tokens {sc.max_new_tokens} exceeds the model's context of "
+                             f"{context} tokens")
+        rows, texts_all, ids_all = [list(x) for x in zip(*fits)]
+    mix = None
+    if sc.mix_data:  # read (and checked) before sampling, not after it
+        mix = sft_rows(sc.mix_data)
+        mix = mix[: sc.mix_max] if sc.mix_max else mix
+        mix = [{**_as_format(r, template, sc.mix_data), "source": sc.mix_data} for r in mix]
     model = None
     if cfg.rollout.engine == "hf":
         model = load_causal_lm(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code)
@@ -106,10 +119,8 @@ def _run_sample(cfg: RunConfig) -> dict:
             f"rejection sampling kept no samples: {passed} of {total} passed sample.thresholds "
             f"{dict(sc.thresholds)} (after dropping {dict(dropped) or 'none'}); sample more, or lower the thresholds")
     n_reasoning = len(kept)
-    if sc.mix_data:
-        mix = sft_rows(sc.mix_data)
-        mix = mix[: sc.mix_max] if sc.mix_max else mix
-        kept.extend({**_as_format(r, template, sc.mix_data), "source": sc.mix_data} for r in mix)
+    if mix:
+        kept.extend(mix)
 
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "data.jsonl.tmp"

@@ -45,11 +45,14 @@ def to_sft_examples(rows: list[dict], template: str, tokenizer, spec: str) -> li
                 )
             msgs = [{"role": m["role"], "content": m["content"]} for m in r["messages"]]
             out.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
-        elif template == "chat":
+        elif template == "chat" or isinstance(r["prompt"], list) or isinstance(r["completion"], list):
             if not has_chat:
-                raise DataError(f"{spec}: data.template is 'chat' but the model's tokenizer has no chat template")
-            out.append({"prompt": [{"role": "user", "content": r["prompt"]}],
-                        "completion": [{"role": "assistant", "content": r["completion"]}]})
+                raise DataError(f"{spec}: row {i}: data.template is 'chat' (or the row is conversational) but the "
+                                "model's tokenizer has no chat template")
+            prompt, completion = r["prompt"], r["completion"]  # TRL's conversational prompt/completion as they are
+            out.append({"prompt": prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}],
+                        "completion": completion if isinstance(completion, list)
+                        else [{"role": "assistant", "content": completion}]})
         else:
             out.append({"prompt": render_prompt(r["prompt"], template, tokenizer),
                         "completion": completion_text(r["completion"], template)})
@@ -96,6 +99,13 @@ def _run_sft(cfg: RunConfig, stop: runs.GracefulStop) -> dict:
     limit, why = length_limit(cfg)
     examples = check_lengths(examples, example_lengths(examples, tokenizer), limit, cfg.data.train,
                              cfg.data.on_overlong, why)
+    from rlkit.evaluation import check_eval_rows, eval_engine, eval_rows, eval_spec, evaluate_model
+
+    eval_at = eval_spec(cfg)  # the held-out rows are read and checked before training, not after it
+    template = cfg.eval.template or cfg.data.template
+    if eval_at:
+        eval_at, eval_data = eval_rows(cfg.eval, eval_at, cfg.data)
+        check_eval_rows(eval_data, eval_at, template, tokenizer, cfg.model.path, cfg.eval.max_new_tokens)
     model = load_causal_lm(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code)
 
     peft_config = None
@@ -167,12 +177,8 @@ def _run_sft(cfg: RunConfig, stop: runs.GracefulStop) -> dict:
 
     metrics = {"train_loss": result.training_loss, "steps": trainer.state.global_step,
                "examples": len(examples), "seconds": round(time.time() - t0, 1)}
-    from rlkit.evaluation import eval_engine, eval_rows, eval_spec, evaluate_model
-
-    if eval_spec(cfg):
-        spec, eval_data = eval_rows(cfg.eval, eval_spec(cfg), cfg.data)
+    if eval_at:
         final.eval()
-        template = cfg.eval.template or cfg.data.template
         engine = None  # hf: the in-memory model; vllm: the directory just written
         if cfg.rollout.engine != "hf":
             engine = eval_engine(cfg.rollout, tokenizer, str(out), cfg.model.dtype, cfg.eval, eval_data, template)
