@@ -144,8 +144,8 @@ def _check(completion: str, answer: str, mode: str, timeout: int | None) -> floa
     pred_text = extract_answer(completion, mode)
     if pred_text is None:
         return 0.0
-    if _ANSWER.search(completion):
-        pred_text = _math_text(pred_text)
+    # an <answer> block is read as math; a \boxed{} or whole completion as it is; digit groups joined either way
+    pred_text = _math_text(pred_text) if _ANSWER.search(completion) else join_digit_groups(pred_text)
     try:
         gold = parse(_math_text(answer), extraction_config=_CONFIG, parsing_timeout=timeout, raise_on_error=True)
     except (Exception, TimeoutException):  # the gold answer cannot be read: a failure, not a wrong answer

@@ -227,7 +227,8 @@ class RLConfig(_Section):
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     policy_loss: str = Field("ppo_clip", description="Policy loss: ppo_clip or reinforce.")
     epsilon: float = Field(0.2, gt=0, description="Lower clip range of the importance ratio.")
-    epsilon_high: float | None = Field(None, gt=0, description="Upper clip range (DAPO clip-higher); default: epsilon.")
+    epsilon_high: float | None = Field(None, gt=0, allow_inf_nan=True,
+                                       description="Upper clip range (DAPO clip-higher; .inf: none); default: epsilon.")
     dual_clip: float | None = Field(None, gt=1, description="Dual-clip constant c > 1 for negative advantages.")
     loss_aggregation: str = Field(
         "token_mean",
@@ -242,7 +243,7 @@ class RLConfig(_Section):
     num_iterations: int = Field(1, gt=0, description="Optimisation passes over each rollout batch (mu).")
     mini_batch_size: int | None = Field(None, gt=0, description="Samples per optimizer step (per process); default: the whole batch.")
     micro_batch_size: int = Field(32, gt=0, description="Samples per forward/backward (gradient accumulation inside a mini-batch).")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
+    max_grad_norm: float = Field(1.0, gt=0, allow_inf_nan=True, description="Gradient clipping (.inf: none).")
     logprob_chunk: int | None = Field(
         None, gt=0, description="Compute log-probs over chunks of this many tokens (full-vocabulary logits one chunk at a time).")
     reward_scale: float = Field(1.0, description="Multiply summed rewards by this.")
@@ -618,11 +619,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: merged below, as safe_load does
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
+            try:
+                marker = (type(key).__name__, key)  # 1 and true are different keys
+                twice = marker in seen
+            except TypeError:  # a list or mapping as a key
+                raise yaml.constructor.ConstructorError(None, None, f"a key must be a name, not {key!r}",
+                                                        key_node.start_mark) from None
+            if twice:
                 raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice in one mapping",
                                                         key_node.start_mark)
-            seen.add(key)
+            seen.add(marker)
         return super().construct_mapping(node, deep=deep)
 
 

@@ -140,6 +140,7 @@ def sft_rows(spec: str, max_samples: int | None = None) -> list[dict]:
         rows = tasks.demonstrations(task)
     else:
         rows = load_rows(spec)
+    rows = rows[:max_samples] if max_samples else rows  # only the rows that are used are checked
     require_columns(rows, spec, ("messages",), ("prompt", "completion"))
     if "messages" in rows[0]:
         for i, r in enumerate(rows, 1):
@@ -162,7 +163,7 @@ def sft_rows(spec: str, max_samples: int | None = None) -> list[dict]:
                                     f"messages, got {v!r:.40}")
                 if _blank(v):
                     raise DataError(f"{spec}: row {i}: the '{col}' is empty")
-    return rows[:max_samples] if max_samples else rows
+    return rows
 
 
 def _blank(prompt) -> bool:
@@ -173,7 +174,7 @@ def _blank(prompt) -> bool:
     """
     if isinstance(prompt, str):
         return not prompt.strip()
-    return not any(isinstance(m, dict) and str(m.get("content") or "").strip() for m in prompt)
+    return not any(isinstance(m, dict) and (str(m.get("content") or "").strip() or m.get("tool_calls")) for m in prompt)
 
 
 def prompt_rows(spec: str, split: str = "train", answer: bool = True, data_cfg=None) -> list[dict]:
@@ -220,7 +221,7 @@ def map_columns(rows: list[dict], spec: str, data_cfg=None, need_answer: bool = 
                 raise DataError(f"{spec}: row {i} has no '{a_col}' column")
             r.pop("answer", None)
         else:
-            if isinstance(gold, (dict, list, tuple, bool)):
+            if isinstance(gold, (dict, list, tuple)):
                 raise DataError(f"{spec}: row {i}: '{a_col}' is {type(gold).__name__} {gold!r:.40}; expected the gold "
                                 "answer as text or a number")
             r["answer"] = extract_answer(str(gold), extractor, f"{spec}: row {i}: '{a_col}'")

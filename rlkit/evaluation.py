@@ -167,12 +167,14 @@ def run_eval(model_path: str, cfg: EvalConfig, template: str, data: str | None =
 def eval_engine(rollout: RolloutConfig, tokenizer, model_path: str, dtype: str, cfg: EvalConfig, rows: list[dict],
                 template: str, model=None):
     """The engine that evaluates the model directory ``model_path``: hf on ``model`` (else loaded); vllm
-    sizes its context from the longest prompt plus the generation budget."""
+    sizes its context from the longest prompt plus the generation budget. A vllm server holds weights of its
+    own: ``model`` (the model just trained) is pushed to it; without one, it must serve ``model_path``."""
     if rollout.engine == "hf":
         model = model if model is not None else load_causal_lm(model_path, dtype=dtype)
         return make_engine(rollout, tokenizer, model=model, max_batch=cfg.batch_size)
     ids = tokenizer([render_prompt(r["prompt"], template, tokenizer) for r in rows], add_special_tokens=False)["input_ids"]
     longest = max((len(x) for x in ids), default=0) + cfg.max_new_tokens
-    return make_engine(rollout, tokenizer, model_path=model_path, dtype=dtype,
+    pushed = model if rollout.mode == "server" else None  # colocated vLLM loads model_path itself
+    return make_engine(rollout, tokenizer, model=pushed, model_path=model_path, dtype=dtype,
                        max_batch=cfg.batch_size * max(1, cfg.num_samples), max_len=longest,
                        max_prompt_len=max((len(x) for x in ids), default=0))

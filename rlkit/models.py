@@ -165,20 +165,37 @@ def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = Fal
         )
     except Exception as e:  # OSError, ValueError, a corrupt safetensors file (SafetensorError), ...
         raise ModelError(f"{path}: could not load the model ({weights_problem(e)})") from None
-    check_weights(path, info)
+    check_weights(path, info, model=model)
     return model
 
 
-def check_weights(path: str, info: dict, new: tuple[str, ...] = (), spare: tuple[str, ...] = ()) -> list[str]:
+# buffers older checkpoints carry and today's classes recompute (GPT-2's attention mask value, rotary frequencies)
+LEGACY_BUFFERS = (".masked_bias", ".rotary_emb.inv_freq")
+
+
+def check_weights(path: str, info: dict, new: tuple[str, ...] = (), spare: tuple[str, ...] = (),
+                  model=None, head_spare: bool = False) -> list[str]:
     """Refuse a load whose ``from_pretrained(..., output_loading_info=True)`` report (``missing_keys``,
     ``unexpected_keys``, ``mismatched_keys`` as (name, checkpoint shape, model shape), ``error_msgs``) shows
     weights that would start random or go unused. Tied weights (an lm_head tied to the embeddings) are not
     reported missing by transformers. ``new``: name prefixes of the heads rlkit adds on purpose, which may
     start new (missing or mis-shaped); ``spare``: prefixes of checkpoint weights that may go unused (a causal
-    LM's ``lm_head.`` under a classifier). Returns the names of the weights initialised new."""
-    mismatched = {k: (ckpt, model) for k, ckpt, model in info.get("mismatched_keys", ())}
+    LM's ``lm_head.`` under a classifier). ``model``: the loaded model, whose class may name checkpoint
+    entries to ignore (GPT-2's old ``attn.masked_bias`` buffers); with ``head_spare``, any weight outside its
+    base model (the causal LM's head, whatever the family calls it: ``lm_head``, ``embed_out``) may go unused.
+    Returns the names of the weights initialised new."""
+    import re as _re
+
+    ignored = [_re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    base = f"{getattr(model, 'base_model_prefix', '')}."
+
+    def unused_ok(k: str) -> bool:
+        return (k.startswith(spare) or any(p.search(k) for p in ignored) or k.endswith(LEGACY_BUFFERS)
+                or (head_spare and base != "." and not k.startswith(base)))
+
+    mismatched = {k: (ckpt, shape) for k, ckpt, shape in info.get("mismatched_keys", ())}
     missing = [k for k in info.get("missing_keys", ()) if not k.startswith(new)]
-    unexpected = [k for k in info.get("unexpected_keys", ()) if not k.startswith(spare)]
+    unexpected = [k for k in info.get("unexpected_keys", ()) if not unused_ok(k)]
     shapes = [k for k in mismatched if not k.startswith(new)]
     if info.get("error_msgs"):
         raise ModelError(f"{path}: could not load the weights ({first_line(RuntimeError(info['error_msgs'][0]))})")

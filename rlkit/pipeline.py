@@ -59,7 +59,7 @@ from rlkit.config import (ConfigError, RunConfig, _check_unknown, applicable, bu
 from rlkit.manifest import (STAGE_REF, changes, flatten, listed, move_aside, read_manifest, recorded_config,
                             stage_hash, write_atomic)
 from rlkit.recipe import recipe_path
-STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+STAGE_NAME = re.compile(r"[^./\\\x00][^/\\\x00]{0,99}")  # a directory name: no separator, not hidden, not . or ..
 
 
 @dataclass
@@ -93,10 +93,10 @@ class Pipeline:
         seen: list[str] = []
         kinds = get_args(RunConfig.model_fields["kind"].annotation)
         for s in self.stages:
-            if not isinstance(s.name, str) or not STAGE_NAME.fullmatch(s.name) or ".." in s.name:
+            if not isinstance(s.name, str) or not STAGE_NAME.fullmatch(s.name):
                 raise ConfigError(f"{self.source}: stage name {s.name!r}: a stage's name is a directory name under the "
-                                  "pipeline's output, not a path: letters, digits, '_', '-' and '.', starting with a "
-                                  "letter or digit")
+                                  "pipeline's output, not a path: no '/' or '\\', not starting with '.', at most 100 "
+                                  "characters")
             if s.name in seen:
                 raise ConfigError(f"{self.source}: stage '{s.name}' is defined twice")
             if s.kind not in kinds:
@@ -189,7 +189,8 @@ def load_pipeline(name_or_path: str) -> Pipeline:
     if not isinstance(data.get("defaults") or {}, dict):
         raise ConfigError(f"{path}: defaults: expected a mapping of config keys, got {type(data['defaults']).__name__}")
     for key in ("name", "description", "output_dir"):
-        if key in data and not (isinstance(data[key], str) and (data[key].strip() or key == "description")):
+        if key in data and not (key == "description" and data[key] is None) and not (
+                isinstance(data[key], str) and (data[key].strip() or key == "description")):
             raise ConfigError(f"{path}: {key}: expected a non-empty string, got {data[key]!r}")
     stages = []
     for i, raw in enumerate(data["stages"] or [], 1):
@@ -346,14 +347,19 @@ def run_pipeline(pipeline: Pipeline, output_dir: str | None = None, *, start_fro
     # the first one trains (and before the output directory is made)
     outputs: dict[str, str] = {s.name: str(out / s.name) for s in pipeline.stages}
     configs = {s.name: stage_config(pipeline, s, outputs, out, per, common) for s in pipeline.stages}
-    for s in pipeline.stages:
-        _check_inputs(s.name, configs[s.name], out)
     from rlkit.runs import prepare_output_dir
 
-    prepare_output_dir(out, markers=("manifest.json", "manifest.json.torn"))
     manifest_path = out / "manifest.json"
-    old = read_manifest(manifest_path, pipeline, out)
+    old = read_manifest(manifest_path, pipeline, out) if (out / "manifest.json").is_file() else {}
     old_stages = {s["name"]: s for s in old.get("stages", [])}
+    for s in pipeline.stages:  # the stages this run may train: asked for (--only/--from), or not finished before
+        if only is not None or start_from is not None:
+            will_run = s.name == only or start_from is not None and names.index(s.name) >= names.index(start_from)
+        else:
+            will_run = old_stages.get(s.name, {}).get("status") != "done"
+        if will_run:
+            _check_inputs(s.name, configs[s.name], out)
+    prepare_output_dir(out, markers=("manifest.json", "manifest.json.torn"))
 
     forced: set[str] = set()
     if start_from is not None:

@@ -14,9 +14,9 @@
 - A worker of ``accelerate launch`` / ``torchrun`` whose launcher dies (SIGKILL, the OOM killer) stops the
   same way: torchrun starts each worker in a session of its own, so killing the launcher's process group
   leaves the workers running, holding the lock. :class:`LauncherWatch` notices the launcher is gone
-  (the worker's parent changes) within a second and sends the worker SIGTERM; if the step has not ended
-  ``LAUNCHER_GRACE_S`` seconds later (a collective waiting on a peer that is gone), SIGTERM again (stop at
-  once), and after as long again the process exits. The lock goes with it; the same command resumes.
+  (the worker's parent changes) within a second and sends the worker SIGTERM; if the run has not stopped
+  ``LAUNCHER_GRACE_S`` seconds later (30 s, or ``RLKIT_LAUNCHER_GRACE_S``; a long step, or a collective
+  waiting on a peer that is gone), SIGTERM again (stop at once), and after as long again the process exits. The lock goes with it; the same command resumes.
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def check_resume(out: Path, cfg: RunConfig, resuming: bool, mode: str) -> None:
     tmp.replace(record)
 
 
-LAUNCHER_GRACE_S = 15.0
+LAUNCHER_GRACE_S = float(os.environ.get("RLKIT_LAUNCHER_GRACE_S", "30"))
 
 
 def launched_worker() -> bool:

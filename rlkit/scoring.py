@@ -299,10 +299,14 @@ class RewardSet:
             must not change the data set that later steps read."""
             return fn(copy.deepcopy(comps), **copy.deepcopy(cols), **copy.deepcopy(params))
 
+        # the batch's copies are made here, outside the reward's time limit (large columns take a while)
+        batch_args = (copy.deepcopy(completions), copy.deepcopy(columns), copy.deepcopy(params))
+
         def work():
             try:
                 try:
-                    raw = _as_list(call(completions, columns), n)
+                    comps, cols, kw = batch_args
+                    raw = _as_list(fn(comps, **cols, **kw), n)
                 except RewardError:
                     raise
                 except caught:

@@ -46,6 +46,13 @@ def test_digit_groups_read_as_one_number(answer, gold, score):
     assert accuracy([f"<think> x </think> <answer> {answer} </answer>"], answer=[gold]) == [score]
 
 
+@pytest.mark.parametrize("completion, gold", [
+    (r"so $\boxed{10\,000}$", r"10\,000"), (r"so $\boxed{10 000}$", "10000"), ("it is 1 000 000", "1000000")])
+def test_digit_groups_outside_answer_tags(completion, gold):
+    """3 (review): a \boxed{} answer and mode 'any' read digit groups as the gold does."""
+    assert accuracy([completion], answer=[gold], mode="any") == [1.0]
+
+
 def test_a_gold_answer_that_verifies_against_nothing_is_refused_before_training(cli, tmp_path):
     """4. A clock time parses as 12/0 (complex infinity), which verifies against nothing: every sample of
     the row would be a counted failure. The row check verifies each gold against itself and refuses it,
@@ -228,6 +235,18 @@ def test_a_torn_manifest_is_recovered_from_the_stage_outputs(tmp_path):
 
 
 # -------------------------------------------------------------------------- 13: typed values, one line each
+
+
+def test_recipes_with_anchors_and_merge_keys_still_load(tmp_path):
+    """13 (review): the duplicate-key check keeps YAML's merge keys, and does not call 1 and true the same key
+    (YAML does not; Python's dict then keeps one of them, as safe_load would)."""
+    from rlkit.config import load_yaml
+
+    p = tmp_path / "r.yaml"
+    p.write_text("common: &c {learning_rate: 1.0e-5, max_steps: 3}\ntrain:\n  <<: *c\n  max_steps: 5\n"
+                 "rl: {1: a, true: b}\n")
+    data = load_yaml(p)
+    assert data["train"] == {"learning_rate": 1.0e-5, "max_steps": 5} and list(data["rl"].values()) == ["b"]
 
 
 def test_typed_values_reach_one_line_before_any_work(cli, tmp_path):

@@ -29,6 +29,9 @@ def test_sample_keeps_only_verified_samples_and_loads_as_sft(cli, tmp_path):
         per_prompt.setdefault(row["prompt"], []).append(row["completion"])
     assert all(len(v) <= 2 and len(set(v)) == len(v) for v in per_prompt.values())  # cap and no duplicates
     assert (out / "pass_rate.png").stat().st_size > 0
+    # what every stage leaves, so a pipeline with a torn manifest finds this stage finished (reliability 12)
+    assert json.loads((out / "rlkit_run.json").read_text())["config"]["kind"] == "sample"
+    assert json.loads((out / "rlkit_result.json").read_text())["kept"] == report["kept"]
 
 
 def test_sample_empty_result_is_a_clean_error(cli, tmp_path):

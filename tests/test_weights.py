@@ -160,3 +160,27 @@ def test_reward_model_without_its_score_head(cli, llama, reward_model, tmp_path)
             "--set", f"rewards=[{{name: reward_model, params: {{path: '{headless}'}}}}]")
     assert r.exit_code == 2, r.output
     assert_clean_error(r, str(headless), "does not have (they would start random): score.weight")
+
+
+def test_other_families_heads_and_legacy_buffers(tmp_path):
+    """Review: a reward model from GPT-NeoX (its LM head is embed_out, outside the base model) starts its
+    score head new like any other family; a GPT-2 checkpoint that still carries the old attn.masked_bias
+    buffers loads (transformers recomputes them)."""
+    import safetensors.torch as st
+    import transformers
+
+    from rlkit.models import load_causal_lm
+    from rlkit.trainers.rm import load_reward_model
+
+    neox = tmp_path / "neox"
+    transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        tie_word_embeddings=False)).save_pretrained(neox)
+    assert "embed_out.weight" in st.load_file(neox / "model.safetensors")
+    assert load_reward_model(str(neox), init=True).config.num_labels == 1
+    gpt2 = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2)).save_pretrained(gpt2)
+    tensors = st.load_file(gpt2 / "model.safetensors")
+    tensors["h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    st.save_file(tensors, gpt2 / "model.safetensors", metadata={"format": "pt"})
+    load_causal_lm(str(gpt2))

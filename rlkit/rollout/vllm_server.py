@@ -57,7 +57,7 @@ class VLLMServerEngine:
         while True:
             left = deadline - time.monotonic()
             try:
-                self._request("GET", "/health", timeout=max(1.0, min(10.0, left)))
+                self._request("GET", "/health", timeout=10.0 if wait <= 0 else max(1.0, min(10.0, left)))
                 return
             except EngineError as e:
                 if e.kind == "reply":

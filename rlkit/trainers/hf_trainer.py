@@ -18,6 +18,7 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
 
 from rlkit.algos import all_finite
 from rlkit.checkpoint import CHECKPOINT_NAME, apply_learning_rate
@@ -83,6 +84,18 @@ def quiet_progress(trainer) -> None:
     trainer.add_callback(BarProgress())
 
 
+def _any_rank(flag: bool) -> bool:
+    """``flag`` on any process of a launch (one all-reduce); the flag itself in a single process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def guard_callback(stop: GracefulStop):
     """At each step end: stop without saving if a weight went non-finite; save and stop on a signal."""
     from transformers import TrainerCallback
@@ -99,7 +112,7 @@ def guard_callback(stop: GracefulStop):
                 self.diverged_at = state.global_step
                 control.should_save = False
                 control.should_training_stop = True
-            elif stop.requested is not None:
+            elif _any_rank(stop.requested is not None):  # every process stops at the same step, or the save hangs
                 control.should_save = True
                 control.should_training_stop = True
 

@@ -108,7 +108,8 @@ def load_reward_model(path: str, dtype: str = "auto", trust_remote_code: bool = 
             output_loading_info=True, ignore_mismatched_sizes=True)
     except Exception as e:  # OSError, ValueError, a corrupt safetensors file, ...
         raise ModelError(f"{path}: could not load a reward model ({weights_problem(e)})") from None
-    fresh = check_weights(path, info, new=("score.",), spare=("lm_head.",)) if init else check_weights(path, info)
+    fresh = (check_weights(path, info, new=("score.",), spare=("lm_head.",), model=model, head_spare=True) if init
+             else check_weights(path, info, model=model))
     note_new_head(head, model, fresh)
     return model
 

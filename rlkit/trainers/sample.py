@@ -28,7 +28,7 @@ from rlkit.models import context_length, load_causal_lm, load_tokenizer
 from rlkit.rollout import SamplingParams, make_engine
 from rlkit.scoring import RewardSet, score_groups
 from rlkit.templates import completion_text, render_rows
-from rlkit.runs import locked_output
+from rlkit.runs import RUN_FILE, locked_output
 from rlkit.tracking import progress_bar
 
 
@@ -43,10 +43,10 @@ def _run_sample(cfg: RunConfig) -> dict:
     out = Path(cfg.output_dir)
     rewards = RewardSet(cfg.rewards)
     rows = rl_rows(cfg.data)
+    rewards.check_routes(rows)  # a route a reward lists is some row's (before max_prompts cuts whole sources)
     if sc.max_prompts:
         rows = rows[: sc.max_prompts]
-    rewards.check_rows(rows, cfg.data.train)
-    rewards.check_routes(rows)  # e.g. every gold answer is one the math check can verify
+    rewards.check_rows(rows, cfg.data.train)  # e.g. every gold answer is one the math check can verify
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
@@ -143,7 +143,11 @@ def _run_sample(cfg: RunConfig) -> dict:
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     _plot(pass_rates, out / "pass_rate.png", sc.num_samples)
-    return {k: v for k, v in report.items() if isinstance(v, (int, float))}
+    metrics = {k: v for k, v in report.items() if isinstance(v, (int, float))}
+    # what every stage leaves: the config it ran with and its result (a pipeline re-reads them if its manifest tears)
+    (out / RUN_FILE).write_text(json.dumps({"config": cfg.model_dump(mode="json")}, indent=2) + "\n")
+    (out / "rlkit_result.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
 
 
 def _sft_row(row: dict, completion: str, template: str, source: str, scores: dict, index: int) -> dict:

@@ -181,7 +181,8 @@ def _run_sft(cfg: RunConfig, stop: runs.GracefulStop) -> dict:
         final.eval()
         engine = None  # hf: the in-memory model; vllm: the directory just written
         if cfg.rollout.engine != "hf":
-            engine = eval_engine(cfg.rollout, tokenizer, str(out), cfg.model.dtype, cfg.eval, eval_data, template)
+            engine = eval_engine(cfg.rollout, tokenizer, str(out), cfg.model.dtype, cfg.eval, eval_data, template,
+                                 model=final)
         report = evaluate_model(final, tokenizer, eval_data, cfg.eval, template, engine=engine)
         if engine is not None:
             engine.close()
