@@ -27,7 +27,7 @@ def load(recipe: str | Path | RunConfig, kind: str, *, model: str | None = None,
              "output_dir": str(output_dir) if output_dir is not None else None, "train.max_steps": max_steps}
     sets = [f"{k}={_yaml(v)}" for k, v in (overrides or {}).items()]
     if isinstance(recipe, RunConfig):
-        from rlkit.config import parse_set
+        from rlkit.config_files import parse_set
         from rlkit.recipe import _nest
 
         return build_config([("config", recipe.model_dump(exclude_unset=True)), ("overrides", parse_set(sets)), ("arguments", _nest(flags))])

@@ -29,6 +29,28 @@ PRESETS = {
 }
 
 
+def bench_options(batch_sizes: str, engines: str, step_engines: str, trl: bool) -> tuple[list[int], dict]:
+    """``rlkit bench``'s comma-separated options, checked: the batch sizes, and the chosen engines per option
+    (``{"--engines": [...], "--step-engines": [...]}``); a bad value is one line naming the option."""
+    from rlkit.errors import RlkitError
+
+    try:
+        sizes = [int(x) for x in batch_sizes.split(",") if x]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise RlkitError(f"--batch-sizes {batch_sizes!r}: expected comma-separated positive integers, e.g. 8,32")
+    chosen = {}
+    for opt, value, known in (("--engines", engines, ROLLOUT_ENGINES), ("--step-engines", step_engines, STEP_ENGINES)):
+        chosen[opt] = [e for e in value.split(",") if e]
+        for e in chosen[opt]:
+            if e not in known:
+                raise RlkitError(f"{opt}: unknown engine {e!r}; expected one of {', '.join(known)}")
+    if not chosen["--engines"] and not chosen["--step-engines"] and not trl:
+        raise RlkitError("nothing to measure: --engines and --step-engines are empty and --no-trl is set")
+    return sizes, chosen
+
+
 def prepare_model(name: str, workdir: Path) -> str:
     """A model directory for the bench: 'embedded', an existing path, or a random-weight preset."""
     if name not in PRESETS:

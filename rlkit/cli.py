@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -10,40 +9,12 @@ from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
-from typer.core import TyperGroup
-
-try:  # typer >= 0.22 carries its own copy of click
-    from typer._click import exceptions as click_errors
-except ImportError:  # pragma: no cover
-    from click import exceptions as click_errors
 
 from rlkit import __version__
+from rlkit.cli_errors import OneLineErrors, friendly_errors
 from rlkit.errors import RlkitError
 from rlkit.runs import check_output_file
 from rlkit.tracking import quiet_libraries
-
-class OneLineErrors(TyperGroup):
-    """Usage errors (a bad option value, a missing argument) in the same one-line ``error:`` form and with
-    the same exit code 2 as every other bad input, instead of click's usage box."""
-
-    def main(self, *args, standalone_mode: bool = True, **kwargs):
-        if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
-        try:
-            rv = super().main(*args, standalone_mode=False, **kwargs)
-        except click_errors.NoArgsIsHelpError as e:
-            e.show()
-            sys.exit(0)
-        except click_errors.ClickException as e:
-            ctx = getattr(e, "ctx", None)
-            where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-            typer.secho(f"error: {' '.join(e.format_message().split())}{where}", fg="red", err=True)
-            sys.exit(e.exit_code)
-        except typer.Abort:
-            typer.secho("interrupted", fg="yellow", err=True)
-            sys.exit(130)
-        sys.exit(rv if isinstance(rv, int) else 0)
-
 
 app = typer.Typer(
     cls=OneLineErrors,
@@ -67,25 +38,6 @@ StepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help="Stop after
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override any config key: --set train.learning_rate=1e-5 (repeatable).")]
 ResumeAnywayOpt = Annotated[bool, typer.Option("--resume-anyway", help="Resume a run although its config changed (the changes are listed).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Discard the checkpoints and metrics in the output directory and start over.")]
-
-
-def friendly_errors(fn):
-    """Bad input: one red line on stderr, exit code 2, no traceback. A run stopped by a signal: one yellow
-    line and 130 (SIGINT) or 143 (SIGTERM); a diverged run: one line and 3."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except RlkitError as e:
-            text = " ".join(str(e).split("\n"))
-            typer.secho(f"{e.prefix}: {text}", fg="yellow" if e.prefix == "interrupted" else "red", err=True)
-            raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
-            typer.secho("interrupted: stopped at once; the last checkpoint is kept", fg="yellow", err=True)
-            raise typer.Exit(130) from None
-
-    return wrapper
 
 
 def _resume_mode(resume_anyway: bool, overwrite: bool) -> str:
@@ -216,29 +168,15 @@ def eval_(
     set_: SetOpt = None,
 ) -> None:
     """Evaluate a model: pass@1 (greedy), avg@K and pass@K (sampled) and format rate."""
-    from rlkit.config import build_config, load_yaml, parse_set
-    from rlkit.evaluation import run_eval
-    from rlkit.recipe import recipe_path
+    from rlkit.evaluation import eval_config, run_eval
     from rlkit.tracking import progress_bar
 
     if output is not None:
         check_output_file(output, "--output")
-    # evaluation reads what an RL run's evaluation reads (data.system_prompt, data.few_shot, rollout.*)
-    layers = [("defaults", {"kind": "grpo", "data": {"template": "r1_zero"}, "rewards": [{"name": "accuracy"}]})]
-    if recipe:
-        path = recipe_path(recipe)
-        layers.append((str(path), load_yaml(path)))
-    layers.append(("--set", parse_set(set_)))
-    flags: dict = {"model": {"path": model or model_arg}, "eval": {"task": task, "template": template, "num_samples": num_samples,
-                   "temperature": temperature, "max_new_tokens": max_new_tokens, "limit": limit},
-                   "rollout": {"engine": engine}}
-    layers.append(("command-line flags", _drop_none(flags)))
-    try:
-        cfg = build_config(layers)
-    except RlkitError as e:
-        if recipe:
-            raise
-        raise type(e)(str(e).replace("rlkit grpo does not use", "rlkit eval does not use")) from None
+    cfg = eval_config(recipe, set_, _drop_none({
+        "model": {"path": model or model_arg}, "rollout": {"engine": engine},
+        "eval": {"task": task, "template": template, "num_samples": num_samples, "temperature": temperature,
+                 "max_new_tokens": max_new_tokens, "limit": limit}}))
     if data is None and task is None and cfg.eval.task is not None:
         data = cfg.data.eval  # a recipe's held-out data, as training evaluates on it
     tmpl = cfg.eval.template or cfg.data.template
@@ -269,26 +207,11 @@ def bench(
     output: Annotated[Optional[Path], typer.Option("--output", help="Write the figures as JSON.")] = None,
 ) -> None:
     """Rollout tokens/s per engine, a full GRPO step per phase, and TRL's GRPOTrainer, side by side."""
-    from rlkit.bench import run_bench
+    from rlkit.bench import bench_options, run_bench
 
     if output is not None:
         check_output_file(output, "--output")
-    try:
-        sizes = [int(x) for x in batch_sizes.split(",") if x]
-    except ValueError:
-        sizes = []
-    if not sizes or min(sizes) < 1:
-        raise typer.BadParameter(f"--batch-sizes {batch_sizes!r}: expected comma-separated positive integers, e.g. 8,32")
-    from rlkit.bench import ROLLOUT_ENGINES, STEP_ENGINES
-
-    chosen = {}
-    for opt, value, known in (("--engines", engines, ROLLOUT_ENGINES), ("--step-engines", step_engines, STEP_ENGINES)):
-        chosen[opt] = [e for e in value.split(",") if e]
-        for e in chosen[opt]:
-            if e not in known:
-                raise typer.BadParameter(f"{opt}: unknown engine {e!r}; expected one of {', '.join(known)}")
-    if not chosen["--engines"] and not chosen["--step-engines"] and not trl:
-        raise typer.BadParameter("nothing to measure: --engines and --step-engines are empty and --no-trl is set")
+    sizes, chosen = bench_options(batch_sizes, engines, step_engines, trl)
     r = run_bench(model, chosen["--engines"], sizes, prompt_len, gen_len, prompts, generations, steps, trl,
                   str(output) if output else None, step_engines=chosen["--step-engines"])
     c = _console()

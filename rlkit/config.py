@@ -8,7 +8,6 @@ that names the file and suggests the closest valid key. The help text of every f
 from __future__ import annotations
 
 import difflib
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -177,16 +176,7 @@ class RolloutConfig(_Section):
     @field_validator("server_url")
     @classmethod
     def _server_url(cls, v: str) -> str:
-        from urllib.parse import urlsplit
-
-        u = urlsplit(v.strip())
-        try:
-            port_ok = u.port is None or u.port > 0
-        except ValueError:
-            port_ok = False
-        if u.scheme not in ("http", "https") or not u.hostname or not port_ok:
-            hint = f" (http://{v.strip()}?)" if "://" not in v and v.strip() else ""
-            raise ValueError(f"{v!r}: expected http://HOST:PORT{hint}, where `rlkit vllm-serve` listens")
+        base_server_url(v)
         return v
     server_timeout: float = Field(600.0, gt=0, description="vllm server mode: seconds one request may take.")
     server_wait: float = Field(
@@ -212,6 +202,27 @@ class RolloutConfig(_Section):
     tis_cap: float | None = Field(
         2.0, gt=0, description="vllm: truncated importance sampling cap C; each token's policy loss is weighted by "
         "min(pi_trainer / pi_sampler, C). null: no correction (old log-probs are still recomputed).")
+
+
+def base_server_url(url: str) -> str:
+    """``rollout.server_url`` as ``http(s)://HOST[:PORT][/PREFIX]``, without a trailing ``/`` or ``/v1`` (the
+    OpenAI base URL a user may paste); ValueError for anything else.
+
+    >>> base_server_url("http://127.0.0.1:8000/v1/")
+    'http://127.0.0.1:8000'
+    """
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url.strip())
+    try:
+        port_ok = u.port is None or u.port > 0
+    except ValueError:
+        port_ok = False
+    if u.scheme not in ("http", "https") or not u.hostname or not port_ok or u.query or u.fragment:
+        hint = f" (http://{url.strip()}?)" if "://" not in url and url.strip() else ""
+        raise ValueError(f"{url!r}: expected http://HOST:PORT{hint}, e.g. http://127.0.0.1:8000 (where "
+                         "`rlkit vllm-serve` listens)")
+    return f"{u.scheme}://{u.netloc}{u.path.rstrip('/').removesuffix('/v1').rstrip('/')}"
 
 
 class RLConfig(_Section):
@@ -586,74 +597,6 @@ def _deep_merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
-
-
-def parse_set(items: list[str] | None) -> dict:
-    """``['train.max_steps=10', 'model.lora.r=8']`` -> nested dict; values parsed as YAML scalars."""
-    out: dict = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key.path=value")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        node = out
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return out
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load, except that a key given twice in one mapping is an error (YAML keeps the last one
-    silently: a second ``train:`` section would drop the first's ``max_steps``)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: merged below, as safe_load does
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                marker = (type(key).__name__, key)  # 1 and true are different keys
-                twice = marker in seen
-            except TypeError:  # a list or mapping as a key
-                raise yaml.constructor.ConstructorError(None, None, f"a key must be a name, not {key!r}",
-                                                        key_node.start_mark) from None
-            if twice:
-                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice in one mapping",
-                                                        key_node.start_mark)
-            seen.add(marker)
-        return super().construct_mapping(node, deep=deep)
-
-
-def load_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"{path}: recipe file not found")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
-                          "save the recipe as UTF-8") from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
-    return data
 
 
 def build_config(layers: list[tuple[str, dict]]) -> RunConfig:

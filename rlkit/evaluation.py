@@ -33,6 +33,26 @@ class EvalReport:
     examples: list[dict]
 
 
+def eval_config(recipe: str | None, sets: list[str] | None, flags: dict) -> RunConfig:
+    """``rlkit eval``'s config: what an RL run's evaluation reads (``data.system_prompt``, ``data.few_shot``,
+    ``rollout.*``), from the defaults < ``recipe`` < ``--set`` < the command's flags (nested, None dropped)."""
+    from rlkit.config import ConfigError, build_config
+    from rlkit.config_files import load_yaml, parse_set
+    from rlkit.recipe import recipe_path
+
+    layers = [("defaults", {"kind": "grpo", "data": {"template": "r1_zero"}, "rewards": [{"name": "accuracy"}]})]
+    if recipe:
+        path = recipe_path(recipe)
+        layers.append((str(path), load_yaml(path)))
+    layers += [("--set", parse_set(sets)), ("command-line flags", flags)]
+    try:
+        return build_config(layers)
+    except ConfigError as e:  # without a recipe the command is eval, not the grpo its config borrows
+        if recipe:
+            raise
+        raise ConfigError(str(e).replace("rlkit grpo does not use", "rlkit eval does not use")) from None
+
+
 def eval_spec(cfg: RunConfig) -> str | None:
     """Where a training run evaluates: nowhere with ``eval.task: null``; else ``data.eval``; else a named
     ``eval.task``; else (``auto``), when it trains on the embedded world, that world's task; else nowhere
@@ -68,7 +88,7 @@ def check_eval_rows(rows: list[dict], spec: str, template: str, tokenizer, model
     from rlkit.models import context_length
     from rlkit.rewards.math_answer import gold_error
 
-    if not (rows and isinstance(rows[0].get("metadata"), dict) and "source_dataset" in rows[0]["metadata"]):
+    if not _reasoning_gym(rows):
         for i, r in enumerate(rows, 1):  # scored by math-verify (reasoning-gym rows by their task's checker)
             problem = gold_error(r["answer"])
             if problem:
@@ -121,10 +141,15 @@ def evaluate_model(model, tokenizer, rows: list[dict], cfg: EvalConfig, template
     return EvalReport(metrics, examples)
 
 
+def _reasoning_gym(rows: list[dict]) -> bool:
+    """Rows of a reasoning-gym task (scored by the task's own checker, not math-verify)."""
+    return bool(rows) and isinstance(rows[0].get("metadata"), dict) and "source_dataset" in rows[0]["metadata"]
+
+
 def score_answers(completions: list[str], rows: list[dict]) -> list[float]:
     """Each completion's correctness against its row: a reasoning-gym row by its task's own checker (the
     ``reasoning_gym`` reward), any other by math-verify (the ``accuracy`` reward)."""
-    if rows and isinstance(rows[0].get("metadata"), dict) and "source_dataset" in rows[0]["metadata"]:
+    if _reasoning_gym(rows):
         from rlkit.rewards.reasoning_tasks import reasoning_gym_score
 
         return reasoning_gym_score(completions, answer=[r["answer"] for r in rows],

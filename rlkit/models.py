@@ -217,7 +217,9 @@ def check_weights(path: str, info: dict, new: tuple[str, ...] = (), spare: tuple
 
 def note_new_head(what: str, model, fresh: list[str]) -> None:
     """One line for a head rlkit initialised on purpose, e.g. 'reward model: score head initialised new (1 × 64)'."""
-    if not fresh or os.environ.get("RANK", "0") != "0":  # once per run, not once per process
+    from rlkit.runs import is_main_process
+
+    if not fresh or not is_main_process():  # once per run, not once per process
         return
     weight = next((k for k in fresh if k.endswith(".weight")), fresh[0])
     print(f"{what} initialised new ({_shape(model.get_parameter(weight).shape)})", flush=True)

@@ -54,7 +54,8 @@ from typing import Any, Callable, get_args
 
 
 from rlkit.errors import RunInterrupted
-from rlkit.config import (ConfigError, RunConfig, load_yaml)
+from rlkit.config import ConfigError, RunConfig
+from rlkit.config_files import load_yaml
 from rlkit.manifest import (changes, listed, move_aside, read_manifest, recorded_config,
                             stage_hash, write_atomic)
 from rlkit.recipe import recipe_path

@@ -10,7 +10,8 @@ import difflib
 from importlib import resources
 from pathlib import Path
 
-from rlkit.config import ConfigError, RunConfig, build_config, load_yaml, parse_set
+from rlkit.config import ConfigError, RunConfig, build_config
+from rlkit.config_files import load_yaml, parse_set
 
 
 def recipes_dir() -> Path:

@@ -183,3 +183,18 @@ def summary_line(report: RewardCheckReport) -> str:
     listed = ", ".join(f"{p.name} ({p.total:.2f})" for p in hacks)
     what = "1 hack scores" if len(hacks) == 1 else f"{len(hacks)} hacks score"
     return f"reward check: honest {honest:.2f}, wrong {wrong:.2f}; {what} as high as honest: {listed}"
+
+
+def check_before_training(rewards: RewardSet, rows: list[dict], template: str, tokenizer) -> None:
+    """What an RL run does first (``rl.reward_check``): the probes on the first row with a gold answer; a reward
+    that fails on every probe stops the run, and one line says whether a known hack pays as well as honesty."""
+    from rlkit.tracking import console
+
+    row = next((r for r in rows if r.get("answer") is not None), None)
+    if row is None:
+        return
+    report = run_reward_check(rewards, row, render_prompt(row["prompt"], template, tokenizer), template, tokenizer)
+    check_not_broken(report)
+    hint = "; see `rlkit rewards check`, or rl.reward_check=false to skip" if report.hacks else ""
+    console.print(f"[{'yellow' if report.hacks else 'green'}]{summary_line(report)}{hint}[/]")
+

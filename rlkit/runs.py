@@ -178,8 +178,14 @@ def check_resume(out: Path, cfg: RunConfig, resuming: bool, mode: str) -> None:
                 "--overwrite to start over")
         print(f"resuming with a changed config (--resume-anyway): {'; '.join(shown)}" if old is not None else
               f"resuming (--resume-anyway) with this config: {record.name} was unreadable", flush=True)
+    write_run_record(out, cfg)
+
+
+def write_run_record(out: Path, cfg: RunConfig) -> None:
+    """``OUTPUT/rlkit_run.json``: the config the run there was made with (written to a temporary name, renamed)."""
+    record = out / RUN_FILE
     tmp = record.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"config": new}, indent=2) + "\n")
+    tmp.write_text(json.dumps({"config": cfg.model_dump(mode="json")}, indent=2) + "\n")
     tmp.replace(record)
 
 

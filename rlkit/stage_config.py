@@ -8,7 +8,8 @@ import difflib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlkit.config import ConfigError, RunConfig, _check_unknown, applicable, build_config, load_yaml, parse_set
+from rlkit.config import ConfigError, RunConfig, _check_unknown, applicable, build_config
+from rlkit.config_files import load_yaml, parse_set
 from rlkit.manifest import STAGE_REF, flatten
 from rlkit.recipe import recipe_path
 

@@ -32,6 +32,10 @@ class TemplateError(RlkitError):
     """A prompt that the chosen template cannot render."""
 
 
+class NoTemplate(TemplateError):
+    """The template cannot render any prompt (it does not exist, or the tokenizer has no chat template)."""
+
+
 def completion_text(completion: str, template: str) -> str:
     """The completion as it follows a rendered prompt: after R1-Zero's "Assistant:" it starts with a space.
 
@@ -58,7 +62,7 @@ def apply_chat(tokenizer, messages: list[dict], generation_prompt: bool = True) 
     is a one-line :class:`TemplateError` that says what it refused."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or "the model"
-        raise TemplateError(f"template chat (data.template or eval.template): {name}'s tokenizer has no chat template; "
+        raise NoTemplate(f"template chat (data.template or eval.template): {name}'s tokenizer has no chat template; "
                             "use r1_zero or plain, or a model that has one")
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
@@ -84,7 +88,7 @@ def render_prompt(prompt: str | list[dict], template: str, tokenizer: Any = None
         return prompt
     if template == "chat":
         return apply_chat(tokenizer, [{"role": "user", "content": prompt}])
-    raise TemplateError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
+    raise NoTemplate(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
 
 
 def render_rows(prompts: list, template: str, tokenizer, spec: str) -> list[str]:
@@ -94,9 +98,9 @@ def render_rows(prompts: list, template: str, tokenizer, spec: str) -> list[str]
     for i, p in enumerate(prompts, 1):
         try:
             out.append(render_prompt(p, template, tokenizer))
+        except NoTemplate:
+            raise
         except TemplateError as e:
-            if "has no chat template" in str(e) or "unknown template" in str(e):
-                raise
             raise TemplateError(f"{spec}: row {i}: {e}") from None
     return out
 

@@ -3,7 +3,8 @@ import json
 import pytest
 import yaml
 
-from rlkit.config import ConfigError, build_config, parse_set
+from rlkit.config import ConfigError, build_config
+from rlkit.config_files import parse_set
 from rlkit.recipe import list_recipes, load_config
 
 from conftest import assert_clean_error

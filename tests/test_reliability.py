@@ -240,7 +240,7 @@ def test_a_torn_manifest_is_recovered_from_the_stage_outputs(tmp_path):
 def test_recipes_with_anchors_and_merge_keys_still_load(tmp_path):
     """13 (review): the duplicate-key check keeps YAML's merge keys, and does not call 1 and true the same key
     (YAML does not; Python's dict then keeps one of them, as safe_load would)."""
-    from rlkit.config import load_yaml
+    from rlkit.config_files import load_yaml
 
     p = tmp_path / "r.yaml"
     p.write_text("common: &c {learning_rate: 1.0e-5, max_steps: 3}\ntrain:\n  <<: *c\n  max_steps: 5\n"

