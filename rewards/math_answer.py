@@ -81,11 +81,6 @@ def _math_text(answer: str) -> str:
     return answer if "$" in answer or "\\boxed" in answer else f"${answer}$"
 
 
-def parse_gold(answer: str, timeout: int | None = TIMEOUT_S):
-    """Parse a gold answer; an empty result means math-verify cannot check against it."""
-    return parse(_math_text(answer), extraction_config=_CONFIG, parsing_timeout=timeout)
-
-
 _PLAIN_NUMBER = re.compile(r"-?\d+(\.\d+)?")
 _LIST = re.compile(r"\[[^\[\],;]*\]|\[\s*['\"].*\]")  # [7], ['7', '8']: a list stored as text
 _WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")    # a word of 3+ letters that is not a LaTeX command

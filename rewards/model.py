@@ -17,8 +17,7 @@ from rlkit.templates import full_text
 
 @lru_cache(maxsize=4)
 def _load(path: str):
-    from rlkit.models import load_tokenizer
-    from rlkit.trainers.rm import load_reward_model
+    from rlkit.models import load_reward_model, load_tokenizer
 
     model = load_reward_model(path)
     if torch.cuda.is_available():

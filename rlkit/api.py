@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rlkit.commands import COMMANDS
 from rlkit.config import RunConfig
 
 
@@ -28,9 +29,10 @@ def load(recipe: str | Path | RunConfig, kind: str, *, model: str | None = None,
     sets = [f"{k}={_yaml(v)}" for k, v in (overrides or {}).items()]
     if isinstance(recipe, RunConfig):
         from rlkit.config_files import parse_set
-        from rlkit.recipe import _nest
+        from rlkit.nested import nest
 
-        return build_config([("config", recipe.model_dump(exclude_unset=True)), ("overrides", parse_set(sets)), ("arguments", _nest(flags))])
+        return build_config([("config", recipe.model_dump(exclude_unset=True)), ("overrides", parse_set(sets)),
+                             ("arguments", nest(flags))])
     return load_config(str(recipe), default_recipe=str(recipe), sets=sets, flags=flags, kind=kind)
 
 
@@ -40,46 +42,37 @@ def _yaml(v: Any) -> str:
     return v if isinstance(v, str) else json.dumps(v)
 
 
-_RUNNERS = {"sft": "rlkit.trainers.sft:run_sft", "rm": "rlkit.trainers.rm:run_rm",
-            "grpo": "rlkit.trainers.rl:run_rl", "ppo": "rlkit.trainers.rl:run_rl"}
-
-
-def _train(kind: str, recipe, resume: str, kwargs: dict) -> dict:
+def _run(name: str, recipe, resume: str, kwargs: dict) -> dict:
     """Load the config and run it; ``resume``: auto (resume an unchanged run), anyway (resume although
     the config changed) or overwrite (start over)."""
-    import importlib
-
-    module, fn = _RUNNERS[kind].split(":")
-    return getattr(importlib.import_module(module), fn)(load(recipe, kind, **kwargs), resume=resume)
+    return COMMANDS[name].run(load(recipe, COMMANDS[name].kind, **kwargs), resume=resume)
 
 
-def sft(recipe: str | Path | RunConfig = "sft", resume: str = "auto", **kwargs) -> dict:
-    """Supervised fine-tuning; returns the headline metrics. Arguments as in :func:`load` and :func:`_train`."""
-    return _train("sft", recipe, resume, kwargs)
+def sft(recipe: str | Path | RunConfig = COMMANDS["sft"].default_recipe, resume: str = "auto", **kwargs) -> dict:
+    """Supervised fine-tuning; returns the headline metrics. Arguments as in :func:`load` and :func:`_run`."""
+    return _run("sft", recipe, resume, kwargs)
 
 
-def grpo(recipe: str | Path | RunConfig = "r1_zero", resume: str = "auto", **kwargs) -> dict:
-    """GRPO; returns before/after eval metrics, steps and seconds. Arguments as in :func:`load` and :func:`_train`."""
-    return _train("grpo", recipe, resume, kwargs)
+def grpo(recipe: str | Path | RunConfig = COMMANDS["grpo"].default_recipe, resume: str = "auto", **kwargs) -> dict:
+    """GRPO; returns before/after eval metrics, steps and seconds. Arguments as in :func:`load` and :func:`_run`."""
+    return _run("grpo", recipe, resume, kwargs)
 
 
-def rm(recipe: str | Path | RunConfig = "rm", resume: str = "auto", **kwargs) -> dict:
+def rm(recipe: str | Path | RunConfig = COMMANDS["rm"].default_recipe, resume: str = "auto", **kwargs) -> dict:
     """Reward model training; returns held-out pair accuracy and margin. Arguments as in :func:`load` and
-    :func:`_train`."""
-    return _train("rm", recipe, resume, kwargs)
+    :func:`_run`."""
+    return _run("rm", recipe, resume, kwargs)
 
 
-def ppo(recipe: str | Path | RunConfig = "ppo", resume: str = "auto", **kwargs) -> dict:
+def ppo(recipe: str | Path | RunConfig = COMMANDS["ppo"].default_recipe, resume: str = "auto", **kwargs) -> dict:
     """PPO against a reward model; returns before/after eval metrics. Arguments as in :func:`load` and
-    :func:`_train`."""
-    return _train("ppo", recipe, resume, kwargs)
+    :func:`_run`."""
+    return _run("ppo", recipe, resume, kwargs)
 
 
-def sample(recipe: str | Path | RunConfig = "sample", **kwargs) -> dict:
+def sample(recipe: str | Path | RunConfig = COMMANDS["sample"].default_recipe, **kwargs) -> dict:
     """Rejection sampling; returns the report's numbers. Keyword arguments as in :func:`load`."""
-    from rlkit.trainers.sample import run_sample
-
-    return run_sample(load(recipe, "sample", **kwargs))
+    return _run("sample", recipe, "auto", kwargs)
 
 
 def evaluate(model: str = "embedded", *, task: str = "arithmetic", data: str | None = None,

@@ -98,18 +98,17 @@ STEP_ENGINES = ("hf", "hf_static", "vllm")
 def _rollout_engine(name: str, model_path: str, tok, max_batch: int, max_len: int, model_cache: dict):
     """An engine for the bench: rlkit's hf (dynamic or static cache) and vllm engines, or ``vllm_raw``: vLLM's
     ``LLM.generate`` used as is (no seeds, no log-probs, detokenised), the baseline for rlkit's vllm engine."""
-    from rlkit.config import RolloutConfig
     from rlkit.models import load_causal_lm
-    from rlkit.rollout import make_engine
+    from rlkit.rollout import make_engine, rollout_config
 
     if name.startswith("hf"):
         if "model" not in model_cache:
             model = load_causal_lm(model_path)
             model_cache["model"] = model.to("cuda") if torch.cuda.is_available() else model
         cache = "static" if name == "hf_static" else "dynamic"
-        return make_engine(RolloutConfig(hf_cache=cache), tok, model=model_cache["model"], max_batch=max_batch)
+        return make_engine(rollout_config(hf_cache=cache), tok, model=model_cache["model"], max_batch=max_batch)
     if name == "vllm":
-        return make_engine(RolloutConfig(engine="vllm"), tok, model_path=model_path, max_batch=max_batch,
+        return make_engine(rollout_config(engine="vllm"), tok, model_path=model_path, max_batch=max_batch,
                            max_len=max_len)
     return RawVLLM(model_path, max_batch, max_len)
 
@@ -120,7 +119,7 @@ class RawVLLM:
     def __init__(self, model_path: str, max_batch: int, max_len: int):
         import os
 
-        from rlkit.rollout.vllm import _kv_gib, require_vllm
+        from rlkit.rollout.vllm import kv_cache_gib, require_vllm
 
         require_vllm()
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -128,7 +127,7 @@ class RawVLLM:
 
         cuda = torch.cuda.is_available()
         kw = {"gpu_memory_utilization": 0.3} if cuda else {
-            "kv_cache_memory_bytes": int(_kv_gib(model_path, max_batch, max_len) * 2**30), "enforce_eager": True}
+            "kv_cache_memory_bytes": int(kv_cache_gib(model_path, max_batch, max_len) * 2**30), "enforce_eager": True}
         self.llm = LLM(model=model_path, dtype="bfloat16" if cuda else "float32", max_model_len=max_len,
                        max_num_seqs=max_batch, **kw)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from rich.table import Table
 
 from rlkit import __version__
 from rlkit.cli_errors import OneLineErrors, friendly_errors
+from rlkit.commands import COMMANDS, Command
 from rlkit.errors import RlkitError
 from rlkit.runs import check_output_file
 from rlkit.tracking import quiet_libraries
@@ -60,66 +62,37 @@ def main(
     quiet_libraries()
 
 
-TRAINING_COMMANDS = {
-    "sft": ("rlkit.trainers.sft:run_sft", "metrics",
-            "Supervised fine-tuning on demonstrations (TRL SFTTrainer). With no arguments: the embedded world."),
-    "rm": ("rlkit.trainers.rm:run_rm", "metrics",
-           "Train a Bradley-Terry reward model on comparisons or rankings (TRL RewardTrainer)."),
-    "grpo": ("rlkit.trainers.rl:run_rl", "before_after",
-             "GRPO with rule-based rewards (default recipe: r1_zero). Run it again after a crash to resume."),
-    "ppo": ("rlkit.trainers.rl:run_rl", "before_after",
-            "PPO against a reward model with a value model, GAE and a KL penalty (default recipe: ppo)."),
-}
+def _add_command(c: Command) -> None:
+    """sft, rm, grpo, ppo and sample share their options (a command without --max-steps or resuming offers
+    fewer): recipe < --set < named flags, then one runner call."""
 
-
-def _add_training_command(kind: str, runner: str, report: str, help_text: str) -> None:
-    """sft, rm, grpo and ppo share their options: recipe < --set < named flags, then one runner call."""
-
-    def command(
-        recipe: RecipeOpt = None,
-        model: ModelOpt = None,
-        dataset: DatasetOpt = None,
-        output_dir: OutputOpt = None,
-        max_steps: StepsOpt = None,
-        set_: SetOpt = None,
-        resume_anyway: ResumeAnywayOpt = False,
-        overwrite: OverwriteOpt = False,
-    ) -> None:
-        import importlib
-
-        module, fn = runner.split(":")
+    def command(recipe=None, model=None, dataset=None, output_dir=None, max_steps=None, set_=None,
+                resume_anyway=False, overwrite=False) -> None:
         mode = _resume_mode(resume_anyway, overwrite)
-        cfg = _training_config(kind, recipe, model, dataset, output_dir, max_steps, set_)
-        result = getattr(importlib.import_module(module), fn)(cfg, resume=mode)
-        if report == "before_after":
+        cfg = _training_config(c, recipe, model, dataset, output_dir, max_steps, set_)
+        result = c.run(cfg, resume=mode)
+        title = f"{c.name} → {cfg.output_dir}" + (f"/{c.writes}" if c.writes else "")
+        if c.summary == "before_after":
             if result and "seconds" in result:
-                _print_before_after(f"{kind} → {cfg.output_dir}", result)
+                _print_before_after(title, result)
         else:
-            _print_metrics(f"{kind} → {cfg.output_dir}", result)
+            _print_metrics(title, result)
 
-    command.__doc__ = help_text
-    command.__name__ = kind
-    app.command(name=kind)(friendly_errors(command))
+    offered = {"recipe": RecipeOpt, "model": ModelOpt, "dataset": DatasetOpt, "output_dir": OutputOpt,
+               "max_steps": StepsOpt if c.max_steps else None, "set_": SetOpt,
+               "resume_anyway": ResumeAnywayOpt if c.resumable else None,
+               "overwrite": OverwriteOpt if c.resumable else None}
+    defaults = inspect.signature(command).parameters
+    command.__signature__ = inspect.Signature([
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=defaults[name].default, annotation=ann)
+        for name, ann in offered.items() if ann is not None])
+    command.__doc__ = c.help
+    command.__name__ = c.name
+    app.command(name=c.name)(friendly_errors(command))
 
 
-for _kind, (_runner, _report, _help) in TRAINING_COMMANDS.items():
-    _add_training_command(_kind, _runner, _report, _help)
-
-
-@app.command()
-@friendly_errors
-def sample(
-    recipe: RecipeOpt = None,
-    model: ModelOpt = None,
-    dataset: DatasetOpt = None,
-    output_dir: OutputOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """Rejection sampling: N samples per prompt, keep the verified ones, write SFT-ready JSONL."""
-    from rlkit.trainers.sample import run_sample
-
-    cfg = _training_config("sample", recipe, model, dataset, output_dir, None, set_)
-    _print_metrics(f"sample → {cfg.output_dir}/data.jsonl", run_sample(cfg))
+for _command in COMMANDS.values():
+    _add_command(_command)
 
 
 @app.command()
@@ -141,10 +114,10 @@ def run(
     manifest = pipeline.run(output_dir, start_from=from_, only=only, sets=set_,
                             on_stage=lambda name, status: c.print(f"[bold cyan]stage {name}[/]: {status}"))
     table = Table("stage", "kind", "status", "seconds", "headline")
+    headline = {c.kind: c.headline for c in COMMANDS.values()}
     for e in manifest["stages"]:
         m = e.get("metrics", {})
-        head = ", ".join(f"{k}={v:.3g}" for k, v in m.items()
-                         if k.startswith(("after/pass@1", "eval/pass@1", "eval/pair_accuracy", "train_loss")))
+        head = ", ".join(f"{k}={v:.3g}" for k, v in m.items() if k.startswith(headline.get(e.get("kind"), ())))
         table.add_row(e["name"], e.get("kind", ""), e.get("status", ""), f"{e.get('seconds', 0):.0f}", head)
     c.print(f"[bold]{pipeline.name}[/] → {manifest['output_dir']}/manifest.json")
     c.print(table)
@@ -169,14 +142,15 @@ def eval_(
 ) -> None:
     """Evaluate a model: pass@1 (greedy), avg@K and pass@K (sampled) and format rate."""
     from rlkit.evaluation import eval_config, run_eval
+    from rlkit.nested import nest
     from rlkit.tracking import progress_bar
 
     if output is not None:
         check_output_file(output, "--output")
-    cfg = eval_config(recipe, set_, _drop_none({
-        "model": {"path": model or model_arg}, "rollout": {"engine": engine},
-        "eval": {"task": task, "template": template, "num_samples": num_samples, "temperature": temperature,
-                 "max_new_tokens": max_new_tokens, "limit": limit}}))
+    cfg = eval_config(recipe, set_, nest({
+        "model.path": model or model_arg, "rollout.engine": engine, "eval.task": task, "eval.template": template,
+        "eval.num_samples": num_samples, "eval.temperature": temperature, "eval.max_new_tokens": max_new_tokens,
+        "eval.limit": limit}))
     if data is None and task is None and cfg.eval.task is not None:
         data = cfg.data.eval  # a recipe's held-out data, as training evaluates on it
     tmpl = cfg.eval.template or cfg.data.template
@@ -331,27 +305,12 @@ def recipes_show(
         typer.echo(to_yaml(stage_config(p, s, outputs, out, per, common)), nl=False)
 
 
-DEFAULT_RECIPES = {"sft": "sft", "rm": "rm", "grpo": "r1_zero", "ppo": "ppo", "sample": "sample"}
-
-
-def _training_config(kind, recipe, model, dataset, output_dir, max_steps, sets):
-    """The config of a training command: recipe < --set < named flags, checked to be of this kind."""
+def _training_config(c: Command, recipe, model, dataset, output_dir, max_steps, sets):
+    """The config of a command of the table: recipe < --set < named flags, checked to be of its kind."""
     from rlkit.recipe import load_config
 
-    return load_config(recipe, default_recipe=DEFAULT_RECIPES[kind], sets=sets, kind=kind, flags={
+    return load_config(recipe, default_recipe=c.default_recipe, sets=sets, kind=c.kind, flags={
         "model.path": model, "data.train": dataset, "output_dir": output_dir, "train.max_steps": max_steps})
-
-
-def _drop_none(d: dict) -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            v = _drop_none(v)
-            if v:
-                out[k] = v
-        elif v is not None:
-            out[k] = v
-    return out
 
 
 def _console():

@@ -17,13 +17,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from rlkit.config import EvalConfig, RolloutConfig, RunConfig
+import torch
+
+from rlkit.config import EvalConfig, RunConfig
 from rlkit.data import is_embedded, prompt_rows, with_chat_turns
 from rlkit.embedded.tasks import TASKS
 from rlkit.models import load_causal_lm, load_tokenizer
 from rlkit.rewards.format import is_well_formed
 from rlkit.rewards.math_answer import scores as answer_scores
-from rlkit.rollout import SamplingParams, make_engine
+from rlkit.rollout import SamplingParams, engine_spec, make_engine, rollout_config
 from rlkit.templates import render_prompt, render_rows
 
 
@@ -113,7 +115,7 @@ def evaluate_model(model, tokenizer, rows: list[dict], cfg: EvalConfig, template
     prompts = [render_prompt(r["prompt"], template, tokenizer) for r in rows]
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     if engine is None:
-        engine = make_engine(RolloutConfig(), tokenizer, model=model, max_batch=cfg.batch_size)
+        engine = make_engine(rollout_config(), tokenizer, model=model, max_batch=cfg.batch_size)
     greedy = engine.generate(prompt_ids, SamplingParams(n=1, max_new_tokens=cfg.max_new_tokens, temperature=0), progress)
     correct = [s == 1.0 for s in score_answers([g[0].text for g in greedy], rows)]
     formatted = [is_well_formed(g[0].text, p) for g, p in zip(greedy, prompts)]
@@ -158,12 +160,15 @@ def score_answers(completions: list[str], rows: list[dict]) -> list[float]:
 
 
 def run_eval(model_path: str, cfg: EvalConfig, template: str, data: str | None = None, dtype: str = "auto",
-             progress_factory=None, rollout: RolloutConfig | None = None, data_cfg=None) -> dict:
-    """Load a model directory and evaluate it with the ``rollout`` engine (default hf); returns the
-    JSON-ready report."""
-    rollout = rollout or RolloutConfig()
+             progress_factory=None, rollout=None, data_cfg=None) -> dict:
+    """Load a model directory and evaluate it with the ``rollout`` engine (a ``rollout:`` section; default
+    hf); returns the JSON-ready report."""
+    rollout = rollout or rollout_config()
     spec, rows = eval_rows(cfg, data, data_cfg)
-    model = load_causal_lm(model_path, dtype=dtype) if rollout.engine == "hf" else None
+    model = None
+    if engine_spec(rollout).samples_itself:  # generates on the model in memory: loaded (and checked) first
+        model = load_causal_lm(model_path, dtype=dtype)
+        model = model.to("cuda") if torch.cuda.is_available() else model
     tokenizer = load_tokenizer(model_path)
     check_eval_rows(rows, spec, template, tokenizer, model_path, cfg.max_new_tokens)
     engine = eval_engine(rollout, tokenizer, model_path, dtype, cfg, rows, template, model=model)
@@ -189,17 +194,19 @@ def run_eval(model_path: str, cfg: EvalConfig, template: str, data: str | None =
     }
 
 
-def eval_engine(rollout: RolloutConfig, tokenizer, model_path: str, dtype: str, cfg: EvalConfig, rows: list[dict],
-                template: str, model=None):
-    """The engine that evaluates the model directory ``model_path``: hf on ``model`` (else loaded); vllm
-    sizes its context from the longest prompt plus the generation budget. A vllm server holds weights of its
-    own: ``model`` (the model just trained) is pushed to it; without one, it must serve ``model_path``."""
-    if rollout.engine == "hf":
-        model = model if model is not None else load_causal_lm(model_path, dtype=dtype)
-        return make_engine(rollout, tokenizer, model=model, max_batch=cfg.batch_size)
+def eval_engine(rollout, tokenizer, model_path: str, dtype: str, cfg: EvalConfig, rows: list[dict], template: str,
+                model=None):
+    """The ``rollout`` engine that evaluates the model directory ``model_path``, whose weights ``model`` (the
+    model just trained) holds when given. An engine that samples the in-memory model does so on ``model``
+    (else loaded from ``model_path``); one that loads ``model_path`` itself needs nothing more; a server holds
+    weights of its own, so ``model`` is pushed to it (without one, it must serve ``model_path``). The context
+    is sized from the longest prompt plus the generation budget."""
+    spec = engine_spec(rollout)
     ids = tokenizer([render_prompt(r["prompt"], template, tokenizer) for r in rows], add_special_tokens=False)["input_ids"]
-    longest = max((len(x) for x in ids), default=0) + cfg.max_new_tokens
-    pushed = model if rollout.mode == "server" else None  # colocated vLLM loads model_path itself
-    return make_engine(rollout, tokenizer, model=pushed, model_path=model_path, dtype=dtype,
-                       max_batch=cfg.batch_size * max(1, cfg.num_samples), max_len=longest,
-                       max_prompt_len=max((len(x) for x in ids), default=0))
+    longest_prompt = max((len(x) for x in ids), default=0)
+    # the trainer's model generates in chunks of eval.batch_size sequences (in the memory training leaves it);
+    # an engine of its own schedules all samples of eval.batch_size prompts at once
+    max_batch = cfg.batch_size if spec.samples_itself else cfg.batch_size * max(1, cfg.num_samples)
+    return make_engine(rollout, tokenizer, model=None if spec.loads_model_path else model, model_path=model_path,
+                       dtype=dtype, max_batch=max_batch, max_len=longest_prompt + cfg.max_new_tokens,
+                       max_prompt_len=longest_prompt)

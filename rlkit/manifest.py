@@ -15,18 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from rlkit.config import RESULT_NEUTRAL, RunConfig, upgrade_dump
+from rlkit.nested import flatten
 
 STAGE_REF = "stage:"
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _is_unhashed(key: str) -> bool:

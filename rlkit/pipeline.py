@@ -1,9 +1,10 @@
 """Pipelines: a recipe's stages run in order; later stages read earlier stages' outputs by name.
 
-A pipeline recipe has ``stages:``, each a stage config (``kind: sft | rm | grpo | ppo``, optionally
-``recipe: NAME`` to start from a single-stage recipe) whose string values may name an earlier stage as
-``stage:NAME`` (its output directory). Keys under ``defaults:`` (and ``--set defaults.*``) apply to each
-stage whose command reads them (:func:`rlkit.config.applicable`); a key that no stage reads is an error.
+A pipeline recipe has ``stages:``, each a stage config (``kind: sft | rm | grpo | ppo | sample``, the
+commands of :mod:`rlkit.commands`; optionally ``recipe: NAME`` to start from a single-stage recipe) whose
+string values may name an earlier stage as ``stage:NAME`` (its output directory). Keys under ``defaults:``
+(and ``--set defaults.*``) apply to each stage whose command reads them (:func:`rlkit.config.applicable`);
+a key that no stage reads is an error.
 
 ``OUTPUT/manifest.json`` records each stage's status, resolved config, inputs, output path, wall time and
 headline metrics. Running the same command again skips finished stages whose hash is the same, continues
@@ -50,16 +51,17 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, get_args
+from typing import Any, Callable
 
-
-from rlkit.errors import RunInterrupted
+from rlkit.commands import COMMANDS, for_kind
 from rlkit.config import ConfigError, RunConfig
 from rlkit.config_files import load_yaml
+from rlkit.errors import RunInterrupted
 from rlkit.manifest import (changes, listed, move_aside, read_manifest, recorded_config,
                             stage_hash, write_atomic)
 from rlkit.recipe import recipe_path
-from rlkit.stage_config import _check_inputs, _find_refs, check_shared, stage_config, stage_sets
+from rlkit.stage_config import check_inputs, check_shared, find_refs, stage_config, stage_sets
+
 STAGE_NAME = re.compile(r"[^./\\\x00][^/\\\x00]{0,99}")  # a directory name: no separator, not hidden, not . or ..
 
 
@@ -73,7 +75,7 @@ class Stage:
     recipe: str | None = None
 
     def refs(self) -> list[str]:
-        return sorted(set(_find_refs(self.config)))
+        return sorted(set(find_refs(self.config)))
 
 
 @dataclass
@@ -92,7 +94,7 @@ class Pipeline:
 
     def validate(self) -> None:
         seen: list[str] = []
-        kinds = get_args(RunConfig.model_fields["kind"].annotation)
+        kinds = [c.kind for c in COMMANDS.values()]
         for s in self.stages:
             if not isinstance(s.name, str) or not STAGE_NAME.fullmatch(s.name):
                 raise ConfigError(f"{self.source}: stage name {s.name!r}: a stage's name is a directory name under the "
@@ -168,7 +170,8 @@ def load_pipeline(name_or_path: str) -> Pipeline:
                                   "single-stage recipe (sft, rm, ppo, r1_zero, ...)")
         kind = raw.get("kind") or (load_yaml(recipe_path(recipe)).get("kind") if recipe else None)
         if kind is None:
-            raise ConfigError(f"{path}: stage '{name}' needs a 'kind' (sft, rm, grpo, ppo) or a 'recipe'")
+            raise ConfigError(f"{path}: stage '{name}' needs a 'kind' "
+                              f"({', '.join(c.kind for c in COMMANDS.values())}) or a 'recipe'")
         raw["kind"] = kind
         stages.append(Stage(name=name, kind=kind, config=raw, recipe=recipe))
     return Pipeline(name=str(data.get("name", path.stem)), stages=stages,
@@ -178,21 +181,7 @@ def load_pipeline(name_or_path: str) -> Pipeline:
 
 
 def _run_stage(cfg: RunConfig) -> dict:
-    if cfg.kind == "sft":
-        from rlkit.trainers.sft import run_sft
-
-        return run_sft(cfg)
-    if cfg.kind == "rm":
-        from rlkit.trainers.rm import run_rm
-
-        return run_rm(cfg)
-    if cfg.kind == "sample":
-        from rlkit.trainers.sample import run_sample
-
-        return run_sample(cfg)
-    from rlkit.trainers.rl import run_rl
-
-    return run_rl(cfg)
+    return for_kind(cfg.kind).run(cfg)
 
 
 def _now() -> str:
@@ -229,7 +218,7 @@ def run_pipeline(pipeline: Pipeline, output_dir: str | None = None, *, start_fro
         else:
             will_run = old_stages.get(s.name, {}).get("status") != "done"
         if will_run:
-            _check_inputs(s.name, configs[s.name], out)
+            check_inputs(s.name, configs[s.name], out)
     prepare_output_dir(out, markers=("manifest.json", "manifest.json.torn"))
 
     forced: set[str] = set()

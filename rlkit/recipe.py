@@ -12,6 +12,7 @@ from pathlib import Path
 
 from rlkit.config import ConfigError, RunConfig, build_config
 from rlkit.config_files import load_yaml, parse_set
+from rlkit.nested import nest
 
 
 def recipes_dir() -> Path:
@@ -58,21 +59,9 @@ def load_config(
 ) -> RunConfig:
     """Resolve defaults < recipe < ``--set`` < named flags into one validated config."""
     path = recipe_path(recipe or default_recipe)
-    layers = [(str(path), load_yaml(path)), ("--set", parse_set(sets)), ("command-line flags", _nest(flags or {}))]
+    layers = [(str(path), load_yaml(path)), ("--set", parse_set(sets)), ("command-line flags", nest(flags or {}))]
     cfg = build_config(layers)
     if kind is not None and cfg.kind != kind:
         raise ConfigError(f"{path}: recipe is of kind '{cfg.kind}', but this command runs '{kind}'")
     return cfg
 
-
-def _nest(flat: dict) -> dict:
-    out: dict = {}
-    for key, value in flat.items():
-        if value is None:
-            continue
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return out

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from rlkit.config import ConfigError, RunConfig, _check_unknown, applicable, build_config
 from rlkit.config_files import load_yaml, parse_set
-from rlkit.manifest import STAGE_REF, flatten
+from rlkit.manifest import STAGE_REF
+from rlkit.nested import flatten
 from rlkit.recipe import recipe_path
 
 if TYPE_CHECKING:
@@ -37,13 +38,13 @@ def _has_key(d: dict, key: str) -> bool:
     return True
 
 
-def _find_refs(obj: Any) -> list[str]:
+def find_refs(obj: Any) -> list[str]:
     if isinstance(obj, str):
         return [obj[len(STAGE_REF):]] if obj.startswith(STAGE_REF) else []
     if isinstance(obj, dict):
-        return [r for v in obj.values() for r in _find_refs(v)]
+        return [r for v in obj.values() for r in find_refs(v)]
     if isinstance(obj, list):
-        return [r for v in obj for r in _find_refs(v)]
+        return [r for v in obj for r in find_refs(v)]
     return []
 
 
@@ -119,7 +120,7 @@ def stage_config(pipeline: Pipeline, stage: Stage, outputs: dict[str, str], out_
     layers.append((f"--set stages.{stage.name}.*", per.get(stage.name, {})))
     earlier = [s.name for s in pipeline.stages[: pipeline.stages.index(stage)]]
     for src, layer in layers:
-        for ref in _find_refs(layer):
+        for ref in find_refs(layer):
             if ref not in earlier:
                 where = "runs after it or is itself" if ref in outputs else "is not a stage of this pipeline"
                 raise ConfigError(f"{src}: stage:{ref} for stage '{stage.name}': '{ref}' {where}; a stage reads "
@@ -129,7 +130,7 @@ def stage_config(pipeline: Pipeline, stage: Stage, outputs: dict[str, str], out_
     return build_config(layers)
 
 
-def _check_inputs(name: str, cfg: RunConfig, out: Path) -> None:
+def check_inputs(name: str, cfg: RunConfig, out: Path) -> None:
     """The local files a stage reads that no stage writes must be there before the pipeline starts (a data set
     missing from the last stage would otherwise fail only after the earlier stages trained)."""
     from rlkit.data import LOCAL_SUFFIXES

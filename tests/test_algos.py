@@ -1,4 +1,8 @@
-"""rlkit.algos: every expected value below is worked out by hand in the test, on tiny literal tensors."""
+"""rlkit.algos: every expected value below is worked out by hand in the test, on tiny literal tensors.
+
+The tests use the variants' schemas (GRPOAdvantage, PPOClipLoss, KLConfig, ...); the older all-knob spellings
+(AdvantageConfig, PolicyLossConfig, make_kl_controller(kind, coef, ...)) are checked once, in
+test_old_spellings_give_the_same_numbers, which goes with them."""
 
 from __future__ import annotations
 
@@ -6,22 +10,40 @@ import math
 
 import pytest
 import torch
+from pydantic import TypeAdapter, ValidationError
 
 from rlkit.algos import (
+    ADVANTAGE_SCHEMAS,
     ADVANTAGES,
     AGGREGATIONS,
     KL_ESTIMATORS,
+    NEEDS_VALUES,
+    POLICY_LOSS_SCHEMAS,
     POLICY_LOSSES,
     AdaptiveKL,
+    Advantage,
     AdvantageConfig,
+    DrGRPOAdvantage,
     FixedKL,
+    GAEAdvantage,
+    GRPOAdvantage,
+    KLConfig,
+    PolicyLoss,
     PolicyLossConfig,
+    PPOClipLoss,
+    ReinforceLoss,
+    ReinforcePPAdvantage,
+    RLOOAdvantage,
     aggregate,
     compute_advantages,
+    compute_kl,
+    compute_policy_loss,
     entropy_from_logits,
     explained_variance,
+    loss_count,
     make_kl_controller,
     masked_mean,
+    masked_sum,
     masked_var,
     masked_whiten,
     truncated_is_weights,
@@ -70,11 +92,11 @@ def test_grpo_group_std_unbiased_and_padding_zero():
 
 
 def test_grpo_batch_std_and_none():
-    cfg = AdvantageConfig(std_normalize="batch", eps=0.0)
+    cfg = GRPOAdvantage(std_normalize="batch")
     adv, _ = ADVANTAGES["grpo"](rewards=REWARDS, mask=MASK, group_ids=GROUPS, cfg=cfg)
     # batch std of [1,0,1,1]: mean .75, squares .0625+.5625+.0625+.0625 = .75, /3 = .25 -> std .5
     close(adv[:, 0], [1.0, -1.0, 0.0, 0.0])
-    adv, _ = ADVANTAGES["grpo"](rewards=REWARDS, mask=MASK, group_ids=GROUPS, cfg=AdvantageConfig(std_normalize="none"))
+    adv, _ = ADVANTAGES["grpo"](rewards=REWARDS, mask=MASK, group_ids=GROUPS, cfg=GRPOAdvantage(std_normalize="none"))
     close(adv[:, 0], [0.5, -0.5, 0.0, 0.0])
 
 
@@ -84,7 +106,7 @@ def test_grpo_non_contiguous_group_ids_and_singleton():
         rewards=torch.tensor([1.0, 2.0, 0.0, 4.0, 9.0]),
         mask=torch.ones(5, 1),
         group_ids=torch.tensor([7, 3, 7, 3, 5]),
-        cfg=AdvantageConfig(eps=0.0),
+        cfg=GRPOAdvantage(),
     )
     # group 7: {1, 0} -> +-1/sqrt2; group 3: {2, 4}: mean 3, std sqrt2 -> -+1/sqrt2
     close(adv[:, 0], [S, -S, -S, S, 0.0])
@@ -96,7 +118,7 @@ def test_grpo_advantages_sum_to_zero_per_group():
     groups = torch.arange(6).repeat_interleave(4)[torch.randperm(24, generator=g)]
     mask = torch.ones(24, 1)
     for std_normalize in ("group", "batch", "none"):
-        adv, _ = ADVANTAGES["grpo"](rewards=rewards, mask=mask, group_ids=groups, cfg=AdvantageConfig(std_normalize=std_normalize))
+        adv, _ = ADVANTAGES["grpo"](rewards=rewards, mask=mask, group_ids=groups, cfg=GRPOAdvantage(std_normalize=std_normalize))
         for gid in range(6):
             assert abs(adv[groups == gid, 0].sum().item()) < 1e-5
 
@@ -129,7 +151,7 @@ def test_gae_two_steps_by_hand_with_ragged_row():
     #   t=0: delta = 0 + 0.5*2 - 1 = 0            A0 = 0 + 0.5*0.5*2 = 0.5
     #   returns = A + V = [1.5, 4]  (= lambda-return: 0.5*(0 + 0.5*2) + 0.5*(0 + 0.5*4) = 1.5)
     # Row 1 (length 1, then padding holding junk 99s): value 1, reward 3 -> A0 = 3 - 1 = 2, returns [3, 0].
-    cfg = AdvantageConfig(gamma=0.5, lam=0.5, whiten=False)
+    cfg = GAEAdvantage(gamma=0.5, lam=0.5, whiten=False)
     adv, ret = ADVANTAGES["gae"](
         rewards=torch.tensor([4.0, 3.0]),
         mask=torch.tensor([[1, 1], [1, 0]]),
@@ -144,11 +166,11 @@ def test_gae_two_steps_by_hand_with_ragged_row():
 def test_gae_token_rewards_and_whitening():
     # One row, 2 tokens, gamma = lam = 1, values 0: token rewards [-1, 0] + reward 3 at the end.
     # A1 = 3, A0 = -1 + 3 = 2; returns = [2, 3]. Whitened: mean 2.5, unbiased std 1/sqrt2 -> [-1/sqrt2, 1/sqrt2].
-    kw = dict(rewards=torch.tensor([3.0]), mask=torch.ones(1, 2), values=torch.zeros(1, 2), token_rewards=torch.tensor([[-1.0, 0.0]]))
-    adv, ret = ADVANTAGES["gae"](**kw, cfg=AdvantageConfig(whiten=False))
+    kw = {"rewards": torch.tensor([3.0]), "mask": torch.ones(1, 2), "values": torch.zeros(1, 2), "token_rewards": torch.tensor([[-1.0, 0.0]])}
+    adv, ret = ADVANTAGES["gae"](**kw, cfg=GAEAdvantage(lam=1.0, whiten=False))
     close(adv, [[2.0, 3.0]])
     close(ret, [[2.0, 3.0]])
-    adv, ret = ADVANTAGES["gae"](**kw, cfg=AdvantageConfig(whiten=True, eps=0.0))
+    adv, ret = ADVANTAGES["gae"](**kw, cfg=GAEAdvantage(lam=1.0, whiten=True))
     close(adv, [[-S, S]])
     close(ret, [[2.0, 3.0]])  # returns are never whitened
 
@@ -166,7 +188,7 @@ def test_reinforce_pp_discounted_returns_whitened_over_batch():
         rewards=torch.tensor([1.0, 2.0]),
         mask=torch.tensor([[1, 1, 1], [1, 1, 0]]),
         token_rewards=torch.tensor([[0.0, -0.5, 0.0], [0.0, 0.0, 7.0]]),
-        cfg=AdvantageConfig(gamma=0.5, eps=0.0),
+        cfg=ReinforcePPAdvantage(gamma=0.5),
     )
     close(ret, [[0.0, 0.0, 1.0], [1.0, 2.0, 0.0]])
     sd = math.sqrt(0.7)
@@ -176,8 +198,8 @@ def test_reinforce_pp_discounted_returns_whitened_over_batch():
 def test_all_masked_row_gets_zero_advantage_everywhere():
     mask = torch.tensor([[1, 1], [0, 0]])
     for name in ADVANTAGES:
-        adv, ret = compute_advantages(
-            name, rewards=torch.tensor([1.0, 0.0]), mask=mask, group_ids=torch.tensor([0, 0]), values=torch.ones(2, 2)
+        adv, ret = compute_advantages(  # the schema of a bare name, as the config loader builds it
+            ADVANTAGE_SCHEMAS[name](), rewards=torch.tensor([1.0, 0.0]), mask=mask, group_ids=torch.tensor([0, 0]), values=torch.ones(2, 2)
         )
         assert torch.isfinite(adv).all() and torch.isfinite(ret).all(), name
         assert (adv[1] == 0).all() and (ret[1] == 0).all(), name
@@ -192,12 +214,104 @@ def test_unknown_names_list_known_ones():
         POLICY_LOSSES["ppo"]
     with pytest.raises(ValueError, match=r"known: seq_mean_token_mean, seq_mean_token_sum, seq_mean_token_sum_norm, token_mean"):
         aggregate(torch.ones(1, 1), torch.ones(1, 1), "mean")
-    with pytest.raises(ValueError, match=r"unknown KL controller 'pid'; known: adaptive, fixed"):
-        make_kl_controller("pid", 0.1)
-    with pytest.raises(ValueError, match="std_normalize"):
-        AdvantageConfig(std_normalize="global")
-    with pytest.raises(ValueError, match="known"):
-        PolicyLossConfig(aggregation="sum")
+    with pytest.raises(ValidationError, match=r"'fixed' or 'adaptive'"):
+        KLConfig(coef=0.1, controller="pid")
+    with pytest.raises(ValueError, match=r"unknown advantage estimator 'ppo'; known: dr_grpo, gae, grpo, reinforce_pp, rloo"):
+        ADVANTAGE_SCHEMAS["ppo"]
+    with pytest.raises(ValueError, match=r"unknown policy loss 'ppo'; known: ppo_clip, reinforce"):
+        POLICY_LOSS_SCHEMAS["ppo"]
+    with pytest.raises(ValueError, match=r"unknown loss aggregation 'sum'"):
+        loss_count("sum", torch.ones(1, 1))
+    with pytest.raises(ValidationError, match="std_normalize"):
+        GRPOAdvantage(std_normalize="global")
+
+
+# ------------------------------------------------------------------------------------------- schemas
+
+
+def test_each_advantage_variant_has_exactly_the_knobs_its_estimator_reads():
+    keys = {name: tuple(ADVANTAGE_SCHEMAS[name].model_fields) for name in ADVANTAGE_SCHEMAS}
+    assert keys == {
+        "grpo": ("name", "std_normalize"),
+        "dr_grpo": ("name",),
+        "rloo": ("name",),
+        "reinforce_pp": ("name", "gamma"),
+        "gae": ("name", "gamma", "lam", "whiten", "value_model", "value_learning_rate", "value_clip"),
+    }
+    assert list(ADVANTAGE_SCHEMAS) == list(ADVANTAGES)  # a schema for every estimator, under its name
+    for name in ADVANTAGE_SCHEMAS:
+        assert ADVANTAGE_SCHEMAS[name]().name == name
+        assert all(f.description for f in ADVANTAGE_SCHEMAS[name].model_fields.values()), name
+    assert {n for n in ADVANTAGE_SCHEMAS if ADVANTAGE_SCHEMAS[n].needs_values} == {"gae"} == set(NEEDS_VALUES)
+    assert {n for n in ADVANTAGE_SCHEMAS if ADVANTAGE_SCHEMAS[n].compares_group} == {"grpo", "dr_grpo", "rloo"}
+    g = GAEAdvantage()
+    assert (g.gamma, g.lam, g.whiten, g.value_model, g.value_learning_rate, g.value_clip) == (1.0, 0.95, True, "policy", None, 0.2)
+    assert ReinforcePPAdvantage().gamma == 1.0 and GRPOAdvantage().std_normalize == "group"
+
+
+def test_advantage_union_picks_the_variant_by_name_and_refuses_other_knobs():
+    ta = TypeAdapter(Advantage)
+    assert ta.validate_python({"name": "gae", "lam": 0.9}) == GAEAdvantage(lam=0.9)
+    assert isinstance(ta.validate_python({"name": "rloo"}), RLOOAdvantage)
+    with pytest.raises(ValidationError, match="std_normalize"):  # dr_grpo never divides by a std
+        ta.validate_python({"name": "dr_grpo", "std_normalize": "batch"})
+    with pytest.raises(ValidationError, match="lam"):  # reinforce_pp has no lambda
+        ReinforcePPAdvantage(lam=0.9)
+    with pytest.raises(ValidationError, match="eps"):  # not a user knob
+        GRPOAdvantage(eps=0.1)
+    for bad in ({"gamma": 1.5}, {"lam": -0.1}, {"value_clip": 0.0}, {"value_learning_rate": 0.0}):
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            GAEAdvantage(**bad)
+    with pytest.raises(ValidationError):
+        GAEAdvantage(gamma=float("nan"))
+    with pytest.raises(ValidationError, match="name"):
+        ta.validate_python({"name": "ppo"})
+    with pytest.raises(ValidationError, match="frozen"):
+        GAEAdvantage().lam = 0.5
+
+
+def test_compute_advantages_takes_the_schema_as_name_or_as_cfg():
+    kw = {"rewards": REWARDS, "mask": MASK, "group_ids": GROUPS}
+    by_schema, _ = compute_advantages(GRPOAdvantage(std_normalize="none"), **kw)
+    by_cfg, _ = compute_advantages("grpo", cfg=GRPOAdvantage(std_normalize="none"), **kw)
+    close(by_schema, by_cfg)
+    close(by_schema[:, 0], [0.5, -0.5, 0.0, 0.0])
+    with pytest.raises(ValueError, match="advantage estimator 'grpo' got the config of 'gae'"):
+        compute_advantages("grpo", cfg=GAEAdvantage(), **kw)
+    assert DrGRPOAdvantage.compares_group and not DrGRPOAdvantage.needs_values
+
+
+def test_policy_loss_schemas():
+    assert {n: tuple(POLICY_LOSS_SCHEMAS[n].model_fields) for n in POLICY_LOSS_SCHEMAS} == {
+        "ppo_clip": ("name", "epsilon", "epsilon_high", "dual_clip"),
+        "reinforce": ("name",),
+    }
+    assert list(POLICY_LOSS_SCHEMAS) == list(POLICY_LOSSES)
+    assert ReinforceLoss.single_update_only and not PPOClipLoss.single_update_only
+    ta = TypeAdapter(PolicyLoss)
+    assert ta.validate_python({"name": "ppo_clip", "epsilon_high": 0.28}) == PPOClipLoss(epsilon_high=0.28)
+    with pytest.raises(ValidationError, match="epsilon"):  # reinforce has no clip
+        ta.validate_python({"name": "reinforce", "epsilon": 0.2})
+    with pytest.raises(ValidationError, match=r"epsilon_high: must be >= epsilon \(clip-higher\)"):
+        PPOClipLoss(epsilon=0.3, epsilon_high=0.2)
+    for bad in ({"epsilon": 0.0}, {"epsilon": 1.0}, {"epsilon_high": 0.0}, {"dual_clip": 1.0}):
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            PPOClipLoss(**bad)
+    assert PPOClipLoss(epsilon_high=float("inf")).upper == math.inf  # .inf: no upper clip
+    with pytest.raises(ValidationError):
+        PPOClipLoss(epsilon=float("nan"))
+    c = PPOClipLoss(epsilon=0.2, epsilon_high=0.28)
+    close([c.lower, c.upper], [0.8, 1.28])
+    # no upper clip: A=+1, r=100 is not clipped
+    loss, met = POLICY_LOSSES["ppo_clip"](_logp([100.0]), torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1),
+                                          cfg=PPOClipLoss(epsilon_high=float("inf")))
+    close(loss, -100.0, tol=1e-3)
+    close(met["clip_frac"], 0.0)
+    args = (_logp([1.5]), torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1))
+    with pytest.raises(ValueError, match="policy loss 'reinforce' got the config of 'ppo_clip'"):
+        POLICY_LOSSES["reinforce"](*args, cfg=PPOClipLoss())
+    loss, _ = compute_policy_loss(PPOClipLoss(epsilon=0.1), *args)  # the schema names the loss
+    close(loss, -1.1)
 
 
 # ------------------------------------------------------------------------------------------------ KL
@@ -230,13 +344,35 @@ def test_adaptive_kl_moves_toward_target():
     up.update(12.0, n_steps=256)
     close(up.value, 0.1 * 1.00512, tol=1e-9)
     # e = clip(3/6 - 1) = -0.2 -> mult = 0.99488
-    down = make_kl_controller("adaptive", 0.1, target=6.0, horizon=10000)
+    down = make_kl_controller(KLConfig(coef=0.1, controller="adaptive", target=6.0, horizon=10000))
     down.update(3.0, n_steps=256)
     close(down.value, 0.1 * 0.99488, tol=1e-9)
-    fixed = make_kl_controller("fixed", 0.05)
+    fixed = make_kl_controller(KLConfig(coef=0.05))
     assert isinstance(fixed, FixedKL) and fixed.update(100.0, 256) == 0.05
-    with pytest.raises(ValueError, match="target"):
-        make_kl_controller("adaptive", 0.1)
+    with pytest.raises(ValidationError, match="target: the adaptive KL controller needs a target"):
+        KLConfig(coef=0.1, controller="adaptive")
+
+
+def test_kl_config():
+    kl = KLConfig(coef=0.05)
+    assert (kl.estimator, kl.where, kl.controller, kl.target, kl.horizon) == ("k3", "loss", "fixed", None, 10000)
+    assert all(f.description for f in KLConfig.model_fields.values())
+    # a full dump (every key at its default) loads; a value the fixed controller would ignore is refused
+    assert KLConfig(**kl.model_dump()) == kl
+    with pytest.raises(ValidationError, match=r"horizon: only used by the adaptive KL controller \(controller: adaptive\)"):
+        KLConfig(coef=0.05, horizon=500)
+    with pytest.raises(ValidationError, match=r"target: only used by the adaptive KL controller"):
+        KLConfig(coef=0.05, target=6.0)
+    for bad in ({"coef": 0.0}, {"coef": 0.1, "estimator": "k4"}, {"coef": 0.1, "where": "advantage"},
+                {"coef": 0.1, "controller": "adaptive", "target": 0.0}, {"coef": 0.1, "horizon": 0}):
+        with pytest.raises(ValidationError):
+            KLConfig(**bad)
+    with pytest.raises(ValidationError, match="coef"):
+        KLConfig()
+    ad = make_kl_controller(KLConfig(coef=0.1, controller="adaptive", target=6.0, horizon=500))
+    assert isinstance(ad, AdaptiveKL) and (ad.value, ad.target, ad.horizon) == (0.1, 6.0, 500.0)
+    logp, ref = torch.tensor([[0.0, -1.0]]), torch.tensor([[-1.0, 0.0]])
+    close(compute_kl(KLConfig(coef=0.1, estimator="k2"), logp, ref), [[0.5, 0.5]])
 
 
 # ----------------------------------------------------------------------------------------- aggregate
@@ -260,6 +396,116 @@ def test_aggregation_modes_on_ragged_mask():
     close(aggregate(L3, m3, "seq_mean_token_sum_norm", constant=4), 10 / 12)
     for mode in AGGREGATIONS:
         close(aggregate(L, torch.zeros_like(m), mode, constant=4), 0.0)
+
+
+# -------------------------------------------------------------------------------- global normaliser
+
+# Six ragged rows (one all-masked, junk under the padding), split unevenly into micro-batches and "processes".
+G = torch.Generator().manual_seed(3)
+GL = torch.randn(6, 5, generator=G)
+GM = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+GL[GM == 0] = 1e4
+SPLITS = [(0, 1), (1, 3), (3, 6)]  # micro-batches of 1, 2 and 3 rows
+PROCESSES = [[(0, 1), (1, 3)], [(3, 4), (4, 6)]]  # two processes, two micro-batches each
+MODES = [(m, 4.0 if AGGREGATIONS[m].needs_constant else None) for m in AGGREGATIONS]
+
+
+def test_loss_count_by_hand():
+    m = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+    assert {mode: float(loss_count(mode, m)) for mode in AGGREGATIONS} == {
+        "token_mean": 4.0,  # valid tokens
+        "seq_mean_token_mean": 2.0,  # sequences with a valid token
+        "seq_mean_token_sum": 2.0,
+        "seq_mean_token_sum_norm": 3.0,  # all sequences (the constant divides the numerator too)
+    }
+    assert loss_count("token_mean", m, dtype=torch.float64).dtype == torch.float64
+    L = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
+    close(aggregate(L, m, "token_mean", global_count=8), 10 / 8)
+    close(aggregate(L, m, "seq_mean_token_mean", global_count=torch.tensor(4)), (2 + 4) / 4)
+    close(aggregate(L, m, "seq_mean_token_sum", global_count=5.0), (6 + 4) / 5)
+    close(aggregate(L, m, "seq_mean_token_sum_norm", constant=4, global_count=10), 10 / (10 * 4))
+    close(aggregate(L, torch.zeros_like(m), "token_mean", global_count=0), 0.0)  # nothing valid anywhere: 0
+
+
+@pytest.mark.parametrize("mode,constant", MODES)
+def test_micro_batches_with_the_global_count_add_up_to_the_whole_batch(mode, constant):
+    whole = aggregate(GL, GM, mode, constant)
+    n = loss_count(mode, GM)
+    parts = sum(aggregate(GL[a:b], GM[a:b], mode, constant, global_count=n) for a, b in SPLITS)
+    close(parts, whole, tol=1e-6)
+    # the processes' counts summed (the loop's all-reduce) normalise each process's micro-batches
+    n = sum(loss_count(mode, GM[p[0][0] : p[-1][1]]) for p in PROCESSES)
+    parts = sum(aggregate(GL[a:b], GM[a:b], mode, constant, global_count=n) for p in PROCESSES for a, b in p)
+    close(parts, whole, tol=1e-6)
+    # each micro-batch's own count does not add up (the test can tell)
+    local = sum(aggregate(GL[a:b], GM[a:b], mode, constant) for a, b in SPLITS)
+    assert abs(float(local - whole)) > 1e-3
+
+
+def _old_aggregate(L, m, mode, constant):
+    """The aggregations as they were before the global normaliser, verbatim."""
+    nonempty = (m != 0).any(dim=-1)
+    return {
+        "token_mean": lambda: masked_mean(L, m),
+        "seq_mean_token_mean": lambda: masked_mean(masked_mean(L, m, dim=-1), nonempty),
+        "seq_mean_token_sum": lambda: masked_mean(masked_sum(L, m, dim=-1), nonempty),
+        "seq_mean_token_sum_norm": lambda: masked_sum(L, m) / (L.shape[0] * constant),
+    }[mode]()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_local_count_is_bit_identical_to_before(dtype):
+    g = torch.Generator().manual_seed(4)
+    L = (torch.randn(7, 33, generator=g) * 3).to(dtype)
+    m = (torch.rand(7, 33, generator=g) > 0.3).long()
+    m[2] = 0
+    for mode in AGGREGATIONS:
+        for constant in (16.0, 64.0, 3.0):
+            assert torch.equal(aggregate(L, m, mode, constant), _old_aggregate(L, m, mode, constant)), (mode, constant)
+
+
+def _loss_and_grad(fn, micro: bool, mode, constant):
+    """fn(rows, global_count) -> loss on those rows; the whole batch, or its micro-batches with the global count."""
+    x = GX.clone().requires_grad_(True)
+    if micro:
+        n = loss_count(mode, GM)
+        loss = sum(fn(x, a, b, mode, constant, n) for a, b in SPLITS)
+    else:
+        loss = fn(x, 0, 6, mode, constant, None)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+GX = torch.randn(6, 5, generator=G) * 0.3  # log-probs / values
+GOLD = GX + torch.randn(6, 5, generator=G) * 0.2  # old log-probs / old values: ratios around 1, some clipped
+GA = torch.randn(6, 5, generator=G)  # advantages / returns
+GW = torch.rand(6, 5, generator=G) + 0.5  # importance weights
+
+
+def _ppo(x, a, b, mode, constant, n):
+    cfg = PPOClipLoss(epsilon=0.1, epsilon_high=0.15, dual_clip=2.0)
+    return POLICY_LOSSES["ppo_clip"](x[a:b], GOLD[a:b], GA[a:b], GM[a:b], cfg=cfg, is_weights=GW[a:b],
+                                     aggregation=mode, constant=constant, global_count=n)[0]
+
+
+def _reinforce(x, a, b, mode, constant, n):
+    return compute_policy_loss(ReinforceLoss(), x[a:b], GOLD[a:b], GA[a:b], GM[a:b], aggregation=mode,
+                               constant=constant, global_count=n)[0]
+
+
+def _value(x, a, b, mode, constant, n):
+    return value_loss(x[a:b], GOLD[a:b], GA[a:b], GM[a:b], clip=0.1, aggregation=mode, constant=constant,
+                      global_count=n)[0]
+
+
+@pytest.mark.parametrize("fn", [_ppo, _reinforce, _value], ids=["ppo_clip", "reinforce", "value_loss"])
+@pytest.mark.parametrize("mode,constant", MODES)
+def test_losses_with_the_global_count_add_up_to_the_whole_batch(fn, mode, constant):
+    whole, g_whole = _loss_and_grad(fn, False, mode, constant)
+    parts, g_parts = _loss_and_grad(fn, True, mode, constant)
+    close(parts, whole, tol=1e-6)
+    close(g_parts, g_whole, tol=1e-6)
+    assert float(g_whole.abs().max()) > 1e-3  # a real gradient
 
 
 # -------------------------------------------------------------------------------------- policy loss
@@ -291,7 +537,7 @@ def test_ppo_clip_values_and_clip_fraction():
 
 
 def test_ppo_clip_higher_is_asymmetric():
-    cfg = PolicyLossConfig(clip_low=0.2, clip_high=0.28)
+    cfg = PPOClipLoss(epsilon=0.2, epsilon_high=0.28)
     mask = torch.ones(1, 2)
     # A=+1, r=1.25: inside 1.28 -> not clipped (a symmetric 0.2 would clip at 1.2)
     loss, met = POLICY_LOSSES["ppo_clip"](_logp([1.25, 1.25]), torch.zeros(1, 2), torch.tensor([[1.0, 1.0]]), mask, cfg=cfg)
@@ -308,7 +554,7 @@ def test_ppo_clip_higher_is_asymmetric():
 def test_dual_clip_caps_negative_advantage_with_big_ratio():
     # A = -1 everywhere. r = 5 > c = 3: loss min(max(5, 1.2), 3) = 3, no gradient.
     # r = 2 < c: loss 2 (the ordinary PPO branch). Mean = 2.5.
-    cfg = PolicyLossConfig(dual_clip=3.0)
+    cfg = PPOClipLoss(dual_clip=3.0)
     logp = _logp([5.0, 2.0])
     loss, met = POLICY_LOSSES["ppo_clip"](logp, torch.zeros(1, 2), torch.tensor([[-1.0, -1.0]]), torch.ones(1, 2), cfg=cfg)
     close(loss, 2.5)
@@ -322,8 +568,8 @@ def test_dual_clip_caps_negative_advantage_with_big_ratio():
     loss, met = POLICY_LOSSES["ppo_clip"](_logp([5.0]), torch.zeros(1, 1), torch.tensor([[1.0]]), torch.ones(1, 1), cfg=cfg)
     close(loss, -1.2)
     close(met["dual_clip_frac"], 0.0)
-    with pytest.raises(ValueError, match="dual_clip"):
-        PolicyLossConfig(dual_clip=0.5)
+    with pytest.raises(ValidationError, match="dual_clip"):
+        PPOClipLoss(dual_clip=0.5)
 
 
 def test_is_weights_and_reinforce():
@@ -348,14 +594,14 @@ def test_approx_kl_metric_is_k3():
     close(met["approx_kl"], 1 - math.log(2))
 
 
-def test_seq_mean_token_sum_norm_through_config():
-    cfg = PolicyLossConfig(aggregation="seq_mean_token_sum_norm", aggregation_constant=4)
+def test_seq_mean_token_sum_norm_through_the_loss():
     logp = torch.zeros(2, 3, requires_grad=True)  # ratio 1 -> per-token loss -A
     adv = torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]])
-    loss, _ = POLICY_LOSSES["ppo_clip"](logp, torch.zeros(2, 3), adv, torch.tensor([[1, 1, 1], [1, 0, 0]]), cfg=cfg)
+    args = (logp, torch.zeros(2, 3), adv, torch.tensor([[1, 1, 1], [1, 0, 0]]))
+    loss, _ = POLICY_LOSSES["ppo_clip"](*args, cfg=PPOClipLoss(), aggregation="seq_mean_token_sum_norm", constant=4)
     close(loss, -(3 + 2) / (2 * 4))
-    with pytest.raises(ValueError, match="aggregation_constant"):
-        PolicyLossConfig(aggregation="seq_mean_token_sum_norm")
+    with pytest.raises(ValueError, match="constant"):
+        POLICY_LOSSES["ppo_clip"](*args, cfg=PPOClipLoss(), aggregation="seq_mean_token_sum_norm")
 
 
 # ------------------------------------------------------------------------------------ value, entropy
@@ -389,3 +635,45 @@ def test_entropy_from_logits():
     close(entropy_from_logits(torch.zeros(2, 4)), [math.log(4)] * 2)
     close(entropy_from_logits(torch.tensor([0.0, 0.0, float("-inf")])), math.log(2))
     close(entropy_from_logits(torch.tensor([1000.0, 0.0])), 0.0)  # stable for large logits
+
+
+# ----------------------------------------------------------------------------------- older spellings
+
+
+def test_old_spellings_give_the_same_numbers():
+    """AdvantageConfig, PolicyLossConfig and make_kl_controller(kind, coef, ...): the loop's spellings until it
+    passes the schemas; this test goes with them."""
+    kw = {"rewards": REWARDS, "mask": MASK, "group_ids": GROUPS, "values": torch.rand(4, 3), "token_rewards": torch.rand(4, 3)}
+    pairs = [("grpo", AdvantageConfig(std_normalize="batch"), GRPOAdvantage(std_normalize="batch")),
+             ("dr_grpo", AdvantageConfig(), DrGRPOAdvantage()), ("rloo", AdvantageConfig(), RLOOAdvantage()),
+             ("reinforce_pp", AdvantageConfig(gamma=0.5), ReinforcePPAdvantage(gamma=0.5)),
+             ("gae", AdvantageConfig(gamma=0.9, lam=0.5, whiten=True), GAEAdvantage(gamma=0.9, lam=0.5))]
+    for name, old, new in pairs:
+        for a, b in zip(compute_advantages(name, cfg=old, **kw), compute_advantages(new, **kw)):
+            assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="std_normalize"):
+        AdvantageConfig(std_normalize="global")
+    args = (GX, GOLD, GA, GM)
+    old = PolicyLossConfig(clip_low=0.1, clip_high=0.15, dual_clip=2.0, aggregation="seq_mean_token_sum_norm",
+                           aggregation_constant=4)
+    new = PPOClipLoss(epsilon=0.1, epsilon_high=0.15, dual_clip=2.0)
+    lo, mo = compute_policy_loss("ppo_clip", *args, cfg=old, is_weights=GW)
+    ln, mn = compute_policy_loss(new, *args, is_weights=GW, aggregation="seq_mean_token_sum_norm", constant=4)
+    assert torch.equal(lo, ln) and mo.keys() == mn.keys() and all(torch.equal(mo[k], mn[k]) for k in mo)
+    lo, _ = compute_policy_loss("reinforce", *args, cfg=PolicyLossConfig(aggregation="seq_mean_token_mean"))
+    ln, _ = compute_policy_loss(ReinforceLoss(), *args, aggregation="seq_mean_token_mean")
+    assert torch.equal(lo, ln)
+    with pytest.raises(ValueError, match="known"):
+        PolicyLossConfig(aggregation="sum")
+    with pytest.raises(ValueError, match="aggregation_constant"):
+        PolicyLossConfig(aggregation="seq_mean_token_sum_norm")
+    with pytest.raises(ValueError, match="dual_clip"):
+        PolicyLossConfig(dual_clip=0.5)
+    down = make_kl_controller("adaptive", 0.1, target=6.0, horizon=10000)
+    down.update(3.0, n_steps=256)
+    close(down.value, 0.1 * 0.99488, tol=1e-9)
+    assert isinstance(make_kl_controller("fixed", 0.0), FixedKL)  # beta 0: no KL, the old spelling's way
+    with pytest.raises(ValueError, match="target"):
+        make_kl_controller("adaptive", 0.1)
+    with pytest.raises(ValueError, match=r"unknown KL controller 'pid'; known: adaptive, fixed"):
+        make_kl_controller("pid", 0.1)

@@ -343,3 +343,31 @@ def test_defaults_apply_to_the_stages_that_read_them():
         Pipeline("x", [Stage("g", "grpo", grpo)], defaults={"train": {"lerning_rate": 1e-5}})
     with pytest.raises(ConfigError, match="stage 'g': unknown kind 'grpoo'"):
         Pipeline("x", [Stage("g", "grpoo", grpo)])
+
+
+def test_one_command_table_for_the_cli_the_api_and_pipeline_stages():
+    """Every config kind has one command in rlkit.commands; the CLI, rlkit.api and pipeline stages run it."""
+    import subprocess
+    import sys
+    from typing import get_args
+
+    import rlkit.api
+    from rlkit.cli import app
+    from rlkit.commands import COMMANDS, for_kind
+    from rlkit.config import RunConfig
+    from rlkit.errors import RlkitError
+
+    kinds = get_args(RunConfig.model_fields["kind"].annotation)
+    assert sorted(c.kind for c in COMMANDS.values()) == sorted(kinds)
+    assert all(for_kind(c.kind) is c for c in COMMANDS.values())
+    with pytest.raises(RlkitError, match="no command runs a config of kind 'grpoo'"):
+        for_kind("grpoo")
+    registered = {c.name for c in app.registered_commands}
+    for c in COMMANDS.values():
+        assert c.name in registered and callable(getattr(rlkit.api, c.name)) and callable(c.load_runner())
+    # the runners stay lazy: the CLI answers --help without importing torch
+    code = ("import sys; from typer.testing import CliRunner; from rlkit.cli import app; "
+            "r = CliRunner().invoke(app, ['grpo', '--help']); assert r.exit_code == 0, r.output; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]

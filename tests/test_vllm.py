@@ -17,10 +17,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlkit.config import RolloutConfig
 from rlkit.embedded import model_dir
 from rlkit.embedded.tasks import task_split
-from rlkit.rollout import SamplingParams, make_engine
+from rlkit.rollout import SamplingParams, make_engine, rollout_config
 from rlkit.templates import render_prompt
 from rlkit.trainers.batch import build_batch, completion_logprobs
 
@@ -54,7 +53,7 @@ def world():
     model = AutoModelForCausalLM.from_pretrained(model_dir()).eval()
     rows = task_split("arithmetic", "test")[:24]
     ids = tok([render_prompt(r["prompt"], "r1_zero") for r in rows], add_special_tokens=False)["input_ids"]
-    engine = make_engine(RolloutConfig(engine="vllm"), tok, model_path="embedded", max_batch=64, max_len=256)
+    engine = make_engine(rollout_config(engine="vllm"), tok, model_path="embedded", max_batch=64, max_len=256)
     yield model, tok, ids, engine
     engine.close()
 
@@ -67,7 +66,7 @@ def test_greedy_equals_hf_then_follows_an_optimizer_step(world):
     """vLLM's greedy tokens are the hf engine's; after one optimizer step and a sync they are the updated
     policy's (transformers generate on the trained weights), and they changed."""
     model, tok, ids, engine = world
-    hf = make_engine(RolloutConfig(), tok, model=model, max_batch=64)
+    hf = make_engine(rollout_config(), tok, model=model, max_batch=64)
     before = _greedy(engine, ids)
     assert before == _greedy(hf, ids)
 
@@ -97,7 +96,7 @@ def test_greedy_equals_hf_then_follows_an_optimizer_step(world):
                 p.normal_(0, 0.5)
     lora.eval()
     engine.sync_weights(lora)
-    merged = make_engine(RolloutConfig(), tok, model=lora.merge_and_unload(), max_batch=64)
+    merged = make_engine(rollout_config(), tok, model=lora.merge_and_unload(), max_batch=64)
     assert _greedy(engine, ids) == _greedy(merged, ids) != before
 
 

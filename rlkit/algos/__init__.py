@@ -1,42 +1,59 @@
 """The RL maths of rlkit as pure functions of tensors: no model, no I/O, no distributed imports.
 
-Registries (``REG[name]`` returns the function; an unknown name raises ``ValueError`` listing the
-known ones; ``list(REG)`` gives the sorted names, e.g. for config validation):
+Registries (``REG[name]`` returns the entry; an unknown name raises ``ValueError`` listing the known ones;
+``list(REG)`` gives the sorted names, e.g. for config validation):
 
-- ``ADVANTAGES``      advantage estimators: gae, grpo, dr_grpo, rloo, reinforce_pp (``NEEDS_VALUES``: those
-                      that read a critic's values)
-                      ``fn(*, rewards, mask, group_ids=None, values=None, token_rewards=None, cfg) -> (adv, returns)``
-- ``KL_ESTIMATORS``   per-token KL estimators: k1, k2, k3
-                      ``fn(logp, ref_logp, *, clamp=None) -> kl``
-- ``KL_CONTROLLERS``  KL coefficient controllers: fixed, adaptive (built by ``make_kl_controller``)
-- ``POLICY_LOSSES``   policy losses: ppo_clip, reinforce
-                      ``fn(logp, old_logp, advantages, mask, *, cfg, is_weights=None) -> (loss, metrics)``
-- ``AGGREGATIONS``    per-token loss -> scalar: token_mean, seq_mean_token_mean, seq_mean_token_sum,
-                      seq_mean_token_sum_norm; ``fn(loss_mat, mask, *, constant=None) -> loss``
+- ``ADVANTAGES``          advantage estimators: gae, grpo, dr_grpo, rloo, reinforce_pp
+                          ``fn(*, rewards, mask, group_ids=None, values=None, token_rewards=None, cfg) -> (adv, returns)``
+- ``ADVANTAGE_SCHEMAS``   their configs: ``GRPOAdvantage``, ``DrGRPOAdvantage``, ``RLOOAdvantage``,
+                          ``ReinforcePPAdvantage``, ``GAEAdvantage`` (union ``Advantage``, tagged by ``name``); class
+                          flags ``needs_values`` (gae: a critic; ``NEEDS_VALUES`` lists them), ``compares_group``
+- ``POLICY_LOSSES``       policy losses: ppo_clip, reinforce
+                          ``fn(logp, old_logp, advantages, mask, *, cfg, is_weights=None, aggregation=None,
+                          constant=None, global_count=None) -> (loss, metrics)``
+- ``POLICY_LOSS_SCHEMAS`` their configs: ``PPOClipLoss``, ``ReinforceLoss`` (union ``PolicyLoss``); class flag
+                          ``single_update_only`` (reinforce)
+- ``AGGREGATIONS``        per-token loss -> scalar: token_mean, seq_mean_token_mean, seq_mean_token_sum,
+                          seq_mean_token_sum_norm; ``entry(loss_mat, mask, *, constant=None, global_count=None)``,
+                          ``entry.count(mask, dtype)`` what it divides by, ``entry.divides_by`` in words
+- ``KL_ESTIMATORS``       per-token KL estimators: k1, k2, k3; ``fn(logp, ref_logp, *, clamp=None) -> kl``
 
-Also ``value_loss``, ``explained_variance``, ``entropy_from_logits``, ``truncated_is_weights`` and the
-masked reductions ``masked_sum``, ``masked_mean``, ``masked_var``, ``masked_whiten``. Each module's
-docstring says what it computes and where it departs from the papers.
+The global normaliser: ``loss_count(mode, mini_batch_mask)`` (all-reduced over processes by the loop) passed
+as ``global_count`` to ``aggregate``, the policy losses and ``value_loss`` makes micro-batch losses add up to
+the mini-batch's (verl's ``agg_loss``).
+
+Also ``KLConfig`` (the ``kl:`` section) with ``make_kl_controller(kl_cfg)`` -> ``FixedKL`` / ``AdaptiveKL`` and
+``compute_kl``; ``value_loss``, ``explained_variance``, ``entropy_from_logits``, ``truncated_is_weights``,
+``group_stats`` and the masked reductions ``masked_sum``, ``masked_mean``, ``masked_var``, ``masked_whiten``.
+``AdvantageConfig`` and ``PolicyLossConfig`` are the older all-knob spellings, still accepted as ``cfg``.
+Each module's docstring says what it computes and where it departs from the papers.
 """
 
 from rlkit.algos.advantages import (
+    ADVANTAGE_SCHEMAS,
     ADVANTAGES,
+    EPS,
     NEEDS_VALUES,
+    Advantage,
     AdvantageConfig,
+    DrGRPOAdvantage,
+    GAEAdvantage,
+    GRPOAdvantage,
+    ReinforcePPAdvantage,
+    RLOOAdvantage,
     compute_advantages,
     dr_grpo,
     gae,
-    get_advantage,
-    group_stats,
     grpo,
     reinforce_pp,
     rloo,
 )
+from rlkit.algos.aggregation import AGGREGATIONS, Aggregation, aggregate, loss_count
 from rlkit.algos.kl import (
-    KL_CONTROLLERS,
     KL_ESTIMATORS,
     AdaptiveKL,
     FixedKL,
+    KLConfig,
     compute_kl,
     k1,
     k2,
@@ -44,33 +61,59 @@ from rlkit.algos.kl import (
     make_kl_controller,
 )
 from rlkit.algos.policy_loss import (
-    AGGREGATIONS,
+    LOG_RATIO_CLAMP,
+    POLICY_LOSS_SCHEMAS,
     POLICY_LOSSES,
+    PolicyLoss,
     PolicyLossConfig,
-    aggregate,
+    PPOClipLoss,
+    ReinforceLoss,
     compute_policy_loss,
     entropy_from_logits,
-    explained_variance,
     ppo_clip,
     reinforce,
     truncated_is_weights,
-    value_loss,
 )
-from rlkit.algos.utils import Registry, all_finite, last_token_onehot, masked_mean, masked_sum, masked_var, masked_whiten
+from rlkit.algos.returns import group_stats
+from rlkit.algos.utils import (
+    Registry,
+    all_finite,
+    last_token_onehot,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+)
+from rlkit.algos.value import explained_variance, value_loss
 
 __all__ = [
     "ADVANTAGES",
+    "ADVANTAGE_SCHEMAS",
     "AGGREGATIONS",
-    "KL_CONTROLLERS",
+    "EPS",
     "KL_ESTIMATORS",
+    "LOG_RATIO_CLAMP",
     "NEEDS_VALUES",
     "POLICY_LOSSES",
+    "POLICY_LOSS_SCHEMAS",
     "AdaptiveKL",
+    "Advantage",
     "AdvantageConfig",
+    "Aggregation",
+    "DrGRPOAdvantage",
     "FixedKL",
+    "GAEAdvantage",
+    "GRPOAdvantage",
+    "KLConfig",
+    "PPOClipLoss",
+    "PolicyLoss",
     "PolicyLossConfig",
+    "RLOOAdvantage",
     "Registry",
+    "ReinforceLoss",
+    "ReinforcePPAdvantage",
     "aggregate",
+    "all_finite",
     "compute_advantages",
     "compute_kl",
     "compute_policy_loss",
@@ -78,16 +121,15 @@ __all__ = [
     "entropy_from_logits",
     "explained_variance",
     "gae",
-    "get_advantage",
     "group_stats",
     "grpo",
     "k1",
     "k2",
     "k3",
     "last_token_onehot",
+    "loss_count",
     "make_kl_controller",
     "masked_mean",
-    "all_finite",
     "masked_sum",
     "masked_var",
     "masked_whiten",

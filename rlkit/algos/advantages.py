@@ -1,10 +1,16 @@
-"""Advantage estimators: ``ADVANTAGES[name](rewards=..., mask=..., group_ids=..., ...)``.
+"""Advantage estimators (``ADVANTAGES``) and their configs (``ADVANTAGE_SCHEMAS``, the ``Advantage`` union).
 
 Every estimator has the same keyword-only signature, so the RL loop dispatches in one line::
 
-    advantages, returns = ADVANTAGES[cfg.estimator](
-        rewards=rewards, mask=mask, group_ids=group_ids, values=values, token_rewards=token_rewards, cfg=acfg
+    advantages, returns = ADVANTAGES[cfg.name](
+        rewards=rewards, mask=mask, group_ids=group_ids, values=values, token_rewards=token_rewards, cfg=cfg
     )
+
+``cfg`` is the estimator's schema (``GRPOAdvantage``, ..., ``GAEAdvantage``: exactly the knobs it reads, and
+for gae its critic's), picked from a config by its ``name``; the older ``AdvantageConfig`` (every knob of
+every estimator) is still accepted. Class flags: ``needs_values`` (gae: a critic is built exactly then) and
+``compares_group`` (grpo, dr_grpo, rloo: the baseline is the other samples of the prompt, so they need at
+least 2 samples per prompt). ``eps`` (added to a std) is ``EPS`` = 1e-6, not a knob.
 
 Shapes: ``rewards`` Tensor[B] (scalar sequence-level reward per sample), ``mask`` Tensor[B, T] (1 on
 generated tokens, 0 on padding), ``group_ids`` Tensor[B] long (samples of the same prompt share an id;
@@ -14,7 +20,7 @@ penalty goes into the reward, InstructGPT-style. Both outputs are Tensor[B, T] w
 An argument an estimator does not use (``values`` for grpo, ``group_ids`` for gae) is ignored, so the
 loop may always pass everything it has.
 
-Estimators (``AdvantageConfig`` holds their knobs):
+Estimators:
 
 - ``grpo`` (Shao et al. 2024, DeepSeekMath): ``A_i = (r_i - mean_g) / (std_g + eps)``, broadcast to every
   valid token. ``std_normalize`` picks the std: ``group`` (the paper), ``batch`` (std of all rewards in
@@ -27,8 +33,8 @@ Estimators (``AdvantageConfig`` holds their knobs):
   supervision" variant is not implemented.
 - ``dr_grpo`` (Liu et al. 2025, "Understanding R1-Zero-Like Training"): ``A_i = r_i - mean_g``, no std
   division (which they show biases updates toward too-easy/too-hard questions). The other half of
-  Dr. GRPO, the length-independent loss normaliser, is ``aggregation="seq_mean_token_sum_norm"`` in
-  ``policy_loss``.
+  Dr. GRPO, the length-independent loss normaliser, is the aggregation ``seq_mean_token_sum_norm``
+  (``rlkit.algos.aggregation``).
 - ``rloo`` (Ahmadian et al. 2024, "Back to Basics"): leave-one-out baseline,
   ``A_i = r_i - mean_{j != i} r_j = k/(k-1) * (r_i - mean_g)``; groups of one sample get 0.
 - ``reinforce_pp`` (Hu 2025, REINFORCE++): per-token reward ``token_rewards`` plus the sequence reward at
@@ -55,19 +61,30 @@ All estimators run under ``torch.no_grad()``: advantages and returns are targets
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Annotated, ClassVar, Literal, Protocol
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
-from rlkit.algos.utils import Registry, last_token_onehot, masked_sum, masked_whiten
+from rlkit.algos.returns import (
+    broadcast,
+    check_inputs,
+    discounted_returns,
+    group_stats,
+    sequence_rewards,
+    token_level_rewards,
+)
+from rlkit.algos.utils import Registry, masked_whiten
+from rlkit.sections import Section
 
 StdNormalize = Literal["group", "batch", "none"]
+EPS = 1e-6  # added to a std before dividing (grpo; the whitening of gae and reinforce_pp)
 
 
 @dataclass(frozen=True)
 class AdvantageConfig:
-    """Knobs of the advantage estimators (each says which estimators read it).
+    """Knobs of all the advantage estimators (the older spelling: each estimator's schema replaces it).
 
     Attributes:
         gamma: discount per token (gae, reinforce_pp). 1.0 = undiscounted, the usual choice for LLMs.
@@ -80,7 +97,7 @@ class AdvantageConfig:
     gamma: float = 1.0
     lam: float = 1.0
     std_normalize: StdNormalize = "group"
-    eps: float = 1e-6
+    eps: float = EPS
     whiten: bool = True
 
     def __post_init__(self) -> None:
@@ -103,81 +120,43 @@ class AdvantageFn(Protocol):
         group_ids: Tensor | None = None,
         values: Tensor | None = None,
         token_rewards: Tensor | None = None,
-        cfg: AdvantageConfig = ...,
+        cfg: Section | AdvantageConfig = ...,
     ) -> tuple[Tensor, Tensor]: ...
 
 
 ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator")
+ADVANTAGE_SCHEMAS: Registry[type[Section]] = Registry("advantage estimator")
 _DEFAULT = AdvantageConfig()
-# Estimators that read a critic's ``values``: a run with one of these builds and trains a value model.
-NEEDS_VALUES = frozenset({"gae"})
+
+
+class _AdvantageSection(Section):
+    needs_values: ClassVar[bool] = False  # reads a critic's values: the run builds and trains a value model
+    compares_group: ClassVar[bool] = False  # its baseline is the prompt's other samples: needs >= 2 per prompt
 
 
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _check(rewards: Tensor, mask: Tensor, group_ids: Tensor | None, need_groups: bool, **bt: Tensor | None) -> None:
-    if rewards.dim() != 1:
-        raise ValueError(f"rewards must be Tensor[B], got shape {tuple(rewards.shape)}")
-    if mask.dim() != 2 or mask.shape[0] != rewards.shape[0]:
-        raise ValueError(f"mask must be Tensor[B, T] with B={rewards.shape[0]}, got shape {tuple(mask.shape)}")
-    if need_groups and group_ids is None:
-        raise ValueError("this advantage estimator needs group_ids (Tensor[B], samples of one prompt share an id)")
-    if group_ids is not None and tuple(group_ids.shape) != tuple(rewards.shape):
-        raise ValueError(f"group_ids must be Tensor[B] like rewards, got shape {tuple(group_ids.shape)}")
-    for name, t in bt.items():
-        if t is not None and t.shape != mask.shape:
-            raise ValueError(f"{name} must be Tensor[B, T] like mask {tuple(mask.shape)}, got {tuple(t.shape)}")
-
-
-def _float(x: Tensor) -> Tensor:
-    return x if x.is_floating_point() else x.float()
-
-
-def _broadcast(per_seq: Tensor, mask: Tensor) -> Tensor:
-    """Tensor[B] -> Tensor[B, T]: the value on every valid token, 0 on padding."""
-    return per_seq.unsqueeze(-1) * (mask != 0).to(per_seq.dtype)
-
-
-def _sequence_rewards(rewards: Tensor, mask: Tensor, token_rewards: Tensor | None) -> Tensor:
-    """Tensor[B]: the sequence reward plus the masked sum of per-token rewards (if any)."""
-    r = _float(rewards)
-    if token_rewards is not None:
-        r = r + masked_sum(token_rewards.to(r.dtype), mask, dim=-1)
-    return r
-
-
-def _token_level_rewards(rewards: Tensor, mask: Tensor, token_rewards: Tensor | None) -> Tensor:
-    """Tensor[B, T]: per-token rewards (0 on padding) with the sequence reward added at the last valid token."""
-    r = _float(rewards)
-    out = last_token_onehot(mask).to(r.dtype) * r.unsqueeze(-1)
-    if token_rewards is not None:
-        valid = mask != 0
-        out = out + torch.where(valid, token_rewards.to(r.dtype), torch.zeros((), dtype=r.dtype, device=r.device))
-    return out
-
-
-def group_stats(x: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-sample statistics of the sample's group.
-
-    Args:
-        x: Tensor[B] float values (rewards).
-        group_ids: Tensor[B] long; equal ids form a group (any order, any values).
-    Returns:
-        (mean Tensor[B], unbiased std Tensor[B] (0 for a group of one), count Tensor[B]), each entry
-        giving the statistic of that sample's group.
-    """
-    uniq, inv = torch.unique(group_ids, return_inverse=True)
-    G = uniq.numel()
-    zeros = x.new_zeros(G)
-    n = zeros.index_add(0, inv, torch.ones_like(x))
-    mean = zeros.index_add(0, inv, x) / n
-    ss = zeros.index_add(0, inv, (x - mean[inv]) ** 2)
-    var = torch.where(n > 1, ss / (n - 1).clamp_min(1), torch.zeros_like(ss))
-    return mean[inv], var.sqrt()[inv], n[inv]
+def _eps(cfg: Section | AdvantageConfig, name: str) -> float:
+    """``eps`` of ``cfg`` (``EPS`` for a schema), after checking that a schema is ``name``'s."""
+    if isinstance(cfg, AdvantageConfig):
+        return cfg.eps
+    if getattr(cfg, "name", None) != name:
+        raise ValueError(f"advantage estimator {name!r} got the config of {getattr(cfg, 'name', type(cfg).__name__)!r}")
+    return EPS
 
 
 # ---------------------------------------------------------------------------------------- estimators
+
+
+@ADVANTAGE_SCHEMAS.register("grpo")
+class GRPOAdvantage(_AdvantageSection):
+    """GRPO: the group-centred reward over the group's (or the batch's) std."""
+
+    name: Literal["grpo"] = Field("grpo", description="Advantage estimator: grpo, dr_grpo, rloo, reinforce_pp, gae.")
+    std_normalize: StdNormalize = Field(
+        "group", description="Divide by the reward std of the group, of the batch, or not at all.")
+    compares_group: ClassVar[bool] = True
 
 
 @ADVANTAGES.register("grpo")
@@ -189,7 +168,7 @@ def grpo(
     group_ids: Tensor | None = None,
     values: Tensor | None = None,
     token_rewards: Tensor | None = None,
-    cfg: AdvantageConfig = _DEFAULT,
+    cfg: Section | AdvantageConfig = _DEFAULT,
 ) -> tuple[Tensor, Tensor]:
     """GRPO outcome advantage: group-centred reward over ``std + eps`` (unbiased std), on every valid token.
 
@@ -199,21 +178,31 @@ def grpo(
         group_ids: Tensor[B] long, required.
         values: ignored.
         token_rewards: Tensor[B, T] or None; its masked sum is added to ``rewards`` first.
-        cfg: reads ``std_normalize`` ("group" | "batch" | "none") and ``eps``.
+        cfg: ``GRPOAdvantage`` (reads ``std_normalize``: "group" | "batch" | "none") or ``AdvantageConfig``
+            (also ``eps``).
     Returns:
         (advantages Tensor[B, T], returns Tensor[B, T] = total reward broadcast), zeros on padding.
     """
-    _check(rewards, mask, group_ids, True, token_rewards=token_rewards)
-    r = _sequence_rewards(rewards, mask, token_rewards)
+    eps = _eps(cfg, "grpo")
+    check_inputs(rewards, mask, group_ids, True, token_rewards=token_rewards)
+    r = sequence_rewards(rewards, mask, token_rewards)
     mean, std, _ = group_stats(r, group_ids)
     if cfg.std_normalize == "none":
         adv = r - mean
     else:
         if cfg.std_normalize == "batch":
             std = (r.std(correction=1) if r.numel() > 1 else r.new_zeros(())).expand_as(r)
-        denom = std + cfg.eps
+        denom = std + eps
         adv = torch.where(denom > 0, (r - mean) / denom.clamp_min(1e-30), torch.zeros_like(r))  # 0/0 -> 0 when eps=0
-    return _broadcast(adv, mask), _broadcast(r, mask)
+    return broadcast(adv, mask), broadcast(r, mask)
+
+
+@ADVANTAGE_SCHEMAS.register("dr_grpo")
+class DrGRPOAdvantage(_AdvantageSection):
+    """Dr. GRPO: the group-centred reward, no std division; no knobs."""
+
+    name: Literal["dr_grpo"] = Field("dr_grpo", description="Advantage estimator: grpo, dr_grpo, rloo, reinforce_pp, gae.")
+    compares_group: ClassVar[bool] = True
 
 
 @ADVANTAGES.register("dr_grpo")
@@ -225,7 +214,7 @@ def dr_grpo(
     group_ids: Tensor | None = None,
     values: Tensor | None = None,
     token_rewards: Tensor | None = None,
-    cfg: AdvantageConfig = _DEFAULT,
+    cfg: Section | AdvantageConfig = _DEFAULT,
 ) -> tuple[Tensor, Tensor]:
     """Dr. GRPO outcome advantage ``r_i - mean_group`` (no std division), on every valid token.
 
@@ -235,14 +224,23 @@ def dr_grpo(
         group_ids: Tensor[B] long, required.
         values: ignored.
         token_rewards: Tensor[B, T] or None; its masked sum is added to ``rewards`` first.
-        cfg: not read (present for the uniform signature).
+        cfg: ``DrGRPOAdvantage`` or ``AdvantageConfig``; not read (present for the uniform signature).
     Returns:
         (advantages Tensor[B, T], returns Tensor[B, T] = total reward broadcast), zeros on padding.
     """
-    _check(rewards, mask, group_ids, True, token_rewards=token_rewards)
-    r = _sequence_rewards(rewards, mask, token_rewards)
+    _eps(cfg, "dr_grpo")
+    check_inputs(rewards, mask, group_ids, True, token_rewards=token_rewards)
+    r = sequence_rewards(rewards, mask, token_rewards)
     mean, _, _ = group_stats(r, group_ids)
-    return _broadcast(r - mean, mask), _broadcast(r, mask)
+    return broadcast(r - mean, mask), broadcast(r, mask)
+
+
+@ADVANTAGE_SCHEMAS.register("rloo")
+class RLOOAdvantage(_AdvantageSection):
+    """RLOO: the reward minus the mean reward of the prompt's other samples; no knobs."""
+
+    name: Literal["rloo"] = Field("rloo", description="Advantage estimator: grpo, dr_grpo, rloo, reinforce_pp, gae.")
+    compares_group: ClassVar[bool] = True
 
 
 @ADVANTAGES.register("rloo")
@@ -254,7 +252,7 @@ def rloo(
     group_ids: Tensor | None = None,
     values: Tensor | None = None,
     token_rewards: Tensor | None = None,
-    cfg: AdvantageConfig = _DEFAULT,
+    cfg: Section | AdvantageConfig = _DEFAULT,
 ) -> tuple[Tensor, Tensor]:
     """RLOO advantage: reward minus the mean reward of the *other* samples of the group.
 
@@ -266,27 +264,25 @@ def rloo(
         group_ids: Tensor[B] long, required.
         values: ignored.
         token_rewards: Tensor[B, T] or None; its masked sum is added to ``rewards`` first.
-        cfg: not read (present for the uniform signature).
+        cfg: ``RLOOAdvantage`` or ``AdvantageConfig``; not read (present for the uniform signature).
     Returns:
         (advantages Tensor[B, T], returns Tensor[B, T] = total reward broadcast), zeros on padding.
     """
-    _check(rewards, mask, group_ids, True, token_rewards=token_rewards)
-    r = _sequence_rewards(rewards, mask, token_rewards)
+    _eps(cfg, "rloo")
+    check_inputs(rewards, mask, group_ids, True, token_rewards=token_rewards)
+    r = sequence_rewards(rewards, mask, token_rewards)
     mean, _, n = group_stats(r, group_ids)
     adv = torch.where(n > 1, n / (n - 1).clamp_min(1) * (r - mean), torch.zeros_like(r))
-    return _broadcast(adv, mask), _broadcast(r, mask)
+    return broadcast(adv, mask), broadcast(r, mask)
 
 
-def _discounted_returns(token_r: Tensor, mask: Tensor, gamma: float) -> Tensor:
-    """Return-to-go over valid tokens only (padding skipped, 0 on padding). Tensor[B, T] -> Tensor[B, T]."""
-    valid = mask != 0
-    out = torch.zeros_like(token_r)
-    running = token_r.new_zeros(token_r.shape[0])
-    for t in reversed(range(token_r.shape[-1])):
-        g = token_r[:, t] + gamma * running
-        running = torch.where(valid[:, t], g, running)
-        out[:, t] = torch.where(valid[:, t], g, torch.zeros_like(g))
-    return out
+@ADVANTAGE_SCHEMAS.register("reinforce_pp")
+class ReinforcePPAdvantage(_AdvantageSection):
+    """REINFORCE++: the discounted return-to-go, whitened over the batch."""
+
+    name: Literal["reinforce_pp"] = Field(
+        "reinforce_pp", description="Advantage estimator: grpo, dr_grpo, rloo, reinforce_pp, gae.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount per token (1.0: undiscounted).")
 
 
 @ADVANTAGES.register("reinforce_pp")
@@ -298,7 +294,7 @@ def reinforce_pp(
     group_ids: Tensor | None = None,
     values: Tensor | None = None,
     token_rewards: Tensor | None = None,
-    cfg: AdvantageConfig = _DEFAULT,
+    cfg: Section | AdvantageConfig = _DEFAULT,
 ) -> tuple[Tensor, Tensor]:
     """REINFORCE++: discounted per-token return-to-go, whitened over every valid token of the batch.
 
@@ -308,13 +304,29 @@ def reinforce_pp(
         group_ids: ignored (the baseline is the batch mean, not a group mean).
         values: ignored.
         token_rewards: Tensor[B, T] or None, e.g. ``-beta * kl`` per token.
-        cfg: reads ``gamma`` and ``eps``.
+        cfg: ``ReinforcePPAdvantage`` (reads ``gamma``) or ``AdvantageConfig`` (also ``eps``).
     Returns:
         (advantages Tensor[B, T] whitened, returns Tensor[B, T] raw return-to-go), zeros on padding.
     """
-    _check(rewards, mask, group_ids, False, token_rewards=token_rewards)
-    returns = _discounted_returns(_token_level_rewards(rewards, mask, token_rewards), mask, cfg.gamma)
-    return masked_whiten(returns, mask, eps=cfg.eps), returns
+    eps = _eps(cfg, "reinforce_pp")
+    check_inputs(rewards, mask, group_ids, False, token_rewards=token_rewards)
+    returns = discounted_returns(token_level_rewards(rewards, mask, token_rewards), mask, cfg.gamma)
+    return masked_whiten(returns, mask, eps=eps), returns
+
+
+@ADVANTAGE_SCHEMAS.register("gae")
+class GAEAdvantage(_AdvantageSection):
+    """GAE over a critic's values; the critic's own knobs (init, learning rate, value clip) sit here too."""
+
+    name: Literal["gae"] = Field("gae", description="Advantage estimator: grpo, dr_grpo, rloo, reinforce_pp, gae.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount per token (1.0: undiscounted).")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    whiten: bool = Field(True, description="Whiten advantages over the batch.")
+    value_model: str = Field(
+        "policy", description="Critic init: 'policy' (a new value head on the policy) or a reward model directory (InstructGPT).")
+    value_learning_rate: float | None = Field(None, gt=0, description="Critic learning rate; default: train.learning_rate.")
+    value_clip: float | None = Field(0.2, gt=0, description="Clip range of the value loss around the old values.")
+    needs_values: ClassVar[bool] = True
 
 
 @ADVANTAGES.register("gae")
@@ -326,7 +338,7 @@ def gae(
     group_ids: Tensor | None = None,
     values: Tensor | None = None,
     token_rewards: Tensor | None = None,
-    cfg: AdvantageConfig = _DEFAULT,
+    cfg: Section | AdvantageConfig = _DEFAULT,
 ) -> tuple[Tensor, Tensor]:
     """Generalised Advantage Estimation over valid tokens, with the value after the last valid token = 0.
 
@@ -336,15 +348,17 @@ def gae(
         group_ids: ignored.
         values: Tensor[B, T] critic values V(s_t), required; entries on padding are ignored.
         token_rewards: Tensor[B, T] or None, e.g. ``-beta * kl`` per token (InstructGPT).
-        cfg: reads ``gamma``, ``lam``, ``whiten`` and ``eps``.
+        cfg: ``GAEAdvantage`` (reads ``gamma``, ``lam``, ``whiten``; its value_* knobs are the critic's) or
+            ``AdvantageConfig`` (also ``eps``).
     Returns:
         (advantages Tensor[B, T] (whitened if ``cfg.whiten``), returns Tensor[B, T] = raw advantages +
         values), zeros on padding.
     """
+    eps = _eps(cfg, "gae")
     if values is None:
         raise ValueError("advantage estimator 'gae' needs values (Tensor[B, T] from the critic)")
-    _check(rewards, mask, group_ids, False, token_rewards=token_rewards, values=values)
-    r = _token_level_rewards(rewards, mask, token_rewards)
+    check_inputs(rewards, mask, group_ids, False, token_rewards=token_rewards, values=values)
+    r = token_level_rewards(rewards, mask, token_rewards)
     valid = mask != 0
     zero = torch.zeros((), dtype=r.dtype, device=r.device)
     v = torch.where(valid, values.to(r.dtype), zero)
@@ -359,15 +373,24 @@ def gae(
         next_a = torch.where(valid[:, t], a, next_a)
     returns = adv + v  # v and adv are already 0 on padding
     if cfg.whiten:
-        adv = masked_whiten(adv, mask, eps=cfg.eps)
+        adv = masked_whiten(adv, mask, eps=eps)
     return adv, returns
 
 
-def get_advantage(name: str) -> AdvantageFn:
-    """The estimator registered as ``name``; ``ValueError`` listing the known names otherwise."""
-    return ADVANTAGES[name]
+# One ``advantage:`` section: ``{name: gae, lam: 0.95}``; the schema of a name: ADVANTAGE_SCHEMAS[name]
+Advantage = Annotated[
+    GRPOAdvantage | DrGRPOAdvantage | RLOOAdvantage | ReinforcePPAdvantage | GAEAdvantage, Field(discriminator="name")
+]
+# Estimators that read a critic's ``values``: a run with one of these builds and trains a value model.
+NEEDS_VALUES = frozenset(name for name in ADVANTAGE_SCHEMAS if ADVANTAGE_SCHEMAS[name].needs_values)
 
 
-def compute_advantages(name: str, **kwargs: Tensor | AdvantageConfig | None) -> tuple[Tensor, Tensor]:
-    """``ADVANTAGES[name](**kwargs)``: see the module docstring for the keyword arguments and shapes."""
+def compute_advantages(name: str | Section, **kwargs: Tensor | Section | AdvantageConfig | None) -> tuple[Tensor, Tensor]:
+    """``ADVANTAGES[name](**kwargs)``; ``name`` may be the schema itself (then it is also ``cfg``).
+
+    See the module docstring for the keyword arguments and shapes.
+    """
+    if isinstance(name, Section):
+        kwargs.setdefault("cfg", name)
+        name = name.name
     return ADVANTAGES[name](**kwargs)

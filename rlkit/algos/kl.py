@@ -1,4 +1,4 @@
-"""KL estimators (``KL_ESTIMATORS``) and KL-coefficient controllers (``KL_CONTROLLERS``).
+"""KL estimators (``KL_ESTIMATORS``), KL-coefficient controllers, and the ``kl:`` section (``KLConfig``).
 
 Per-token estimators of KL(pi || pi_ref) from samples of pi (Schulman 2020, "Approximating KL
 divergence", http://joschu.net/blog/kl-approx.html), with ``d = logp - ref_logp``:
@@ -23,8 +23,11 @@ Controllers (Ziegler et al. 2019, "Fine-Tuning Language Models from Human Prefer
 ``AdaptiveKLController``) hold the coefficient: ``FixedKL(coef)`` never changes;
 ``AdaptiveKL(init_coef, target, horizon)`` does, per ``update(current_kl, n_steps)``:
 ``e = clip(current_kl / target - 1, -0.2, 0.2)``; ``coef *= 1 + e * n_steps / horizon``.
-``make_kl_controller("fixed" | "adaptive", ...)`` builds either. Both have ``state_dict`` /
-``load_state_dict`` for exact resume.
+``make_kl_controller(KLConfig(...))`` (or the older ``make_kl_controller("fixed" | "adaptive", coef, ...)``)
+builds either. Both have ``state_dict`` / ``load_state_dict`` for exact resume.
+
+``KLConfig`` says all of it in one section: coefficient, estimator, where, controller (and the adaptive
+controller's target and horizon); a run without KL has no such section (and no reference model).
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ from __future__ import annotations
 from typing import Any, Literal, Protocol
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from rlkit.algos.utils import Registry
+from rlkit.sections import Section
 
 
 class KLEstimatorFn(Protocol):
@@ -94,8 +99,11 @@ def k3(logp: Tensor, ref_logp: Tensor, *, clamp: float | None = None) -> Tensor:
     return torch.expm1(x) - x  # = exp(x) - x - 1, accurate near x = 0
 
 
-def compute_kl(name: str, logp: Tensor, ref_logp: Tensor, *, clamp: float | None = None) -> Tensor:
-    """``KL_ESTIMATORS[name](logp, ref_logp, clamp=clamp)``: per-token KL, Tensor[B, T]."""
+def compute_kl(name: str | KLConfig, logp: Tensor, ref_logp: Tensor, *, clamp: float | None = None) -> Tensor:
+    """``KL_ESTIMATORS[name](logp, ref_logp, clamp=clamp)``: per-token KL, Tensor[B, T]; ``name`` may be a
+    ``KLConfig`` (its ``estimator``)."""
+    if isinstance(name, KLConfig):
+        name = name.estimator
     return KL_ESTIMATORS[name](logp, ref_logp, clamp=clamp)
 
 
@@ -162,26 +170,53 @@ class AdaptiveKL:
 
 
 KLController = FixedKL | AdaptiveKL
-KL_CONTROLLERS: Registry[type] = Registry("KL controller")
-KL_CONTROLLERS.register("fixed")(FixedKL)
-KL_CONTROLLERS.register("adaptive")(AdaptiveKL)
+
+
+class KLConfig(Section):
+    """The KL penalty to the reference model: how much, which estimator, where, and how the coefficient moves."""
+
+    coef: float = Field(gt=0, description="KL coefficient to the reference model (the adaptive controller's initial one).")
+    estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator per token.")
+    where: Literal["loss", "reward"] = Field(
+        "loss", description="Where the KL goes: added to the loss (GRPO) or subtracted from the reward per token (InstructGPT).")
+    controller: Literal["fixed", "adaptive"] = Field("fixed", description="Fixed coef or adaptive toward target.")
+    target: float | None = Field(None, gt=0, description="Target KL for the adaptive controller.")
+    horizon: int = Field(10000, gt=0, description="Horizon (in samples) of the adaptive controller.")
+
+    @model_validator(mode="after")
+    def _controller_keys(self) -> KLConfig:
+        if self.controller == "adaptive" and self.target is None:
+            raise ValueError("target: the adaptive KL controller needs a target")
+        if self.controller == "fixed":
+            fields = type(self).model_fields
+            for key in ("target", "horizon"):  # a full dump prints them at their defaults: those are fine
+                if key in self.model_fields_set and getattr(self, key) != fields[key].default:
+                    raise ValueError(f"{key}: only used by the adaptive KL controller (controller: adaptive)")
+        return self
 
 
 def make_kl_controller(
-    kind: Literal["fixed", "adaptive"],
-    coef: float,
+    kind: Literal["fixed", "adaptive"] | KLConfig,
+    coef: float | None = None,
     target: float | None = None,
     horizon: float = 10_000,
 ) -> FixedKL | AdaptiveKL:
-    """Build a KL coefficient controller.
+    """Build a KL coefficient controller: ``make_kl_controller(kl_cfg)`` or the older spelling below.
 
     Args:
-        kind: "fixed" or "adaptive".
+        kind: a ``KLConfig`` (then the other arguments are not given), or "fixed" / "adaptive".
         coef: the (initial) coefficient.
         target: the KL the adaptive controller aims at (required for "adaptive", ignored for "fixed").
         horizon: the adaptive controller's time constant, in the unit of ``update``'s ``n_steps``.
     """
-    KL_CONTROLLERS.check(kind)
+    if isinstance(kind, KLConfig):
+        if coef is not None or target is not None:
+            raise ValueError("make_kl_controller: give a KLConfig or (kind, coef, target, horizon), not both")
+        kind, coef, target, horizon = kind.controller, kind.coef, kind.target, kind.horizon
+    if kind not in ("fixed", "adaptive"):
+        raise ValueError(f"unknown KL controller {kind!r}; known: adaptive, fixed")
+    if coef is None:
+        raise ValueError("make_kl_controller: needs the KL coefficient coef")
     if kind == "fixed":
         return FixedKL(coef)
     if target is None:

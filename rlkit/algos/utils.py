@@ -155,6 +155,15 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     return torch.where(m != 0, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
+def check_bt(mask: Tensor, **named: Tensor | None) -> None:
+    """Raise unless ``mask`` is Tensor[B, T] and every named tensor given has its shape."""
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be Tensor[B, T], got shape {tuple(mask.shape)}")
+    for name, t in named.items():
+        if t is not None and t.shape != mask.shape:
+            raise ValueError(f"{name} must be Tensor[B, T] like mask {tuple(mask.shape)}, got {tuple(t.shape)}")
+
+
 def all_finite(tensors) -> bool:
     """Whether every element of every tensor is finite, with one host sync (True for none).
 

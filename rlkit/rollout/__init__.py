@@ -4,9 +4,12 @@
 Engines: ``hf`` (transformers ``generate`` on the training model) and ``vllm`` (vLLM in the training
 process, or a ``rlkit vllm-serve`` server). The interface carries token ids, the sampler's log-probs and
 the finish reason so that trainers can score, and correct for, exactly what was sampled. One ``rollout:``
-config section (``rlkit.config.RolloutConfig``) picks and tunes the engine everywhere.
+config section (``rlkit.rollout.schema.Rollout``, a variant per engine) picks and tunes the engine
+everywhere; callers ask ``engine_spec(cfg)`` what the engine can do (``samples_itself``, ...).
 """
 
-from rlkit.rollout.base import ENGINES, Engine, Sample, SamplingParams, make_engine
+from rlkit.rollout.base import ENGINES, Engine, EngineSpec, Sample, SamplingParams, engine_spec, make_engine
+from rlkit.rollout.schema import Rollout, rollout_config
 
-__all__ = ["ENGINES", "Engine", "Sample", "SamplingParams", "make_engine"]
+__all__ = ["ENGINES", "Engine", "EngineSpec", "Rollout", "Sample", "SamplingParams", "engine_spec", "make_engine",
+           "rollout_config"]

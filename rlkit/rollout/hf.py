@@ -31,10 +31,6 @@ class HFEngine:
         self.bucket = bucket
         self.stop_ids = set(_eos_ids(model, tokenizer))
 
-    @property
-    def returns_logprobs(self) -> bool:
-        return self.return_logprobs
-
     def sync_weights(self, model) -> None:
         self.model = model  # the same module the trainer updates: nothing to copy
 
@@ -100,9 +96,9 @@ class HFEngine:
 
 
 def _synced(model) -> dict:
-    """An FSDP2 model whose weights the RL loop has gathered (``sharding.gathered``) runs plain forwards:
+    """An FSDP2 model whose weights the RL loop has gathered (``rlkit.weights.gathered``) runs plain forwards:
     no per-token synchronisation between processes. Otherwise transformers decides (it syncs sharded models)."""
-    from rlkit.trainers.sharding import is_sharded
+    from rlkit.weights import is_sharded
 
     if is_sharded(model) and not hasattr(next(model.parameters()), "to_local"):
         return {"synced_gpus": False}

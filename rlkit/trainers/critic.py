@@ -34,7 +34,7 @@ def critic_values(critic, batch: RolloutBatch) -> torch.Tensor:
 
 
 def load_critic(value_model: str, policy_path: str, dtype: str, trust_remote_code: bool) -> TokenCritic:
-    from rlkit.trainers.rm import load_reward_model
+    from rlkit.models import load_reward_model
 
     if value_model == "policy":
         model = load_reward_model(policy_path, dtype, trust_remote_code, init=True, head="critic: value head")

@@ -21,8 +21,7 @@ import torch
 from rlkit import runs
 from rlkit.config import RunConfig
 from rlkit.data import DataError, check_lengths, preference_rows
-from rlkit.models import (ModelError, check_weights, load_tokenizer, note_new_head, pick_dtype, resolve_model_path,
-                          weights_problem)
+from rlkit.models import load_reward_model, load_tokenizer
 from rlkit.outputs import finish_run
 from rlkit.templates import completion_text, render_prompt
 from rlkit.tracking import MetricsLogger, available
@@ -79,39 +78,6 @@ def to_preference_examples(rows: list[dict], template: str, tokenizer) -> list[d
             out.append({"prompt": p, "chosen": completion_text(r["chosen"], template),
                         "rejected": completion_text(r["rejected"], template)})
     return out
-
-
-def load_reward_model(path: str, dtype: str = "auto", trust_remote_code: bool = False, init: bool = False,
-                      head: str = "reward model: score head"):
-    """A sequence classifier with one output. ``init``: build the head on top of a causal LM (training
-    start; the score head starts new, said in one line that begins with ``head``, and the LM's lm_head goes
-    unused); otherwise the directory must already be a reward model. Any other weight that is missing,
-    unexpected or mis-shaped is a :class:`ModelError`."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    resolved = resolve_model_path(path)
-    try:
-        config = AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        hint = "" if init else "; train one with `rlkit rm` (or `rlkit run instructgpt`)"
-        raise ModelError(f"{path}: not a local model directory, nor a model in the local Hugging Face cache "
-                         f"({str(e).splitlines()[0]}){hint}") from None
-    archs = getattr(config, "architectures", None) or []
-    if not init and not any(a.endswith("ForSequenceClassification") for a in archs):
-        found = archs[0] if archs else config.model_type
-        raise ModelError(f"{path}: expected a reward model (sequence classification with one output), found {found}")
-    if not init and getattr(config, "num_labels", 1) != 1:
-        raise ModelError(f"{path}: a reward model has one output, this one has {config.num_labels}")
-    try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            resolved, num_labels=1, dtype=pick_dtype(dtype), trust_remote_code=trust_remote_code,
-            output_loading_info=True, ignore_mismatched_sizes=True)
-    except Exception as e:  # OSError, ValueError, a corrupt safetensors file, ...
-        raise ModelError(f"{path}: could not load a reward model ({weights_problem(e)})") from None
-    fresh = (check_weights(path, info, new=("score.",), spare=("lm_head.",), model=model, head_spare=True) if init
-             else check_weights(path, info, model=model))
-    note_new_head(head, model, fresh)
-    return model
 
 
 def run_rm(cfg: RunConfig, resume: str = "auto") -> dict:

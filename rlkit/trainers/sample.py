@@ -25,7 +25,7 @@ import torch
 from rlkit.config import RunConfig
 from rlkit.data import DataError, check_lengths, rl_rows, sft_rows
 from rlkit.models import context_length, load_causal_lm, load_tokenizer
-from rlkit.rollout import SamplingParams, make_engine
+from rlkit.rollout import SamplingParams, engine_spec, make_engine
 from rlkit.scoring import RewardSet, score_groups
 from rlkit.templates import completion_text, render_rows
 from rlkit.runs import locked_output, write_run_record
@@ -66,7 +66,7 @@ def _run_sample(cfg: RunConfig) -> dict:
         mix = mix[: sc.mix_max] if sc.mix_max else mix
         mix = [{**_as_format(r, template, sc.mix_data), "source": sc.mix_data} for r in mix]
     model = None
-    if cfg.rollout.engine == "hf":
+    if engine_spec(cfg.rollout).samples_itself:  # generates on a model in memory (vllm loads its own)
         model = load_causal_lm(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code)
         if torch.cuda.is_available():
             model = model.to("cuda")

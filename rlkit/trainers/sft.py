@@ -179,12 +179,12 @@ def _run_sft(cfg: RunConfig, stop: runs.GracefulStop) -> dict:
                "examples": len(examples), "seconds": round(time.time() - t0, 1)}
     if eval_at:
         final.eval()
-        engine = None  # hf: the in-memory model; vllm: the directory just written
-        if cfg.rollout.engine != "hf":
-            engine = eval_engine(cfg.rollout, tokenizer, str(out), cfg.model.dtype, cfg.eval, eval_data, template,
-                                 model=final)
-        report = evaluate_model(final, tokenizer, eval_data, cfg.eval, template, engine=engine)
-        if engine is not None:
+        # the configured engine on the model just trained (hf: in memory; vllm: the directory just written)
+        engine = eval_engine(cfg.rollout, tokenizer, str(out), cfg.model.dtype, cfg.eval, eval_data, template,
+                             model=final)
+        try:
+            report = evaluate_model(final, tokenizer, eval_data, cfg.eval, template, engine=engine)
+        finally:
             engine.close()
         metrics.update({f"eval/{k}": v for k, v in report.metrics.items()})
         logger.log(trainer.state.global_step, {f"eval/{k}": v for k, v in report.metrics.items()})

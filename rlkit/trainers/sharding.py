@@ -11,10 +11,10 @@ Under sharding:
 
 - gradients are reduce-scattered in every backward; micro-batches before the last skip it
   (:func:`no_sync`); the loss is normalised by global counts (``rl._global_count``);
-- generation with the hf engine and evaluation run on gathered weights (:func:`gathered`: one all-gather,
-  then plain forwards with no collectives, so one process may generate more than another);
-- the vLLM sync and the Hugging Face export gather one tensor at a time (``rollout.vllm.full_weights``,
-  :func:`full_state_dict`);
+- generation with the hf engine and evaluation run on gathered weights (``rlkit.weights.gathered``: one
+  all-gather, then plain forwards with no collectives, so one process may generate more than another);
+- the vLLM sync and the Hugging Face export gather one tensor at a time (``rlkit.weights.full_weights``,
+  ``rlkit.weights.full_state_dict``);
 - checkpoints hold the full model in Hugging Face format (what resume loads, then shards again) and each
   process's optimizer shard as plain tensors (:func:`local_optimizer_state`); a run resumes on the same
   number of processes.
@@ -29,6 +29,9 @@ from dataclasses import dataclass
 import torch
 
 from rlkit.config import ConfigError
+from rlkit.weights import is_sharded
+# TODO(transition): re-exported until rl.py imports them from rlkit.weights
+from rlkit.weights import full_state_dict, gathered  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -96,12 +99,6 @@ def shard(model: torch.nn.Module, opts: FsdpOptions, bf16: bool = False) -> torc
     return model
 
 
-def is_sharded(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 @contextlib.contextmanager
 def no_sync(model, sync: bool):
     """Skip the gradient reduce-scatter of this backward unless ``sync`` (the last micro-batch)."""
@@ -113,36 +110,6 @@ def no_sync(model, sync: bool):
         yield
     finally:
         model.set_requires_gradient_sync(True)
-
-
-@contextlib.contextmanager
-def gathered(model):
-    """The whole model unsharded on every process for the duration (one all-gather, a collective: every
-    process enters), forwards inside run without collectives. A no-op for an unsharded model."""
-    if not is_sharded(model):
-        yield
-        return
-    from torch.distributed.fsdp import FSDPModule
-
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in units:
-        m.unshard()
-        m.set_reshard_after_forward(False, recurse=False)
-    try:
-        yield
-    finally:
-        for m in units:
-            m.reshard()
-        reshard = getattr(model, "_rlkit_reshard", True)
-        for m in units:  # back to the configured behaviour (the root, as FSDP2 sets it, keeps its parameters)
-            m.set_reshard_after_forward(reshard and m is not model, recurse=False)
-
-
-def full_state_dict(model) -> dict:
-    """The full state dict on the main process (on CPU), ``{}`` on the others; a collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def local_optimizer_state(optimizer) -> dict:

@@ -1,0 +1,16 @@
+"""The base of every config section: typed, strict and frozen.
+
+A section refuses keys it does not have (``extra="forbid"``), so the schema alone says what a command reads.
+A section with variants (an advantage estimator, a policy loss, a rollout engine) is a discriminated union of
+sections, each tagged by ``name`` (or ``engine``), whose schema sits next to its registry entry.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Section(BaseModel):
+    # allow_inf_nan False: `.inf` / `.nan` in a recipe (a learning rate, a reward weight) is an error, not a run
+    # that diverges after its first step or learns nothing
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False)
