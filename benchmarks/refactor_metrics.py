@@ -43,7 +43,18 @@ import time
 from pathlib import Path
 
 # old metric key (as the BEFORE run logs it) -> new key (as the AFTER run logs it). Empty: no renames yet.
-RENAMES: dict[str, str] = {}
+RENAMES: dict[str, str] = {  # issue 19: metrics namespaced
+    "reward": "reward/total", "reward/kl_penalty": "kl/reward_penalty", "loss/policy": "policy/loss",
+    "loss/ptx": "policy/ptx_loss", "loss/router_aux": "policy/router_aux_loss", "entropy": "policy/entropy",
+    "clip_frac": "policy/clip_frac", "clip_frac_low": "policy/clip_frac_low", "clip_frac_high": "policy/clip_frac_high",
+    "approx_kl": "policy/approx_kl", "kl": "kl/mean", "beta": "kl/coef", "loss/value": "critic/loss",
+    "vf_clip_frac": "critic/clip_frac", "explained_variance": "critic/explained_variance",
+    "value_mean": "critic/value_mean", "grad_norm": "optim/grad_norm", "lr": "optim/lr",
+    "completion_len": "rollout/completion_len", "truncated_frac": "rollout/truncated_frac",
+    "groups_kept_frac": "rollout/groups_kept_frac", "rollout_rounds": "rollout/rounds",
+    "completion_tokens_per_s": "rollout/tokens_per_s", "step_seconds": "time/step",
+}# metrics the refactor added (logged by the loss before, and dropped; or new timers): expected only AFTER
+NEW_KEYS = {"policy/dual_clip_frac", "policy/ratio_mean", "policy/ratio_max", "critic/grad_norm"}
 
 RTOL = 1e-6
 
@@ -334,7 +345,8 @@ def compare_run(name: str, before: Path, after: Path) -> bool:
         kind, worst, where = compare_series(a[k], b[k])
         groups[kind].append(k)
         details[k] = (worst, where)
-    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a) - NEW_KEYS)
+    new = sorted(set(b) & NEW_KEYS)
     steps = sorted({s for v in a.values() for s, _ in v} | {s for v in b.values() for s, _ in v}, key=str)
     print(f"   steps {steps}; {len(set(a) | set(b))} keys compared (timings left out)")
     print(f"   identical ({len(groups['identical'])}): {', '.join(groups['identical']) or '-'}")
@@ -345,7 +357,7 @@ def compare_run(name: str, before: Path, after: Path) -> bool:
         worst, where = details[k]
         print(f"      {k}: max rel diff {worst:.3e} ({where})")
     print(f"   only in BEFORE ({len(only_a)}{', RENAMES applied' if RENAMES else ''}): {', '.join(only_a) or '-'}")
-    print(f"   only in AFTER ({len(only_b)}): {', '.join(only_b) or '-'}")
+    print(f"   only in AFTER ({len(only_b)}): {', '.join(only_b) or '-'}; new, as expected: {', '.join(new) or '-'}")
     return not (groups["differs"] or only_a or only_b)
 
 

@@ -197,12 +197,12 @@ def bench_rlkit_step(model_path: str, prompts: int, generations: int, gen_len: i
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     run_rl(cfg)
-    rows = [r for r in read_metrics(out / "metrics.jsonl") if "step_seconds" in r]
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "time/step" in r]
     timed = rows[1:] or rows  # the first step warms up
-    step_s = sum(r["step_seconds"] for r in timed) / len(timed)
-    tokens = sum(r["completion_len"] for r in timed) / len(timed) * prompts * generations
+    step_s = sum(r["time/step"] for r in timed) / len(timed)
+    tokens = sum(r["rollout/completion_len"] for r in timed) / len(timed) * prompts * generations
     phases = {k.removeprefix("time/"): round(sum(r.get(k, 0) for r in timed) / len(timed), 3)
-              for k in timed[0] if k.startswith("time/")}
+              for k in timed[0] if k.startswith("time/") and k != "time/step"}
     label = "vllm engine" if engine == "vllm" else f"hf engine, {'static' if engine == 'hf_static' else 'dynamic'} cache"
     return {"trainer": f"rlkit ({label})", "engine": engine, "step_seconds": round(step_s, 3),
             "completion_tokens_per_s": round(tokens / step_s, 1), "phases": phases, "peak_gib": _peak_gib()}

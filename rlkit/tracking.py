@@ -1,10 +1,17 @@
-"""Metrics to ``metrics.jsonl``, TensorBoard and W&B (``report_to``), rich progress bars, end-of-run plots."""
+"""Metrics to ``metrics.jsonl``, TensorBoard and W&B (``report_to``), rich progress bars, end-of-run plots.
+
+Metric names are namespaced, ``<namespace>/<name>`` (only ``step`` is bare): ``policy/``, ``critic/``,
+``kl/``, ``rollout/``, ``reward/<name>``, ``route/<route>/``, ``env/``, ``optim/``, ``time/<phase>`` (wall
+seconds per phase, ``PhaseTimer``), ``eval/``; the trainers on TRL log ``train/`` and ``eval/``.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -180,3 +187,47 @@ def progress_bar(description: str, total: int) -> Iterator:
     ) as prog:
         task = prog.add_task(description, total=total)
         yield lambda n=1: prog.advance(task, n)
+
+
+class PhaseTimer:
+    """``with timer("rollout"):`` accumulates wall time per named phase; ``pop()`` gives ``time/<phase>``."""
+
+    def __init__(self):
+        self.times: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] += time.perf_counter() - t0
+
+    def pop(self) -> dict[str, float]:
+        out = {f"time/{k}": v for k, v in self.times.items()}
+        self.times.clear()
+        return out
+
+
+class StepProgress:
+    """A rich progress bar over steps showing a few metrics: ``fields`` are (metric, label, format) and a
+    metric missing from a row is left out (``required`` ones show 0)."""
+
+    def __init__(self, total: int, start: int, label: str, fields: list[tuple[str, str, str]],
+                 required: tuple[str, ...] = ()):
+        self.fields, self.required = fields, set(required)
+        self.prog = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                             TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console)
+        self.task = self.prog.add_task(label, total=total, completed=start, info="")
+        self.prog.start()
+
+    def update(self, step: int, m: dict) -> None:
+        info = "  ".join(f"{label} {m.get(k, 0):{fmt}}" for k, label, fmt in self.fields
+                         if k in m or k in self.required)
+        self.prog.update(self.task, completed=step, info=info)
+
+    def note(self, text: str) -> None:
+        self.prog.console.print(text)
+
+    def close(self) -> None:
+        self.prog.stop()

@@ -17,7 +17,7 @@ from test_update import build_world  # noqa: E402
 
 from rlkit.algos import AGGREGATIONS  # noqa: E402
 from rlkit.config import RLConfig  # noqa: E402
-from rlkit.trainers.rl import _update  # noqa: E402
+from rlkit.trainers.rl import run_update  # noqa: E402
 
 
 def main(out: Path) -> None:
@@ -34,11 +34,11 @@ def main(out: Path) -> None:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         m, opt = acc.prepare(m, opt)
         cfg = RLConfig(max_grad_norm=1e9, max_new_tokens=16, micro_batch_size=1, loss_aggregation=aggregation)
-        stats = _update(m, opt, sched, acc, mine, cfg, beta=0.1)
+        stats = run_update(m, opt, sched, acc, mine, cfg, beta=0.1)
         after = dict(acc.unwrap_model(m).named_parameters())
         deltas.update({f"{aggregation}/{k}": (before[k] - after[k].detach()).contiguous() for k in before})
         # the loop's metrics are each process's value averaged over processes
-        deltas[f"{aggregation}/loss"] = acc.reduce(torch.tensor(stats["loss/policy"]), "mean")
+        deltas[f"{aggregation}/loss"] = acc.reduce(torch.tensor(stats.policy.loss), "mean")
     acc.wait_for_everyone()
     if acc.is_main_process:
         save_file(deltas, str(out))

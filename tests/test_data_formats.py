@@ -67,7 +67,7 @@ def test_format_trains_and_evaluates(cli, tmp_path, name):
     result = _result(out)
     assert "before/pass@1" in result and "after/pass@1" in result  # evaluated on the mapped held-out file
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all("reward/accuracy" in row for row in rows if "reward" in row)  # gold answers reached the reward
+    assert all("reward/accuracy" in row for row in rows if "reward/total" in row)  # gold answers reached the reward
 
     report = tmp_path / "eval.json"
     r = cli("eval", str(out), "--dataset", held, "--output", report, *mapping)
@@ -181,7 +181,7 @@ def test_reasoning_gym_task_trains_and_evaluates(cli, tmp_path):
     assert r.exit_code == 0, r.output
     assert "after/pass@1" in _result(out)
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all("reward/reasoning_gym" in row for row in steps if "reward" in row)
+    assert all("reward/reasoning_gym" in row for row in steps if "reward/total" in row)
     report = tmp_path / "eval.json"
     assert cli("eval", str(out), "--dataset", RG.format(n=12, seed=2), "--output", report).exit_code == 0
     assert json.loads(report.read_text())["metrics"]["n_prompts"] == 12
@@ -209,7 +209,7 @@ def test_trl_style_reward_function_plugs_in_unchanged(cli, tmp_path):
             "--set", "rewards=[{name: 'trl_style_reward:accuracy_reward'}, {name: think_format}]")
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [row for row in rows if "reward" in row]
+    steps = [row for row in rows if "reward/total" in row]
     assert steps and all(row["reward/trl_style_reward:accuracy_reward/failures"] == 0 for row in steps)
     assert all("reward/think_format" in row for row in steps)
 

@@ -138,13 +138,13 @@ def test_grpo(cli, models, family, tmp_path):
     r = cli("grpo", "--model", models[family], "--max-steps", 2, "--output-dir", out, *GRPO,
             "--set", "train.learning_rate=1e-3")
     assert r.exit_code == 0, r.output
-    rows = [row for row in _rows(out) if "reward" in row]
-    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(row["loss/policy"])) for row in rows)
+    rows = [row for row in _rows(out) if "reward/total" in row]
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(row["policy/loss"])) for row in rows)
     assert _changed(models[family], out)
     if family.startswith("qwen2_moe"):  # the router's load-balancing loss is part of the update whenever the config
-        assert all(row["loss/router_aux"] > 0 for row in rows)  # has a coefficient, as in SFT (TRL) and its own training
-    else:
-        assert all("loss/router_aux" not in row for row in rows)
+        assert all(row["policy/router_aux_loss"] > 0 for row in rows)  # has a coefficient, as in SFT (TRL) and its
+    else:                                                                # own training
+        assert all("policy/router_aux_loss" not in row for row in rows)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -155,8 +155,8 @@ def test_ppo(cli, models, reward_models, family, tmp_path):
             "--set", "rl.num_generations=2", "--set", f"rl.value_model={rm}",
             "--set", f"rewards=[{{name: reward_model, params: {{path: {rm}, template: chat}}}}]")
     assert r.exit_code == 0, r.output
-    rows = [row for row in _rows(out) if "reward" in row]
-    assert all("loss/value" in row and torch.isfinite(torch.tensor(row["loss/value"])) for row in rows)
+    rows = [row for row in _rows(out) if "reward/total" in row]
+    assert all("critic/loss" in row and torch.isfinite(torch.tensor(row["critic/loss"])) for row in rows)
     assert _changed(models[family], out)
     AutoModelForSequenceClassification.from_pretrained(out / "critic")
 
@@ -193,7 +193,7 @@ def test_vllm_engine(models, family, tmp_path):
                        capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": TESTS})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    rows = [row for row in _rows(out) if "reward" in row]
+    rows = [row for row in _rows(out) if "reward/total" in row]
     bound = 0.1 if family.startswith("qwen2_moe") else 1e-3
     assert len(rows) == 2 and all(row["rollout/logprob_diff"] < bound for row in rows), rows
     assert all(0.9 < row["rollout/is_weight_mean"] <= 1.1 for row in rows)

@@ -102,10 +102,10 @@ def test_torn_metrics_line_and_resume(grpo_run, tmp_path):
     """2. A last metrics.jsonl line torn by a kill mid-write: resume drops it and continues."""
     out = _copy(grpo_run, tmp_path / "run")
     with (out / "metrics.jsonl").open("a") as f:
-        f.write('{"step": 3, "reward": 0.5, "lo')
+        f.write('{"step": 3, "reward/total": 0.5, "lo')
     r = _run("grpo", "--output-dir", out, "--max-steps", 3, "--set", "train.save_steps=2", *GRPO_SMALL)
     assert r.returncode == 0, r.stderr[-2000:]
-    steps = [row["step"] for row in _metrics(out) if "reward" in row]
+    steps = [row["step"] for row in _metrics(out) if "reward/total" in row]
     assert steps == [1, 2, 3]
 
 
@@ -141,7 +141,7 @@ def test_sigterm_saves_the_step_and_resumes(tmp_path):
     out = tmp_path / "run"
     args = ["grpo", "--output-dir", out, "--max-steps", 8, "--set", "train.save_steps=100", *GRPO_SMALL]
     p = subprocess.Popen(_rlkit(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    assert _wait_for(lambda: (out / "metrics.jsonl").is_file() and any("reward" in r for r in _metrics(out)), p,
+    assert _wait_for(lambda: (out / "metrics.jsonl").is_file() and any("reward/total" in r for r in _metrics(out)), p,
                      poll=0.2)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=300)
@@ -149,11 +149,11 @@ def test_sigterm_saves_the_step_and_resumes(tmp_path):
     lines = [x for x in err.splitlines() if x.startswith("interrupted:")]
     assert len(lines) == 1 and "SIGTERM" in lines[0] and "Traceback" not in err
     saved = sorted(int(d.name.split("-")[1]) for d in out.glob("checkpoint-*") if not d.name.endswith(".tmp"))
-    assert saved and saved[-1] == max(r["step"] for r in _metrics(out) if "reward" in r) < 8
+    assert saved and saved[-1] == max(r["step"] for r in _metrics(out) if "reward/total" in r) < 8
     again = _run(*args)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"(step {saved[-1]})" in again.stdout
-    assert [r["step"] for r in _metrics(out) if "reward" in r] == list(range(1, 9))
+    assert [r["step"] for r in _metrics(out) if "reward/total" in r] == list(range(1, 9))
 
 
 # ------------------------------------------------------------------------- 6: changed config, lock
@@ -170,10 +170,11 @@ def test_resume_with_a_changed_config_is_refused_unless_asked(grpo_run, tmp_path
     r = cli(*base, "--max-steps", 3, "--set", "train.learning_rate=1e-3", "--resume-anyway",
             "--set", "train.logging_steps=1", "--set", "eval.limit=4")
     assert r.exit_code == 0 and "resuming from" in r.output, r.output
-    assert [row["lr"] for row in _metrics(out) if "reward" in row][-1] == pytest.approx(1e-3)
+    assert [row["optim/lr"] for row in _metrics(out) if "reward/total" in row][-1] == pytest.approx(1e-3)
     r = cli(*base, "--max-steps", 2, "--set", "train.learning_rate=1e-3", "--overwrite")
     assert r.exit_code == 0 and "resuming from" not in r.output
-    assert not (out / "checkpoint-3").exists() and [row["step"] for row in _metrics(out) if "reward" in row] == [1, 2]
+    assert not (out / "checkpoint-3").exists()
+    assert [row["step"] for row in _metrics(out) if "reward/total" in row] == [1, 2]
 
 
 def test_an_unreadable_run_record_is_not_a_config_match(grpo_run, tmp_path, cli):
@@ -364,7 +365,7 @@ def test_hung_plugin_reward_scores_zero_and_the_run_goes_on(tmp_path, cli, monke
             "--set", "rewards=[{name: accuracy}, {name: 'my_rewards:stuck', timeout: 0.5}]")
     assert r.exit_code == 0, r.output
     assert time.time() - t0 < 120
-    rows = [row for row in _metrics(out) if "reward" in row]
+    rows = [row for row in _metrics(out) if "reward/total" in row]
     assert sum(row["reward/my_rewards:stuck/failures"] for row in rows) > 0
     assert "timed out after 0.5 s" in r.output
 

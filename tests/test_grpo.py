@@ -31,10 +31,16 @@ def test_grpo_learns_on_the_embedded_world(cli, tmp_path):
     assert result["after/pass@1"] >= result["before/pass@1"] + 0.25, result
     rows = _metrics(out)
     keys = set().union(*rows)
-    for k in ("reward", "reward/accuracy", "reward/think_format", "loss/policy", "kl", "entropy", "clip_frac",
-              "completion_len", "time/rollout", "time/reward", "time/reference", "time/advantage", "time/update",
-              "time/sync", "eval/pass@1"):
+    for k in ("reward/total", "reward/accuracy", "reward/think_format", "policy/loss", "kl/mean", "policy/entropy",
+              "policy/clip_frac", "rollout/completion_len", "time/rollout", "time/reward", "time/reference",
+              "time/advantage", "time/update", "time/sync", "eval/pass@1",
+              # every metric the loss computes, and one timer per phase
+              "policy/dual_clip_frac", "policy/ratio_mean", "policy/ratio_max", "policy/approx_kl", "kl/coef",
+              "optim/grad_norm", "optim/lr", "rollout/tokens_per_s", "time/old_logprobs", "time/log", "time/eval",
+              "time/step"):
         assert k in keys, k
+    assert all("/" in k for k in keys - {"step"}), sorted(k for k in keys if "/" not in k)  # namespaced
+    assert all(r["policy/ratio_max"] >= r["policy/ratio_mean"] for r in rows if "policy/loss" in r)
     a = AutoModelForCausalLM.from_pretrained(model_dir()).state_dict()
     b = AutoModelForCausalLM.from_pretrained(out).state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a)
@@ -69,13 +75,13 @@ def test_grpo_resumes_after_sigkill(tmp_path):
     again = subprocess.run(_rlkit(*args, "--output-dir", out), capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stderr
     assert "resuming from" in again.stdout and "(step " in again.stdout
-    steps = [r["step"] for r in _metrics(out) if "reward" in r]
+    steps = [r["step"] for r in _metrics(out) if "reward/total" in r]
     assert steps == sorted(steps) and steps[-1] == 6 and len(steps) == len(set(steps)) == 6
-    final = {r["step"]: r for r in _metrics(out) if "reward" in r}
-    final_ref = {r["step"]: r for r in _metrics(ref) if "reward" in r}
+    final = {r["step"]: r for r in _metrics(out) if "reward/total" in r}
+    final_ref = {r["step"]: r for r in _metrics(ref) if "reward/total" in r}
     # Same seeds, restored RNG and optimizer state: the resumed run follows the uninterrupted one.
     for s in (5, 6):
-        assert final[s]["reward"] == pytest.approx(final_ref[s]["reward"], abs=0.15)
+        assert final[s]["reward/total"] == pytest.approx(final_ref[s]["reward/total"], abs=0.15)
     res, res_ref = (json.loads((d / "rlkit_result.json").read_text()) for d in (out, ref))
     assert res["after/pass@1"] == pytest.approx(res_ref["after/pass@1"], abs=0.15)
 
@@ -136,14 +142,15 @@ def test_grpo_options_lora_dynamic_sampling_iterations(cli, tmp_path):
             "--set", "rl.logprob_chunk=64", "--set", "train.gradient_checkpointing=true",
             "--set", "report_to=[jsonl, tensorboard]")
     assert r.exit_code == 0, r.output
-    rows = [row for row in _metrics(out) if "reward" in row]
+    rows = [row for row in _metrics(out) if "reward/total" in row]
     assert len(rows) == 2
-    assert all(0 < row["groups_kept_frac"] <= 1 and row["rollout_rounds"] >= 1 for row in rows)
+    assert all(0 < row["rollout/groups_kept_frac"] <= 1 and row["rollout/rounds"] >= 1 for row in rows)
     # the second pass over the batch sees ratios away from 1: some tokens are clipped
-    assert 0 < rows[-1]["clip_frac"] < 1 and rows[-1]["kl"] > 0
+    assert 0 < rows[-1]["policy/clip_frac"] < 1 and rows[-1]["kl/mean"] > 0
     # later mini-batches and the second pass see a policy that already moved: the ratio to the rollout
     # policy's log-probs is no longer 1 (it would be, were the old log-probs recomputed each time)
-    assert rows[-1]["approx_kl"] > 0
+    assert rows[-1]["policy/approx_kl"] > 0
+    assert rows[-1]["policy/ratio_max"] > 1 and rows[-1]["policy/ratio_mean"] != 1
     from safetensors.torch import load_file
 
     assert len(load_file(out / "adapter" / "adapter_model.safetensors")) > 0  # see also test_faults (item 10)
@@ -158,5 +165,5 @@ def test_beta_zero_computes_no_reference(cli, tmp_path, extra):
     out = tmp_path / "b0"
     r = cli("grpo", "--output-dir", out, "--max-steps", 1, *SMALL, "--set", "rl.beta=0", *extra)
     assert r.exit_code == 0, r.output
-    row = next(row for row in _metrics(out) if "reward" in row)
-    assert "kl" not in row and "reward/kl_penalty" not in row, row
+    row = next(row for row in _metrics(out) if "reward/total" in row)
+    assert "kl/mean" not in row and "kl/reward_penalty" not in row, row

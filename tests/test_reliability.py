@@ -170,7 +170,7 @@ def test_a_reward_that_exits_or_edits_its_arguments_harms_nothing(cli, tmp_path,
             "--set", "rewards=[{name: accuracy}, {name: 'careless:quits'}, {name: 'careless:interrupts'}, "
                      "{name: 'careless:edits'}]")
     assert r.exit_code == 0, r.output
-    rows = [row for row in _metrics(out) if "reward" in row]
+    rows = [row for row in _metrics(out) if "reward/total" in row]
     assert len(rows) == 3 and (out / "model.safetensors").is_file()
     assert all(row["reward/careless:quits/failures"] == 16 for row in rows)
     assert all(row["reward/careless:interrupts/failures"] == 16 for row in rows)

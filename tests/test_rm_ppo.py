@@ -76,12 +76,13 @@ def test_ppo_kl_bounded_while_reward_rises(cli, reward_model_dir, tmp_path):
             "--set", "rl.ptx_data=embedded:mixed_demos")
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [row for row in rows if "reward" in row]
+    steps = [row for row in rows if "reward/total" in row]
     assert len(steps) == 8
-    first, last = sum(s["reward"] for s in steps[:2]) / 2, sum(s["reward"] for s in steps[-2:]) / 2
+    first, last = sum(s["reward/total"] for s in steps[:2]) / 2, sum(s["reward/total"] for s in steps[-2:]) / 2
     assert last > first + 0.5, (first, last)
-    assert max(abs(s["kl"]) for s in steps) < 0.5
-    for k in ("loss/value", "explained_variance", "loss/ptx", "clip_frac", "entropy"):
+    assert max(abs(s["kl/mean"]) for s in steps) < 0.5
+    for k in ("critic/loss", "critic/explained_variance", "policy/ptx_loss", "policy/clip_frac", "policy/entropy",
+              "critic/clip_frac", "critic/value_mean", "critic/grad_norm", "kl/reward_penalty", "time/values"):
         assert k in steps[-1], k
     assert (out / "critic" / "config.json").is_file()
 

@@ -33,7 +33,7 @@ def _metrics(out):
 
 
 def _steps(out):
-    return {r["step"]: r for r in _metrics(out) if "reward" in r}
+    return {r["step"]: r for r in _metrics(out) if "reward/total" in r}
 
 
 def _run(cmd, timeout=600):
@@ -92,7 +92,8 @@ def test_fsdp2_grpo_learns_resumes_after_sigkill_and_exports(tmp_path):
     # uninterrupted and not sharded: every step the same (exact resume of the shards, the RNG, the data)
     _run(_launch("--config_file", config_path("ddp"), rlkit_args=args[:2] + [ddp] + args[3:]))
     for s in range(1, 9):
-        for k in ("reward", "loss/policy", "grad_norm", "kl", "entropy", "completion_len"):
+        for k in ("reward/total", "policy/loss", "optim/grad_norm", "kl/mean", "policy/entropy",
+                  "rollout/completion_len", "policy/ratio_max"):
             assert steps[s][k] == pytest.approx(_steps(ddp)[s][k], rel=1e-4, abs=1e-6), (s, k)
 
 
@@ -115,7 +116,7 @@ def test_two_machines_on_loopback_equal_one_machine(tmp_path):
     a, b = _steps(one), _steps(two)
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for s in a:
-        for k in ("reward", "loss/policy", "grad_norm", "completion_len"):
+        for k in ("reward/total", "policy/loss", "optim/grad_norm", "rollout/completion_len"):
             assert b[s][k] == pytest.approx(a[s][k], rel=1e-4, abs=1e-6), (s, k)
 
 
@@ -139,7 +140,8 @@ def test_fsdp2_ppo_with_critic_and_ptx_equals_ddp(tmp_path):
         "optimizer.rank0.pt", "optimizer.rank1.pt", "critic_optimizer.rank0.pt", "critic_optimizer.rank1.pt"}
     a, b = _steps(runs["fsdp2"]), _steps(runs["ddp"])
     for s in (1, 2, 3):
-        for k in ("reward", "loss/policy", "loss/value", "loss/ptx", "grad_norm", "kl"):
+        for k in ("reward/total", "policy/loss", "critic/loss", "policy/ptx_loss", "optim/grad_norm", "kl/mean",
+                  "critic/grad_norm"):
             assert a[s][k] == pytest.approx(b[s][k], rel=1e-4, abs=1e-6), (s, k)
     AutoModelForSequenceClassification.from_pretrained(runs["fsdp2"] / "critic")
 

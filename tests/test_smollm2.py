@@ -61,8 +61,8 @@ def test_grpo_on_smollm2(cli, smollm2_dir, tmp_path):
             "--set", "rl.log_completions=0", "--set", "rewards=[{name: accuracy, params: {mode: any}}, {name: tag_count}]")
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows if "reward" in row] == [1, 2]
-    assert all("kl" in row for row in rows if "reward" in row)
+    assert [row["step"] for row in rows if "reward/total" in row] == [1, 2]
+    assert all("kl/mean" in row for row in rows if "reward/total" in row)
     AutoModelForCausalLM.from_pretrained(out)
 
 
@@ -76,7 +76,7 @@ def test_smollm2_rg_recipe_runs_as_written(cli, smollm2_dir, tmp_path):
             "--set", "rl.log_completions=0", "--set", "rl.reward_check=false")
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    step = next(row for row in rows if "reward" in row)
+    step = next(row for row in rows if "reward/total" in row)
     assert "reward/reasoning_gym" in step and step["reward/reasoning_gym/failures"] == 0
     result = json.loads((out / "rlkit_result.json").read_text())
     assert "before/pass@1" in result and "after/pass@1" in result

@@ -13,7 +13,7 @@ from rlkit.config import RLConfig
 from rlkit.models import load_causal_lm, load_tokenizer
 from rlkit.rollout import Sample
 from rlkit.trainers.batch import build_batch, completion_logprobs
-from rlkit.trainers.rl import _update
+from rlkit.trainers.rl import UpdateStats, run_update
 
 
 def build_world():
@@ -28,7 +28,7 @@ def build_world():
     samples = [Sample("", torch.randint(5, 200, (n,), generator=g).tolist()) for n in lengths]
     batch = build_batch([prompts[i // 2] for i in range(6)], samples, [i // 2 for i in range(6)],
                         [1.0, 0.0, 0.5, 0.5, 0.0, 1.0], tok.pad_token_id)
-    batch.advantages = torch.randn(batch.completion_mask.shape, generator=g) * batch.completion_mask
+    batch.advantages = torch.randn(batch.loss_mask.shape, generator=g) * batch.loss_mask
     with torch.no_grad():
         logp = completion_logprobs(model, batch)[0]
     batch.old_logp = logp - 0.05 * torch.randn(logp.shape, generator=g)  # ratios != 1, some clipped
@@ -41,15 +41,16 @@ def world():
     return build_world()
 
 
-def _step(model, batch, **rl) -> tuple[dict[str, torch.Tensor], dict]:
+def _step(model, batch, **rl) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """One SGD step (lr 1, no clipping): the parameter change is minus the accumulated gradient."""
     m = copy.deepcopy(model)
     before = {k: v.detach().clone() for k, v in m.named_parameters()}
     opt = torch.optim.SGD(m.parameters(), lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     cfg = RLConfig(max_grad_norm=1e9, max_new_tokens=16, **rl)
-    stats = _update(m, opt, sched, Accelerator(cpu=True), batch, cfg, beta=0.1)
-    return {k: before[k] - v.detach() for k, v in m.named_parameters()}, stats
+    stats = run_update(m, opt, sched, Accelerator(cpu=True), batch, cfg, beta=0.1)
+    assert isinstance(stats, UpdateStats)
+    return {k: before[k] - v.detach() for k, v in m.named_parameters()}, {**stats.metrics(), **stats.max_metrics()}
 
 
 @pytest.mark.parametrize("aggregation", list(AGGREGATIONS))
@@ -60,8 +61,13 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(world, aggregation)
     assert max(float(v.abs().max()) for v in full.values()) > 1e-6  # a real gradient
     for k in full:
         torch.testing.assert_close(micro[k], full[k], rtol=1e-4, atol=1e-6, msg=k)
-    assert s_micro["loss/policy"] == pytest.approx(s_full["loss/policy"], rel=1e-5, abs=1e-7)
-    assert s_micro["kl"] == pytest.approx(s_full["kl"], rel=1e-5)
+    assert s_micro["policy/loss"] == pytest.approx(s_full["policy/loss"], rel=1e-5, abs=1e-7)
+    assert s_micro["kl/mean"] == pytest.approx(s_full["kl/mean"], rel=1e-5)
+    # every metric the loss computes is logged; token means do not depend on the micro-batching, the max
+    # ratio is the largest of any micro-batch
+    for k in ("policy/clip_frac", "policy/dual_clip_frac", "policy/approx_kl", "policy/ratio_mean", "policy/ratio_max"):
+        assert s_micro[k] == pytest.approx(s_full[k], rel=1e-5, abs=1e-7), k
+    assert s_full["policy/ratio_max"] >= s_full["policy/ratio_mean"] > 0
 
 
 def test_huge_log_ratio_to_the_reference_keeps_the_loss_finite(world):
@@ -71,7 +77,7 @@ def test_huge_log_ratio_to_the_reference_keeps_the_loss_finite(world):
     far = copy.copy(batch)
     far.ref_logp = batch.old_logp + 100.0
     delta, stats = _step(model, far, micro_batch_size=6, kl_estimator="k3")
-    assert math.isfinite(stats["loss/policy"]) and math.isfinite(stats["kl"]) and math.isfinite(stats["grad_norm"])
+    assert all(math.isfinite(stats[k]) for k in ("policy/loss", "kl/mean", "optim/grad_norm"))
     assert all(bool(torch.isfinite(v).all()) for v in delta.values())
 
 
@@ -94,8 +100,8 @@ def test_importance_weights_from_the_update_forward_equal_a_separate_pass(world)
         before = {k: v.detach().clone() for k, v in m.named_parameters()}
         opt = torch.optim.SGD(m.parameters(), lr=1.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        _update(m, opt, sched, Accelerator(cpu=True), b, RLConfig(max_grad_norm=1e9, micro_batch_size=2), beta=0.1,
-                tis_cap=cap)
+        run_update(m, opt, sched, Accelerator(cpu=True), b, RLConfig(max_grad_norm=1e9, micro_batch_size=2), beta=0.1,
+                   tis_cap=cap)
         return {k: before[k] - v.detach() for k, v in m.named_parameters()}
 
     fused = copy.copy(sampled)
@@ -104,7 +110,7 @@ def test_importance_weights_from_the_update_forward_equal_a_separate_pass(world)
     separate.old_logp = exact
     separate.is_weights = truncated_is_weights(exact, sampled.sampler_logp, 1.5)
     d_sep = step(separate, 1.5)
-    mask = batch.completion_mask.bool()
+    mask = batch.loss_mask.bool()
     torch.testing.assert_close(fused.old_logp[mask], exact[mask], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused.is_weights[mask], separate.is_weights[mask], rtol=1e-5, atol=1e-5)
     assert 0 < float((fused.is_weights[mask] == 1.5).float().mean()) < 1  # the cap bit somewhere, not everywhere
@@ -142,4 +148,4 @@ def test_two_processes_give_the_one_process_gradient(world, tmp_path):
         for k in one:
             torch.testing.assert_close(two[f"{aggregation}/{k}"], one[k], rtol=1e-4, atol=1e-6,
                                        msg=f"{aggregation}: {k}")
-        assert float(two[f"{aggregation}/loss"]) == pytest.approx(stats["loss/policy"], rel=1e-4, abs=1e-7)
+        assert float(two[f"{aggregation}/loss"]) == pytest.approx(stats["policy/loss"], rel=1e-4, abs=1e-7)

@@ -139,7 +139,7 @@ def test_grpo_with_vllm_learns_like_hf(tmp_path):
            "--set", "rollout.engine=vllm", check=True)
     result = json.loads((out / "rlkit_result.json").read_text())
     assert result["after/pass@1"] >= result["before/pass@1"] + 0.25, result
-    rows = [r for r in _metrics(out) if "reward" in r]
+    rows = [r for r in _metrics(out) if "reward/total" in r]
     assert len(rows) == 12
     for r in rows:
         assert r["rollout/logprob_diff"] < 1e-4 and 0.99 < r["rollout/is_weight_mean"] <= 1.0 + 1e-4, r
@@ -154,9 +154,9 @@ def test_lora_and_two_processes_with_vllm(tmp_path):
     out = tmp_path / "lora"
     _rlkit("grpo", "--output-dir", out, "--max-steps", 3, *SMALL, "--set", "model.lora.r=4",
            "--set", "train.learning_rate=0.02", "--set", "rollout.engine=vllm", check=True)
-    rows = [r for r in _metrics(out) if "reward" in r]
+    rows = [r for r in _metrics(out) if "reward/total" in r]
     assert all(r["rollout/logprob_diff"] < 1e-4 for r in rows), [r["rollout/logprob_diff"] for r in rows]
-    assert rows[-1]["kl"] > 1e-4  # the adapter moved the policy away from the base
+    assert rows[-1]["kl/mean"] > 1e-4  # the adapter moved the policy away from the base
 
     out2 = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu", "--num_machines",
@@ -167,7 +167,7 @@ def test_lora_and_two_processes_with_vllm(tmp_path):
     assert "Traceback" not in p.stderr
     result = json.loads((out2 / "rlkit_result.json").read_text())
     assert result["processes"] == 2 and result["steps"] == 2
-    rows = [r for r in _metrics(out2) if "reward" in r]
+    rows = [r for r in _metrics(out2) if "reward/total" in r]
     assert rows[-1]["rollout/logprob_diff"] < 1e-4
 
 
@@ -250,7 +250,7 @@ def test_server_mode_learns_and_a_dead_server_fails_in_one_line(tmp_path):
         assert (tmp_path / "sync" / "model.safetensors").is_file()  # the weights went through the named directory
         result = json.loads((out / "rlkit_result.json").read_text())
         assert result["after/pass@1"] >= result["before/pass@1"] + 0.25, result
-        rows = [r for r in _metrics(out) if "reward" in r]
+        rows = [r for r in _metrics(out) if "reward/total" in r]
         assert all(r["rollout/logprob_diff"] < 1e-4 for r in rows)  # the weights reached the server each step
 
         # two trainer processes share the server: the main process pushes the weights, both sample from them
@@ -261,7 +261,7 @@ def test_server_mode_learns_and_a_dead_server_fails_in_one_line(tmp_path):
         p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         assert json.loads((out_ddp / "rlkit_result.json").read_text())["processes"] == 2
-        assert all(r["rollout/logprob_diff"] < 1e-4 for r in _metrics(out_ddp) if "reward" in r)
+        assert all(r["rollout/logprob_diff"] < 1e-4 for r in _metrics(out_ddp) if "reward/total" in r)
 
         # the same under FSDP2: the main process pushes weights that every process helps gather
         from rlkit.launch import config_path
@@ -273,7 +273,7 @@ def test_server_mode_learns_and_a_dead_server_fails_in_one_line(tmp_path):
         p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         assert (out_fsdp / "checkpoint-2" / "rlkit_state" / "optimizer.rank1.pt").is_file()  # really sharded
-        assert all(r["rollout/logprob_diff"] < 1e-4 for r in _metrics(out_fsdp) if "reward" in r)
+        assert all(r["rollout/logprob_diff"] < 1e-4 for r in _metrics(out_fsdp) if "reward/total" in r)
 
         # the server dies after checkpoint-2 of a longer run
         out2 = tmp_path / "dies"
@@ -296,7 +296,7 @@ def test_server_mode_learns_and_a_dead_server_fails_in_one_line(tmp_path):
         again = _rlkit(*grpo(out2, "--max-steps", 4, "--set", "train.save_steps=2"))
         assert again.returncode == 0, again.stderr[-3000:]
         assert "resuming from" in again.stdout
-        steps = [r["step"] for r in _metrics(out2) if "reward" in r]
+        steps = [r["step"] for r in _metrics(out2) if "reward/total" in r]
         assert steps[-1] == 4 and len(steps) == len(set(steps))
     finally:
         _stop(server)

@@ -11,33 +11,55 @@ from rlkit.rollout import Sample
 
 
 @dataclass
+class RolloutInfo:
+    """What the collect phase saw beyond the tensors, for the log phase."""
+
+    rounds: int               # rollout rounds (dynamic sampling refills the batch)
+    groups_kept_frac: float   # share of prompt groups kept (1.0 without dynamic sampling)
+    failures: dict[str, int] = field(default_factory=dict)  # reward name -> calls that raised or timed out
+    rewards: list[float] = field(default_factory=list)      # B scaled and clipped total rewards, as trained on
+
+
+@dataclass
 class RolloutBatch:
-    """B samples (prompts × num_generations), prompt left-padded to P, completion right-padded to T.
+    """B samples, each a token sequence: a context (left-padded to P) then a response window of T positions
+    (right-padded) whose tokens get log-probs. ``loss_mask`` marks the window's tokens that enter the loss:
+    the model's own tokens (1), never prompt, tool or environment tokens or padding (0). A single-turn sample
+    is one prompt then one completion (its mask one run of 1s); a multi-turn sample's window interleaves the
+    model's turns with tool output, and its mask is not one contiguous run. Nothing here assumes either.
 
     The collect phase fills the first fields; each later phase of the RL loop adds its own."""
 
-    input_ids: torch.Tensor        # [B, P+T] prompt then completion tokens
-    attention_mask: torch.Tensor   # [B, P+T] 1 on real prompt and completion tokens
-    completion_mask: torch.Tensor  # [B, T]   1 on completion tokens that enter the loss
+    input_ids: torch.Tensor        # [B, P+T] context then response-window tokens
+    attention_mask: torch.Tensor   # [B, P+T] 1 on real (non-padding) tokens
+    loss_mask: torch.Tensor        # [B, T]   1 on the model's tokens that enter the loss
     group_ids: torch.Tensor        # [B]      samples of the same prompt share an id
     rewards: torch.Tensor          # [B]      summed, weighted, scaled reward
     old_logp: torch.Tensor | None = None   # [B, T] policy log-probs before this step's updates
     ref_logp: torch.Tensor | None = None   # [B, T] reference-model log-probs
-    sampler_logp: torch.Tensor | None = None  # [B, T] the rollout engine's log-probs
+    sampler_logp: torch.Tensor | None = None  # [B, T] the rollout engine's log-probs of the sampled tokens
+    policy_version: torch.Tensor | None = None  # [B] long: the optimizer step whose weights sampled each sample
+    #                                             (asynchronous rollouts); None: all by the current policy
     values: torch.Tensor | None = None        # [B, T] critic values at rollout time (PPO)
     advantages: torch.Tensor | None = None    # [B, T]
     returns: torch.Tensor | None = None       # [B, T]
     token_rewards: torch.Tensor | None = None  # [B, T] per-token KL penalty added to the reward (rl.kl_in reward)
     is_weights: torch.Tensor | None = None     # [B, T] truncated importance weights trainer/sampler (vllm)
     # What the collect phase saw, for the log phase (not sliced by ``select``):
-    samples: list[Sample] = field(default_factory=list)   # B completions as the engine returned them
+    samples: list[Sample] = field(default_factory=list)   # B responses as the engine returned them
     scores: dict[str, list] = field(default_factory=dict)  # reward name -> B scores (None: not applicable)
     routes: list[str | None] = field(default_factory=list)  # B data routes (all-scenario RL)
-    info: dict = field(default_factory=dict)  # rollout rounds, groups kept, reward failures
+    info: RolloutInfo | None = None  # rollout rounds, groups kept, reward failures, the rewards
 
     @property
     def completion_len(self) -> int:
-        return self.completion_mask.shape[1]
+        """T: the width of the response window (the positions that get log-probs)."""
+        return self.loss_mask.shape[1]
+
+    @property
+    def completion_mask(self) -> torch.Tensor:
+        """The older name of ``loss_mask`` (read-only), kept for callers not yet moved."""
+        return self.loss_mask
 
     def select(self, idx: torch.Tensor) -> RolloutBatch:
         """The samples at ``idx`` (a mini- or micro-batch), every tensor field sliced alike."""
@@ -50,13 +72,15 @@ class RolloutBatch:
 
 def build_batch(prompt_ids: list[list[int]], samples: list[Sample], group_ids: list[int], rewards: list[float],
                 pad_id: int, overlong_filter: bool = False) -> RolloutBatch:
-    """Pad prompts on the left and completions on the right into one RolloutBatch."""
+    """Pad prompts on the left and completions on the right into one RolloutBatch (single-turn samples from
+    the current policy: the loss mask covers each completion; ``overlong_filter`` zeroes the mask of a sample
+    cut off at the length limit)."""
     P = max(len(p) for p in prompt_ids)
     T = max(1, max(len(s.token_ids) for s in samples))
     B = len(samples)
     input_ids = torch.full((B, P + T), pad_id, dtype=torch.long)
     attn = torch.zeros((B, P + T), dtype=torch.long)
-    cmask = torch.zeros((B, T), dtype=torch.float32)
+    loss_mask = torch.zeros((B, T), dtype=torch.float32)
     sampler = torch.zeros((B, T), dtype=torch.float32)
     has_sampler = all(s.logprobs is not None for s in samples)
     for i, (p, s) in enumerate(zip(prompt_ids, samples)):
@@ -67,23 +91,24 @@ def build_batch(prompt_ids: list[list[int]], samples: list[Sample], group_ids: l
             input_ids[i, P : P + n] = torch.tensor(s.token_ids, dtype=torch.long)
             attn[i, P : P + n] = 1
             if not (overlong_filter and not s.finished):
-                cmask[i, :n] = 1
+                loss_mask[i, :n] = 1
             if has_sampler:
                 sampler[i, :n] = torch.tensor(s.logprobs, dtype=torch.float32)
-    return RolloutBatch(input_ids, attn, cmask, torch.tensor(group_ids, dtype=torch.long),
+    return RolloutBatch(input_ids, attn, loss_mask, torch.tensor(group_ids, dtype=torch.long),
                         torch.tensor(rewards, dtype=torch.float32), sampler_logp=sampler if has_sampler else None)
 
 
 def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, with_entropy: bool = False,
                         chunk_tokens: int | None = None, with_aux: bool = False, router_logits: bool = False) -> tuple:
-    """Log-probs [B, T] of the completion tokens under ``model`` (logits divided by the sampling
-    temperature, as the sampler saw them), and optionally the per-token entropy [B, T]. With ``with_aux``
-    a third value: the MoE router's load-balancing loss (a scalar) when the model computes one (its config's
-    ``output_router_logits``, or ``router_logits`` asks for it in this forward), else None.
+    """Log-probs [B, T] of the response window's tokens (T = ``batch.completion_len``) under ``model``
+    (logits divided by the sampling temperature, as the sampler saw them), and optionally the per-token
+    entropy [B, T]. With ``with_aux`` a third value: the MoE router's load-balancing loss (a scalar) when the
+    model computes one (its config's ``output_router_logits``, or ``router_logits`` asks for it in this
+    forward), else None.
 
     Position ids follow the attention mask, so left padding gives the same positions as generation.
     Only the last T+1 positions go through the LM head. With ``chunk_tokens``, the LM head runs over
-    chunks of that many completion tokens under activation checkpointing, so full-vocabulary logits
+    chunks of that many window tokens under activation checkpointing, so full-vocabulary logits
     exist for one chunk at a time, in the forward and in the backward pass.
     """
     T = batch.completion_len
@@ -125,3 +150,37 @@ def _head_logprobs(h, targets, weight, bias, temperature: float, with_entropy: b
 
 def _unwrap(model):
     return model.module if hasattr(model, "module") and not hasattr(model, "get_output_embeddings") else model
+
+
+@dataclass
+class ScoredGroup:
+    """One prompt's G samples as rolled out and scored (the collect phase's unit; dynamic sampling keeps or
+    drops whole groups)."""
+
+    prompt_ids: list[int]
+    samples: list[Sample]                 # G
+    totals: list[float]                   # G weighted reward sums
+    scores: dict[str, list]               # reward name -> G scores (None: not applicable)
+    route: str | None = None              # the data route (all-scenario RL)
+
+
+def batch_from_groups(groups: list[ScoredGroup], pad_id: int, reward_scale: float = 1.0,
+                      reward_clip: float | None = None, overlong_filter: bool = False) -> RolloutBatch:
+    """The groups' samples as one RolloutBatch (group ids in order), each total reward scaled by
+    ``reward_scale`` then clipped to ``±reward_clip``; ``samples``, ``scores`` and ``routes`` filled."""
+    prompt_ids, samples, gids, totals, routes = [], [], [], [], []
+    scores: dict[str, list] = {}
+    for gi, group in enumerate(groups):
+        routes.extend([group.route] * len(group.samples))
+        for j, s in enumerate(group.samples):
+            prompt_ids.append(group.prompt_ids)
+            samples.append(s)
+            gids.append(gi)
+            r = group.totals[j] * reward_scale
+            totals.append(max(-reward_clip, min(reward_clip, r)) if reward_clip else r)
+        for k, v in group.scores.items():
+            scores.setdefault(k, []).extend(v)
+    batch = build_batch(prompt_ids, samples, gids, totals, pad_id, overlong_filter)
+    batch.samples, batch.scores, batch.routes = samples, scores, routes
+    batch.info = RolloutInfo(rounds=0, groups_kept_frac=1.0, rewards=totals)
+    return batch

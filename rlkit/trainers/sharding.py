@@ -10,7 +10,7 @@ GPUs (NCCL) and on CPU (gloo, as in the tests).
 Under sharding:
 
 - gradients are reduce-scattered in every backward; micro-batches before the last skip it
-  (:func:`no_sync`); the loss is normalised by global counts (``rl._global_count``);
+  (:func:`no_sync`); the loss is normalised by global counts (``rl.update._global_count``);
 - generation with the hf engine and evaluation run on gathered weights (``rlkit.weights.gathered``: one
   all-gather, then plain forwards with no collectives, so one process may generate more than another);
 - the vLLM sync and the Hugging Face export gather one tensor at a time (``rlkit.weights.full_weights``,

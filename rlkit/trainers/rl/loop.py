@@ -1,0 +1,378 @@
+"""The RL loop: ``run_rl`` and the run object whose ``fit`` calls one named, timed phase after another.
+
+The set-up (``setup.py``) builds the models and a frozen ``Plan`` of the derived values; the update
+(``update.py``) returns typed stats; collectives are in ``dist.py``, checkpoints and the export in
+``export.py``. The package docstring (``rlkit.trainers.rl``) describes the phases and the papers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from rlkit import checkpoint as ckpt
+from rlkit import runs
+from rlkit.algos import (
+    AdvantageConfig,
+    all_finite,
+    compute_advantages,
+    compute_kl,
+    make_kl_controller,
+    truncated_is_weights,
+)
+from rlkit.config import RunConfig
+from rlkit.errors import Diverged
+from rlkit.evaluation import evaluate_model
+from rlkit.models import load_tokenizer
+from rlkit.reward_check import check_before_training
+from rlkit.rollout import SamplingParams
+from rlkit.scoring import RewardSet, score_groups
+from rlkit.templates import render_prompt
+from rlkit.tracking import MetricsLogger, PhaseTimer, StepProgress, console
+from rlkit.trainers import sharding
+from rlkit.trainers.batch import RolloutBatch, ScoredGroup, batch_from_groups, completion_logprobs
+from rlkit.trainers.critic import critic_values
+from rlkit.trainers.rl import dist, export, metrics, setup
+from rlkit.trainers.rl.update import KL_CLAMP, UpdateStats, run_update
+
+
+def run_rl(cfg: RunConfig, resume: str = "auto") -> dict:
+    """Train (or resume) the run ``cfg`` describes; ``resume``: auto | anyway | overwrite (see rlkit.runs)."""
+    rewards = RewardSet(cfg.rewards)  # a reward that does not resolve is reported before anything else
+    with runs.guarded_run(cfg, resume, ckpt.last_checkpoint) as stop:
+        return RLRun(cfg, stop, rewards).fit()
+
+
+class RLRun:
+    """One RL run: ``__init__`` sets it up (or restores it from the last checkpoint) in the order the random
+    draws need; ``fit`` runs the loop, the rollout batch passed from phase to phase."""
+
+    def __init__(self, cfg: RunConfig, stop: runs.GracefulStop, rewards: RewardSet):
+        from accelerate.utils import set_seed
+
+        self.t_start = time.time()
+        self.cfg, self.stop, self.rewards, self.rl, self.t = cfg, stop, rewards, cfg.rl, cfg.train
+        self.fsdp = sharding.fsdp_options()  # FSDP2 from the accelerate config (sharding.py), or None
+        setup.check_supported(cfg, self.fsdp)
+        acc, bf16 = setup.build_accelerator(cfg)
+        self.acc = acc
+        self.rank, self.world, self.main = acc.process_index, acc.num_processes, acc.is_main_process
+        setup.check_world(cfg, self.world)
+        self.out = Path(cfg.output_dir)
+        sharded = self.fsdp is not None
+
+        # data: everything checked before a model loads
+        self.tokenizer = tok = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+        prompts = setup.load_prompts(cfg, tok, rewards)
+        if self.rl.reward_check and self.main:
+            check_before_training(rewards, prompts.rows, cfg.data.template, tok)
+        self.evals = setup.load_eval(cfg, tok)
+
+        # models and optimizers; the random draws from here on are the run's (LoRA and critic heads, dropout)
+        set_seed(cfg.train.seed)
+        resume_from = ckpt.last_checkpoint(self.out)
+        policy, ref = setup.build_policy(cfg, resume_from, reference=setup.needs_reference_copy(cfg))
+        self.plan = plan = setup.make_plan(cfg, self.world, prompts, self.evals, setup.has_dropout(policy))
+        self.policy, self.optimizer, self.scheduler = setup.prepare(
+            acc, policy, cfg.train.learning_rate, cfg.train, plan.optimizer_steps, self.fsdp, bf16)
+        self.unwrapped = acc.unwrap_model(self.policy)
+        self.ref_model = setup.place_reference(acc, ref, self.fsdp, bf16)
+        self.critic = (setup.build_critic(cfg, acc, resume_from, tok.pad_token_id, plan.optimizer_steps, self.fsdp,
+                                          bf16) if plan.critic else None)
+        self.extra_state = ({"critic_optimizer": self.critic.optimizer, "critic_scheduler": self.critic.scheduler}
+                            if self.critic is not None else {})
+        self.ptx = setup.PtxStream(self.rl, tok, cfg.data.template, cfg.train.seed) if self.rl.ptx_coef > 0 else None
+        self.kl_ctl = make_kl_controller(self.rl.kl_controller, self.rl.beta, target=self.rl.kl_target,
+                                         horizon=self.rl.kl_horizon)
+        self.stream = setup.PromptStream(prompts.rows, cfg.train.seed)
+
+        # resume, or seed a fresh run
+        self.step, self.history = 0, {}
+        if resume_from is not None:
+            self._restore(resume_from)
+        else:
+            torch.manual_seed(cfg.train.seed * 1009 + self.rank)
+            random.seed(cfg.train.seed * 1009 + self.rank)
+            if self.main and self.out.exists():
+                (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        if self.evals is None and self.main and "before" not in self.history and cfg.eval.task == "auto":
+            console.print("[yellow]no evaluation: set data.eval to a held-out split of your data to get before/after "
+                          "pass@1[/]")
+
+        # the rollout engine, logging
+        self.engine = setup.build_engine(cfg, plan, tok, self.unwrapped, acc, sharded)
+        self.params = SamplingParams(n=self.rl.num_generations, max_new_tokens=self.rl.max_new_tokens,
+                                     temperature=self.rl.temperature, top_p=self.rl.top_p)
+        self.logger = MetricsLogger(self.out, cfg.report_to, run_name=cfg.name,
+                                    config=cfg.model_dump(mode="json")) if self.main else None
+        self.timer = PhaseTimer()
+
+    def _restore(self, resume_from) -> None:
+        lr = self.t.learning_rate
+        state = export.restore(resume_from, self.out, self.acc, self.optimizer, self.scheduler, self.extra_state, lr,
+                               critic=self.critic, critic_lr=self.rl.value_learning_rate or lr,
+                               sharded=self.fsdp is not None)
+        self.step, self.stream.pos, self.history = state["step"], state["data_pos"], state.get("history", {})
+        if self.ptx is not None:
+            self.ptx.pos = state.get("ptx_pos", 0)
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+
+    # ----------------------------------------------------------------------------------- the loop
+
+    def fit(self) -> dict:
+        if "before" not in self.history:
+            self.history["before"] = self.evaluate()
+            if self.logger is not None and self.history["before"]:
+                self.logger.log(self.step, self.history["before"])
+        self.acc.wait_for_everyone()
+        self.progress = (StepProgress(self.plan.max_steps, self.step, self.cfg.kind, metrics.PROGRESS_FIELDS,
+                                      metrics.PROGRESS_REQUIRED) if self.main else None)
+        self.policy.train()
+        try:
+            while self.step < self.plan.max_steps:
+                step_t0 = time.time()
+                batch = self.collect()           # rollout + reward (+ dynamic sampling)
+                self.engine.sleep()              # the update gets the engine's memory
+                self.logprobs(batch)             # old (when needed) and reference log-probs
+                self.values(batch)               # critic values (when the advantage estimator reads them)
+                self.advantages(batch)
+                stats = self.update(batch)
+                check_finite(self.acc, stats, self.policy, self.step + 1)
+                self.sync()                      # the engine samples from the new weights
+                self.step += 1
+                row = self.log(batch, stats, step_t0)
+                row.update(self.periodic_eval())
+                self.write(row, batch)
+                self.checkpoint()
+        finally:
+            if self.progress is not None:
+                self.progress.close()
+        return self.finish()
+
+    # --------------------------------------------------------------------------------- the phases
+
+    def collect(self) -> RolloutBatch:
+        """Roll out ``per_process`` prompts × G samples, score them, and (dynamic sampling) refill the batch
+        with fresh prompts while groups whose rewards are all equal are dropped."""
+        rl, tok, n = self.rl, self.tokenizer, self.plan.per_process
+        kept: list[ScoredGroup] = []
+        dropped: list[ScoredGroup] = []
+        rounds = 0
+        failures: dict[str, int] = {}
+        while True:
+            rows = self.stream.take(rl.prompts_per_step)[self.rank * n : (self.rank + 1) * n]
+            texts = [render_prompt(r["prompt"], self.cfg.data.template, tok) for r in rows]
+            prompt_ids = tok(texts, add_special_tokens=False)["input_ids"]
+            with self.timer("rollout"), (contextlib.nullcontext() if self.plan.off_policy
+                                         else sharding.gathered(self.policy)):
+                groups = generate(self.engine, prompt_ids, self.params, self.step + 1)
+            with self.timer("reward"):
+                scored = score_groups(self.rewards, rows, texts, groups)
+            G = rl.num_generations
+            for gi, g in enumerate(groups):
+                sl = slice(gi * G, (gi + 1) * G)
+                group = ScoredGroup(prompt_ids[gi], g, scored.total[sl],
+                                    {k: v[sl] for k, v in scored.per_reward.items()}, rows[gi].get("route"))
+                (dropped if rl.dynamic_sampling and len(set(group.totals)) <= 1 else kept).append(group)
+            for k, v in scored.failures.items():
+                failures[k] = failures.get(k, 0) + v
+            rounds += 1
+            if rounds > rl.max_resample_rounds or not dist.any_process(self.acc, rl.dynamic_sampling and len(kept) < n):
+                break
+        batch = batch_from_groups((kept + dropped)[:n], tok.pad_token_id, rl.reward_scale, rl.reward_clip,
+                                  rl.overlong_filter)
+        batch.info.rounds, batch.info.failures = rounds, failures
+        batch.info.groups_kept_frac = len(kept) / max(1, len(kept) + len(dropped)) if rl.dynamic_sampling else 1.0
+        return batch.to(self.acc.device)
+
+    def logprobs(self, batch: RolloutBatch) -> None:
+        """The trainer's log-probs of the sampled tokens before this step's updates, when the update needs them
+        before its own forward, and the truncated importance weights that correct for another sampler (else the
+        update derives both from its forward: one pass over the batch less); the reference model's log-probs
+        (beta > 0)."""
+        rl, tis_cap = self.rl, self.cfg.rollout.tis_cap
+        self.policy.eval()
+        with torch.no_grad():
+            with self.timer("old_logprobs"):
+                if self.plan.old_logprobs_pass:
+                    batch.old_logp = chunked_logprobs(self.unwrapped, batch, rl)
+                if (self.plan.off_policy and batch.old_logp is not None and batch.sampler_logp is not None
+                        and tis_cap is not None):
+                    batch.is_weights = truncated_is_weights(batch.old_logp, batch.sampler_logp, tis_cap)
+            with self.timer("reference"):
+                if self.plan.reference_logprobs:
+                    if self.ref_model is not None:
+                        batch.ref_logp = chunked_logprobs(self.ref_model, batch, rl)
+                    else:
+                        with self.unwrapped.disable_adapter():
+                            batch.ref_logp = chunked_logprobs(self.unwrapped, batch, rl)
+        self.policy.train()
+
+    def values(self, batch: RolloutBatch) -> None:
+        if self.critic is None:
+            return
+        with self.timer("values"), torch.no_grad():
+            batch.values = in_chunks(batch, self.rl.micro_batch_size, lambda mb: critic_values(self.critic.model, mb))
+
+    def advantages(self, batch: RolloutBatch) -> None:
+        rl = self.rl
+        with self.timer("advantage"):
+            if rl.kl_in == "reward" and batch.ref_logp is not None:
+                batch.token_rewards = -self.kl_ctl.value * compute_kl(rl.kl_estimator, batch.old_logp, batch.ref_logp,
+                                                                      clamp=KL_CLAMP) * batch.loss_mask
+            batch.advantages, batch.returns = compute_advantages(
+                rl.advantage, rewards=batch.rewards, mask=batch.loss_mask, group_ids=batch.group_ids,
+                values=batch.values, token_rewards=batch.token_rewards,
+                cfg=AdvantageConfig(gamma=rl.gamma, lam=rl.lam, std_normalize=rl.std_normalize,
+                                    whiten=rl.whiten_advantages))
+
+    def update(self, batch: RolloutBatch) -> UpdateStats:
+        with self.timer("update"):
+            return run_update(self.policy, self.optimizer, self.scheduler, self.acc, batch, self.rl,
+                              self.kl_ctl.value, critic=self.critic, ptx=self.ptx, tis_cap=self.cfg.rollout.tis_cap)
+
+    def sync(self) -> None:
+        with self.timer("sync"):
+            self.engine.wake()
+            if self.main or not self.plan.shared_server:
+                self.engine.sync_weights(self.unwrapped)
+            else:
+                dist.join_gather(self.fsdp is not None, self.unwrapped)
+            if self.plan.shared_server:
+                self.acc.wait_for_everyone()  # no process samples from the server before the new weights are in
+
+    def log(self, batch: RolloutBatch, stats: UpdateStats, step_t0: float) -> dict:
+        """This step's metrics, averaged (maxima: the largest) over processes in one all-reduce each; the KL
+        controller reads the mean KL."""
+        plan, info = self.plan, batch.info
+        with self.timer("log"):
+            series = {**metrics.sample_series(batch, self.world, plan.off_policy),
+                      **{k: [v] for k, v in stats.metrics().items()}}
+            reduced = dist.means(self.acc, series)
+            maxima = {**stats.max_metrics(), **metrics.sample_maxes(batch, plan.off_policy)}
+            reduced.update(dist.maxes(self.acc, maxima))
+            self.kl_ctl.update(reduced.get("kl/mean", 0.0), plan.batch_size * self.world)
+            tokens = sum(len(s.token_ids) for s in batch.samples) * self.world
+            return {
+                **reduced,
+                **metrics.route_metrics(batch.routes, info.rewards, batch.scores),
+                "kl/coef": self.kl_ctl.value,
+                "rollout/groups_kept_frac": info.groups_kept_frac,
+                "rollout/rounds": info.rounds,
+                "rollout/tokens_per_s": tokens / max(self.timer.times.get("rollout", 1e-9), 1e-9),
+                "optim/lr": self.scheduler.get_last_lr()[0],
+                "time/step": time.time() - step_t0,
+            }
+
+    def periodic_eval(self) -> dict:
+        """Every rl.eval_steps and at the last step."""
+        if self.step % self.rl.eval_steps and self.step != self.plan.max_steps:
+            return {}
+        self.acc.wait_for_everyone()
+        with self.timer("eval"):
+            return self.evaluate()
+
+    def write(self, row: dict, batch: RolloutBatch) -> None:
+        """The step's row (with the phase timers) to the metric sinks and the progress bar (main process)."""
+        row.update(self.timer.pop())
+        if not self.main:
+            return
+        self.logger.log(self.step, row)
+        self.progress.update(self.step, row)
+        if self.rl.log_completions and (self.step % self.t.logging_steps == 0 or self.step == 1):
+            self.progress.note(f"[dim]step {self.step} sample (reward {batch.info.rewards[0]:.2f}):[/] "
+                               f"{batch.samples[0].text[:200]!r}")
+
+    def checkpoint(self) -> None:
+        """Save every ``train.save_steps``, at the end, and when a signal asked to stop (then stop)."""
+        stopping = dist.any_process(self.acc, self.stop.requested is not None)
+        step = self.step
+        if step % self.t.save_steps == 0 or step == self.plan.max_steps or stopping:
+            state = export.loop_state(step, self.stream, self.kl_ctl, self.history, self.plan.max_steps, self.ptx)
+            export.save_checkpoint(self.acc, self.out, step, self.unwrapped, self.tokenizer, self.optimizer,
+                                   self.scheduler, state, self.t.save_total_limit, self.extra_state,
+                                   self.acc.unwrap_model(self.critic.model) if self.critic is not None else None,
+                                   sharded=self.fsdp is not None)
+        if stopping:
+            raise self.stop.interrupted(f"saved {self.out / f'checkpoint-{step}'}")
+
+    def evaluate(self) -> dict:
+        """Held-out pass@1 on the main process, with the rollout engine (vLLM holds the synced weights).
+        Sharded: every process evaluates its share of the rows on the gathered weights, and the shares'
+        metrics are combined (a forward that only the main process ran would leave FSDP's state unlike the
+        others')."""
+        if self.evals is None or not (self.main or self.fsdp is not None):
+            return {}
+        rows, template = self.evals.rows, self.evals.template
+        engine = self.engine if self.plan.off_policy else None  # hf: a fresh engine at the eval batch size
+        if self.fsdp is None:
+            rep = evaluate_model(self.unwrapped, self.tokenizer, rows, self.cfg.eval, template, engine=engine)
+            return {f"eval/{k}": v for k, v in rep.metrics.items() if k not in ("n_prompts",)}
+        share = rows[self.rank :: self.world]
+        with contextlib.nullcontext() if self.plan.off_policy else sharding.gathered(self.policy):
+            rep = evaluate_model(self.unwrapped, self.tokenizer, share or rows[:1], self.cfg.eval, template,
+                                 engine=engine)
+        combined = dist.combine_shares(self.acc, rep.metrics, len(share))
+        return {f"eval/{k}": v for k, v in combined.items() if k not in ("n_prompts",)} if self.main else {}
+
+    def finish(self) -> dict:
+        """The final Hugging Face directory, the critic, the before/after table, the plot and the model card."""
+        self.acc.wait_for_everyone()
+        result: dict = {"steps": self.step, "processes": self.world}
+        export.export_final(self.acc, self.out, self.cfg, self.policy, self.unwrapped, self.tokenizer, self.critic,
+                            sharded=self.fsdp is not None)
+        if self.main:
+            export.write_result(self.out, self.cfg, self.logger, result, self.history, self.t_start, metrics.PLOT_KEYS)
+        self.acc.wait_for_everyone()
+        self.engine.close()  # before the process group goes: vLLM tears down its own groups in it
+        self.acc.end_training()
+        return result
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def in_chunks(batch: RolloutBatch, size: int, fn) -> torch.Tensor:
+    """``fn`` over micro-batches of ``size`` samples, concatenated: [B, T]."""
+    B = batch.input_ids.shape[0]
+    return torch.cat([fn(batch.select(torch.arange(i, min(B, i + size), device=batch.input_ids.device)))
+                      for i in range(0, B, size)])
+
+
+def chunked_logprobs(model, batch: RolloutBatch, rl) -> torch.Tensor:
+    return in_chunks(batch, rl.micro_batch_size, lambda mb: completion_logprobs(
+        model, mb, rl.temperature, chunk_tokens=rl.logprob_chunk)[0])
+
+
+_LAST_GOOD = ("the last good checkpoint is kept; lower train.learning_rate (or raise rl.beta) and run again "
+              "with --resume-anyway to continue from it, or --overwrite to start over")
+
+
+def generate(engine, prompt_ids: list[list[int]], params: SamplingParams, step: int):
+    """Roll out; sampling from a model whose logits went non-finite means training diverged."""
+    try:
+        return engine.generate(prompt_ids, params)
+    except RuntimeError as e:
+        if "inf" in str(e) or "nan" in str(e):
+            raise Diverged(f"step {step}: training diverged: the policy's probabilities are not finite "
+                           f"({str(e).splitlines()[0]}); {_LAST_GOOD}") from None
+        raise
+
+
+def check_finite(acc, stats: UpdateStats, policy, step: int) -> None:
+    """Stop on a non-finite loss, gradient norm or weight, before anything of this step is saved; every
+    process stops when any finds one (FSDP2: each checks its own shard of the weights, no collective)."""
+    values = stats.finite_check()
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if not bad and not all_finite(dist.local(p) for p in policy.parameters() if p.requires_grad):
+        bad = ["weights"]
+    if dist.any_process(acc, bool(bad)) and not bad:
+        bad = ["weights or losses on another process"]
+    if bad:
+        shown = ", ".join(f"{k}={values[k]}" if k in values else k for k in bad)
+        raise Diverged(f"step {step}: training diverged (non-finite {shown}); {_LAST_GOOD}")
