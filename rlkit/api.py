@@ -80,10 +80,11 @@ def evaluate(model: str = "embedded", *, task: str = "arithmetic", data: str | N
              max_new_tokens: int = 64, engine: str = "hf") -> dict:
     """Evaluate a model directory (or 'embedded') with the ``engine`` (hf or vllm); returns the report that
     ``rlkit eval --output`` writes."""
-    from rlkit.config import EvalConfig, RolloutConfig
+    from rlkit.config import EvalConfig
     from rlkit.evaluation import run_eval
+    from rlkit.rollout import rollout_config
     from rlkit.tracking import quiet_libraries
 
     quiet_libraries()
     cfg = EvalConfig(task=task, num_samples=num_samples, limit=limit, max_new_tokens=max_new_tokens)
-    return run_eval(model, cfg, template, data=data, rollout=RolloutConfig(engine=engine))
+    return run_eval(model, cfg, template, data=data, rollout=rollout_config(engine=engine))

@@ -93,24 +93,28 @@ def _sync() -> None:
 
 ROLLOUT_ENGINES = ("hf", "hf_static", "vllm", "vllm_raw")
 STEP_ENGINES = ("hf", "hf_static", "vllm")
+# the bench's names for rlkit's engines: the rollout section each stands for, and how the report names it
+# (``vllm_raw`` is vLLM's own LLM.generate, no rlkit engine)
+BENCH_ROLLOUTS = {"hf": ({"engine": "hf", "hf_cache": "dynamic"}, "hf engine, dynamic cache"),
+                  "hf_static": ({"engine": "hf", "hf_cache": "static"}, "hf engine, static cache"),
+                  "vllm": ({"engine": "vllm"}, "vllm engine")}
 
 
 def _rollout_engine(name: str, model_path: str, tok, max_batch: int, max_len: int, model_cache: dict):
     """An engine for the bench: rlkit's hf (dynamic or static cache) and vllm engines, or ``vllm_raw``: vLLM's
     ``LLM.generate`` used as is (no seeds, no log-probs, detokenised), the baseline for rlkit's vllm engine."""
     from rlkit.models import load_causal_lm
-    from rlkit.rollout import make_engine, rollout_config
+    from rlkit.rollout import engine_spec, make_engine, rollout_config
 
-    if name.startswith("hf"):
+    if name not in BENCH_ROLLOUTS:
+        return RawVLLM(model_path, max_batch, max_len)
+    rollout = rollout_config(**BENCH_ROLLOUTS[name][0])
+    if engine_spec(rollout).samples_itself:  # generates on the model in memory (one for every such engine)
         if "model" not in model_cache:
             model = load_causal_lm(model_path)
             model_cache["model"] = model.to("cuda") if torch.cuda.is_available() else model
-        cache = "static" if name == "hf_static" else "dynamic"
-        return make_engine(rollout_config(hf_cache=cache), tok, model=model_cache["model"], max_batch=max_batch)
-    if name == "vllm":
-        return make_engine(rollout_config(engine="vllm"), tok, model_path=model_path, max_batch=max_batch,
-                           max_len=max_len)
-    return RawVLLM(model_path, max_batch, max_len)
+        return make_engine(rollout, tok, model=model_cache["model"], max_batch=max_batch)
+    return make_engine(rollout, tok, model_path=model_path, max_batch=max_batch, max_len=max_len)
 
 
 class RawVLLM:
@@ -186,7 +190,7 @@ def bench_rlkit_step(model_path: str, prompts: int, generations: int, gen_len: i
     from rlkit.trainers.rl import run_rl
 
     out = workdir / f"rlkit_grpo_{engine}"
-    rollout = {"engine": "vllm"} if engine == "vllm" else {"hf_cache": "static" if engine == "hf_static" else "dynamic"}
+    rollout, label = BENCH_ROLLOUTS[engine]
     cfg = build_config([("bench", {
         "kind": "grpo", "name": "bench", "output_dir": str(out), "report_to": ["jsonl"],
         "model": {"path": model_path}, "data": {"train": "embedded:arithmetic", "template": "r1_zero"},
@@ -203,7 +207,6 @@ def bench_rlkit_step(model_path: str, prompts: int, generations: int, gen_len: i
     tokens = sum(r["rollout/completion_len"] for r in timed) / len(timed) * prompts * generations
     phases = {k.removeprefix("time/"): round(sum(r.get(k, 0) for r in timed) / len(timed), 3)
               for k in timed[0] if k.startswith("time/") and k != "time/step"}
-    label = "vllm engine" if engine == "vllm" else f"hf engine, {'static' if engine == 'hf_static' else 'dynamic'} cache"
     return {"trainer": f"rlkit ({label})", "engine": engine, "step_seconds": round(step_s, 3),
             "completion_tokens_per_s": round(tokens / step_s, 1), "phases": phases, "peak_gib": _peak_gib()}
 

@@ -148,15 +148,18 @@ def eval_(
     if output is not None:
         check_output_file(output, "--output")
     cfg = eval_config(recipe, set_, nest({
-        "model.path": model or model_arg, "rollout.engine": engine, "eval.task": task, "eval.template": template,
+        "model.path": model or model_arg, "rollout.engine": engine, "eval.task": task,
+        # the template: a training recipe's eval.template; rlkit eval's own (no recipe) data.template
+        "eval.template" if recipe else "data.template": template,
         "eval.num_samples": num_samples, "eval.temperature": temperature, "eval.max_new_tokens": max_new_tokens,
         "eval.limit": limit}))
     if data is None and task is None and cfg.eval.task is not None:
         data = cfg.data.eval  # a recipe's held-out data, as training evaluates on it
-    tmpl = cfg.eval.template or cfg.data.template
+    # a training recipe's evaluation renders as its training does (data.template) unless eval.template says
+    tmpl = getattr(cfg.eval, "template", None) or cfg.data.template
     report = run_eval(cfg.model.path, cfg.eval, tmpl, data=data, dtype=cfg.model.dtype,
                       progress_factory=lambda total: progress_bar("evaluating", total), rollout=cfg.rollout,
-                      data_cfg=cfg.data)
+                      data_cfg=cfg.data, trust_remote_code=cfg.model.trust_remote_code)
     _print_metrics(f"eval {report['model']} on {report['data']} ({tmpl} template, {report['engine']} engine)",
                    report["metrics"])
     if output:

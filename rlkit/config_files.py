@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from rlkit.config import ConfigError
+from rlkit.errors import ConfigError
 
 
 def parse_set(items: list[str] | None) -> dict:

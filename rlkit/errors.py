@@ -10,6 +10,10 @@ class RlkitError(Exception):
     prefix = "error"
 
 
+class ConfigError(RlkitError):
+    """A config or recipe problem, with a one-line message fit for the user."""
+
+
 class DataError(RlkitError):
     """A data set that cannot be used: the file, line or row, and what was expected."""
 

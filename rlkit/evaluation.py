@@ -38,21 +38,17 @@ class EvalReport:
 def eval_config(recipe: str | None, sets: list[str] | None, flags: dict) -> RunConfig:
     """``rlkit eval``'s config: what an RL run's evaluation reads (``data.system_prompt``, ``data.few_shot``,
     ``rollout.*``), from the defaults < ``recipe`` < ``--set`` < the command's flags (nested, None dropped)."""
-    from rlkit.config import ConfigError, build_config
+    from rlkit.config import build_config
     from rlkit.config_files import load_yaml, parse_set
     from rlkit.recipe import recipe_path
 
-    layers = [("defaults", {"kind": "grpo", "data": {"template": "r1_zero"}, "rewards": [{"name": "accuracy"}]})]
-    if recipe:
+    if recipe:  # read as its own command reads it
         path = recipe_path(recipe)
-        layers.append((str(path), load_yaml(path)))
+        layers = [(str(path), load_yaml(path))]
+    else:
+        layers = [("defaults", {"kind": "eval", "data": {"template": "r1_zero"}})]
     layers += [("--set", parse_set(sets)), ("command-line flags", flags)]
-    try:
-        return build_config(layers)
-    except ConfigError as e:  # without a recipe the command is eval, not the grpo its config borrows
-        if recipe:
-            raise
-        raise ConfigError(str(e).replace("rlkit grpo does not use", "rlkit eval does not use")) from None
+    return build_config(layers)
 
 
 def eval_spec(cfg: RunConfig) -> str | None:
@@ -160,16 +156,16 @@ def score_answers(completions: list[str], rows: list[dict]) -> list[float]:
 
 
 def run_eval(model_path: str, cfg: EvalConfig, template: str, data: str | None = None, dtype: str = "auto",
-             progress_factory=None, rollout=None, data_cfg=None) -> dict:
+             progress_factory=None, rollout=None, data_cfg=None, trust_remote_code: bool = False) -> dict:
     """Load a model directory and evaluate it with the ``rollout`` engine (a ``rollout:`` section; default
     hf); returns the JSON-ready report."""
     rollout = rollout or rollout_config()
     spec, rows = eval_rows(cfg, data, data_cfg)
     model = None
     if engine_spec(rollout).samples_itself:  # generates on the model in memory: loaded (and checked) first
-        model = load_causal_lm(model_path, dtype=dtype)
+        model = load_causal_lm(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
         model = model.to("cuda") if torch.cuda.is_available() else model
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, trust_remote_code)
     check_eval_rows(rows, spec, template, tokenizer, model_path, cfg.max_new_tokens)
     engine = eval_engine(rollout, tokenizer, model_path, dtype, cfg, rows, template, model=model)
     total = len(rows) * (1 + (cfg.num_samples if cfg.num_samples > 1 else 0))

@@ -37,6 +37,7 @@ def write_model_card(out: Path, cfg: RunConfig, metrics: dict, stage: str) -> No
         "",
         f"# {out.name}",
         "",
+        *([cfg.description, ""] if cfg.description else []),
         f"Trained with [rlkit](https://pypi.org/project/rlkit/) `{stage}` (recipe `{cfg.name}`) from `{base_path}`"
         f" on `{cfg.data.train}` with the `{cfg.data.template}` prompt template.",
         "",
@@ -61,4 +62,18 @@ def write_model_card(out: Path, cfg: RunConfig, metrics: dict, stage: str) -> No
         "```",
         "",
     ]
+    (out / "README.md").write_text("\n".join(lines))
+
+
+def write_dataset_card(out: Path, cfg: RunConfig, metrics: dict) -> None:
+    """The ``README.md`` of a data set that a command wrote (``rlkit sample``: SFT rows in ``data.jsonl``), as
+    the Hugging Face hub shows it."""
+    lines = ["---", "tags:", "- rlkit", f"- {cfg.kind}", "configs:", "- config_name: default",
+             "  data_files: data.jsonl", "---", "", f"# {out.name}", "",
+             *([cfg.description, ""] if cfg.description else []),
+             f"Made with [rlkit](https://pypi.org/project/rlkit/) `{cfg.kind}` (recipe `{cfg.name}`) from "
+             f"`{cfg.model.path}` on `{cfg.data.train}`: SFT rows (`messages`) in `data.jsonl`.", "",
+             "| metric | value |", "| --- | --- |",
+             *[f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()],
+             "", "## Config", "", "```yaml", to_yaml(cfg).rstrip(), "```", ""]
     (out / "README.md").write_text("\n".join(lines))

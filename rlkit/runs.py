@@ -30,9 +30,12 @@ import socket
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rlkit.config import RunConfig, result_differences, upgrade_dump
 from rlkit.errors import RlkitError, RunInterrupted
+
+if TYPE_CHECKING:  # the config (and the algos its schema names, with torch) loads when a command runs
+    from rlkit.config import RunConfig
 
 RESUME_MODES = ("auto", "anyway", "overwrite")
 RUN_FILE = "rlkit_run.json"
@@ -156,6 +159,8 @@ def clear_run(out: Path) -> None:
 def check_resume(out: Path, cfg: RunConfig, resuming: bool, mode: str) -> None:
     """Refuse to resume with a config that changes the result, unless ``mode`` says otherwise; record the
     config a fresh run starts with."""
+    from rlkit.config import result_differences, upgrade_dump
+
     record = out / RUN_FILE
     new = cfg.model_dump(mode="json")
     if resuming and record.is_file():

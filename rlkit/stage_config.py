@@ -8,7 +8,7 @@ import difflib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlkit.config import ConfigError, RunConfig, _check_unknown, applicable, build_config
+from rlkit.config import KINDS, ConfigError, RunConfig, applicable, build_config, check_unknown, upgrade_layer
 from rlkit.config_files import load_yaml, parse_set
 from rlkit.manifest import STAGE_REF
 from rlkit.nested import flatten
@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 def check_shared(pipeline: Pipeline, layer: dict, source: str) -> None:
     """Keys for every stage (``defaults:``, ``--set defaults.*``) must exist and be read by some stage."""
-    _check_unknown(layer, RunConfig, source)
+    check_unknown(layer, source)
+    layer, _ = upgrade_layer(layer, source)  # the keys as today's schema names them
     kept = [applicable(layer, s.kind) for s in pipeline.stages]
     for key, value in flatten(layer).items():
         if value != {} and not any(_has_key(k, key) for k in kept):
@@ -66,7 +67,7 @@ def stage_sets(pipeline: Pipeline, sets: list[str] | None) -> tuple[dict[str, di
     a stage, and an error when it is both. Returns ``({stage: overrides}, overrides for every stage)``.
     """
     names = [s.name for s in pipeline.stages]
-    config_keys = set(RunConfig.model_fields)
+    config_keys = {k for model in KINDS.values() for k in model.model_fields}
     per: dict[str, list[str]] = {}
     common: list[str] = []
     for item in sets or []:
@@ -135,9 +136,11 @@ def check_inputs(name: str, cfg: RunConfig, out: Path) -> None:
     missing from the last stage would otherwise fail only after the earlier stages trained)."""
     from rlkit.data import LOCAL_SUFFIXES
 
-    specs = [("data.train", cfg.data.train), ("data.eval", cfg.data.eval), ("rl.ptx_data", cfg.rl.ptx_data),
-             ("sample.mix_data", cfg.sample.mix_data), ("model.path", cfg.model.path),
-             *((f"data.mix[{i}].data", m.data) for i, m in enumerate(cfg.data.mix))]
+    data, rl, sample = cfg.data, getattr(cfg, "rl", None), getattr(cfg, "sample", None)
+    specs = [("data.train", data.train), ("data.eval", getattr(data, "eval", None)), ("model.path", cfg.model.path),
+             *([("rl.ptx.data", rl.ptx.data)] if rl is not None and rl.ptx is not None else []),
+             *([("sample.mix_data", sample.mix_data)] if sample is not None else []),
+             *((f"data.mix[{i}].data", m.data) for i, m in enumerate(getattr(data, "mix", [])))]
     for key, spec in specs:
         if not spec or ":" in spec.split("/")[0]:  # embedded:..., reasoning_gym:..., a hub name with a split
             continue

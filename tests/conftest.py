@@ -26,6 +26,9 @@ class Result:
     output: str
 
 
+from keys_recording import recorder  # noqa: E402,F401  (a fixture)
+
+
 @pytest.fixture
 def cli():
     """Run ``rlkit ARGS`` in-process; returns exit code and combined output."""

@@ -33,7 +33,8 @@ def main(out: Path) -> None:
         opt = torch.optim.SGD(m.parameters(), lr=1.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         m, opt = acc.prepare(m, opt)
-        cfg = RLConfig(max_grad_norm=1e9, max_new_tokens=16, micro_batch_size=1, loss_aggregation=aggregation)
+        cfg = RLConfig(max_grad_norm=1e9, max_new_tokens=16, micro_batch_size=1, loss_aggregation=aggregation,
+                       kl={"coef": 0.1})
         stats = run_update(m, opt, sched, acc, mine, cfg, beta=0.1)
         after = dict(acc.unwrap_model(m).named_parameters())
         deltas.update({f"{aggregation}/{k}": (before[k] - after[k].detach()).contiguous() for k in before})

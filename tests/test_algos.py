@@ -1,8 +1,7 @@
 """rlkit.algos: every expected value below is worked out by hand in the test, on tiny literal tensors.
 
-The tests use the variants' schemas (GRPOAdvantage, PPOClipLoss, KLConfig, ...); the older all-knob spellings
-(AdvantageConfig, PolicyLossConfig, make_kl_controller(kind, coef, ...)) are checked once, in
-test_old_spellings_give_the_same_numbers, which goes with them."""
+The variants are configured by their schemas (GRPOAdvantage, PPOClipLoss, KLConfig, ...); a call without one
+uses that schema's defaults."""
 
 from __future__ import annotations
 
@@ -22,14 +21,12 @@ from rlkit.algos import (
     POLICY_LOSSES,
     AdaptiveKL,
     Advantage,
-    AdvantageConfig,
     DrGRPOAdvantage,
     FixedKL,
     GAEAdvantage,
     GRPOAdvantage,
     KLConfig,
     PolicyLoss,
-    PolicyLossConfig,
     PPOClipLoss,
     ReinforceLoss,
     ReinforcePPAdvantage,
@@ -312,6 +309,22 @@ def test_policy_loss_schemas():
         POLICY_LOSSES["reinforce"](*args, cfg=PPOClipLoss())
     loss, _ = compute_policy_loss(PPOClipLoss(epsilon=0.1), *args)  # the schema names the loss
     close(loss, -1.1)
+    loss, _ = compute_policy_loss("ppo_clip", *args)  # no schema: PPOClipLoss()'s epsilon 0.2
+    close(loss, -1.2)
+
+
+def test_a_call_without_cfg_uses_its_schemas_defaults():
+    kw = {"rewards": REWARDS, "mask": MASK, "group_ids": GROUPS, "values": torch.rand(4, 3), "token_rewards": torch.rand(4, 3)}
+    for name in ADVANTAGES:
+        for a, b in zip(ADVANTAGES[name](**kw), ADVANTAGES[name](**kw, cfg=ADVANTAGE_SCHEMAS[name]())):
+            assert torch.equal(a, b), name
+    assert not torch.equal(ADVANTAGES["gae"](**kw)[0], ADVANTAGES["gae"](**kw, cfg=GAEAdvantage(lam=1.0))[0])  # lam 0.95
+    args = (GX, GOLD, GA, GM)
+    for name in POLICY_LOSSES:
+        lo, mo = POLICY_LOSSES[name](*args, is_weights=GW, aggregation="seq_mean_token_mean")
+        ln, mn = compute_policy_loss(POLICY_LOSS_SCHEMAS[name](), *args, is_weights=GW, aggregation="seq_mean_token_mean")
+        assert torch.equal(lo, ln) and mo.keys() == mn.keys() and all(torch.equal(mo[k], mn[k]) for k in mo), name
+        assert torch.equal(POLICY_LOSSES[name](*args)[0], POLICY_LOSSES[name](*args, aggregation="token_mean")[0]), name
 
 
 # ------------------------------------------------------------------------------------------------ KL
@@ -349,6 +362,11 @@ def test_adaptive_kl_moves_toward_target():
     close(down.value, 0.1 * 0.99488, tol=1e-9)
     fixed = make_kl_controller(KLConfig(coef=0.05))
     assert isinstance(fixed, FixedKL) and fixed.update(100.0, 256) == 0.05
+    assert FixedKL(0.0).update(3.0, 256) == 0.0  # no KL section: the loop's FixedKL(0.0)
+    with pytest.raises(TypeError, match="make_kl_controller takes a KLConfig, got str"):  # no (kind, coef, ...) form
+        make_kl_controller("fixed")
+    with pytest.raises(TypeError):
+        make_kl_controller("adaptive", 0.1, target=6.0, horizon=10000)
     with pytest.raises(ValidationError, match="target: the adaptive KL controller needs a target"):
         KLConfig(coef=0.1, controller="adaptive")
 
@@ -635,45 +653,3 @@ def test_entropy_from_logits():
     close(entropy_from_logits(torch.zeros(2, 4)), [math.log(4)] * 2)
     close(entropy_from_logits(torch.tensor([0.0, 0.0, float("-inf")])), math.log(2))
     close(entropy_from_logits(torch.tensor([1000.0, 0.0])), 0.0)  # stable for large logits
-
-
-# ----------------------------------------------------------------------------------- older spellings
-
-
-def test_old_spellings_give_the_same_numbers():
-    """AdvantageConfig, PolicyLossConfig and make_kl_controller(kind, coef, ...): the loop's spellings until it
-    passes the schemas; this test goes with them."""
-    kw = {"rewards": REWARDS, "mask": MASK, "group_ids": GROUPS, "values": torch.rand(4, 3), "token_rewards": torch.rand(4, 3)}
-    pairs = [("grpo", AdvantageConfig(std_normalize="batch"), GRPOAdvantage(std_normalize="batch")),
-             ("dr_grpo", AdvantageConfig(), DrGRPOAdvantage()), ("rloo", AdvantageConfig(), RLOOAdvantage()),
-             ("reinforce_pp", AdvantageConfig(gamma=0.5), ReinforcePPAdvantage(gamma=0.5)),
-             ("gae", AdvantageConfig(gamma=0.9, lam=0.5, whiten=True), GAEAdvantage(gamma=0.9, lam=0.5))]
-    for name, old, new in pairs:
-        for a, b in zip(compute_advantages(name, cfg=old, **kw), compute_advantages(new, **kw)):
-            assert torch.equal(a, b), name
-    with pytest.raises(ValueError, match="std_normalize"):
-        AdvantageConfig(std_normalize="global")
-    args = (GX, GOLD, GA, GM)
-    old = PolicyLossConfig(clip_low=0.1, clip_high=0.15, dual_clip=2.0, aggregation="seq_mean_token_sum_norm",
-                           aggregation_constant=4)
-    new = PPOClipLoss(epsilon=0.1, epsilon_high=0.15, dual_clip=2.0)
-    lo, mo = compute_policy_loss("ppo_clip", *args, cfg=old, is_weights=GW)
-    ln, mn = compute_policy_loss(new, *args, is_weights=GW, aggregation="seq_mean_token_sum_norm", constant=4)
-    assert torch.equal(lo, ln) and mo.keys() == mn.keys() and all(torch.equal(mo[k], mn[k]) for k in mo)
-    lo, _ = compute_policy_loss("reinforce", *args, cfg=PolicyLossConfig(aggregation="seq_mean_token_mean"))
-    ln, _ = compute_policy_loss(ReinforceLoss(), *args, aggregation="seq_mean_token_mean")
-    assert torch.equal(lo, ln)
-    with pytest.raises(ValueError, match="known"):
-        PolicyLossConfig(aggregation="sum")
-    with pytest.raises(ValueError, match="aggregation_constant"):
-        PolicyLossConfig(aggregation="seq_mean_token_sum_norm")
-    with pytest.raises(ValueError, match="dual_clip"):
-        PolicyLossConfig(dual_clip=0.5)
-    down = make_kl_controller("adaptive", 0.1, target=6.0, horizon=10000)
-    down.update(3.0, n_steps=256)
-    close(down.value, 0.1 * 0.99488, tol=1e-9)
-    assert isinstance(make_kl_controller("fixed", 0.0), FixedKL)  # beta 0: no KL, the old spelling's way
-    with pytest.raises(ValueError, match="target"):
-        make_kl_controller("adaptive", 0.1)
-    with pytest.raises(ValueError, match=r"unknown KL controller 'pid'; known: adaptive, fixed"):
-        make_kl_controller("pid", 0.1)

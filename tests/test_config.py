@@ -47,7 +47,7 @@ def test_config_is_frozen():
     with pytest.raises(ValidationError, match="frozen"):
         cfg.train.learning_rate = 1.0
     with pytest.raises(ValidationError, match="frozen"):
-        cfg.rl = cfg.rl
+        cfg.train = cfg.train
 
 
 def test_parse_set_types():
@@ -104,7 +104,7 @@ def test_python_api_takes_a_config_object():
 
     cfg = load_config("r1_zero", default_recipe="r1_zero")
     again = load(cfg, "grpo", max_steps=3, overrides={"rl.beta": 0.0})
-    assert again.train.max_steps == 3 and again.rl.beta == 0.0 and again.rewards == cfg.rewards
+    assert again.train.max_steps == 3 and again.rl.kl is None and again.rewards == cfg.rewards
 
 
 @pytest.mark.parametrize("name", ["sft", "rm", "r1_zero", "ppo", "sample"])
@@ -126,10 +126,12 @@ def test_pipeline_defaults_reach_only_the_keys_a_command_reads():
 
     layer = {"rl": {"beta": 0.1, "value_clip": 0.1}, "train": {"batch_size": 4, "learning_rate": 1e-3},
              "sample": {"thresholds": {}}}
-    assert applicable(layer, "grpo") == {"rl": {"beta": 0.1}, "train": {"learning_rate": 1e-3}}
-    assert applicable(layer, "ppo") == {"rl": {"beta": 0.1, "value_clip": 0.1}, "train": {"learning_rate": 1e-3}}
+    assert applicable(layer, "grpo") == {"rl": {"kl": {"coef": 0.1}}, "train": {"learning_rate": 1e-3}}
+    assert applicable(layer, "ppo") == {"rl": {"kl": {"coef": 0.1}, "advantage": {"value_clip": 0.1}},
+                                        "train": {"learning_rate": 1e-3}}
     assert applicable(layer, "sample") == {"sample": {"thresholds": {}}}
-    with pytest.raises(ConfigError, match=r"^--set: rl.value_clip: only used with a value model"):
+    with pytest.raises(ConfigError, match=r"^--set: rl.value_clip \(rl.advantage.value_clip\): advantage 'grpo' has "
+                       r"no key 'value_clip' \(its keys: std_normalize\)"):
         load_config("r1_zero", default_recipe="r1_zero", sets=["rl.value_clip=0.1"])
 
 
@@ -146,3 +148,32 @@ def test_a_config_recorded_before_the_rollout_section_still_resumes():
     old["rl"].update(engine=rollout["engine"], hf_cache=rollout["hf_cache"])
     assert result_differences(old, new)  # read naively, the old record differs
     assert upgrade_dump(old) == new and result_differences(upgrade_dump(old), new) == []
+
+
+def test_the_readme_config_example_is_a_valid_config():
+    """The README's `rl:`/`rollout:` example (in Configs and recipes) loads as it reads, for rlkit ppo."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", readme, re.S)]
+    example = next(b for b in blocks if isinstance(b, dict) and "rl" in b and "rollout" in b)
+    cfg = build_config([("README.md", {"kind": "ppo", "rewards": [{"name": "accuracy"}], **example})])
+    assert cfg.rl.advantage.name == "gae" and cfg.rl.advantage.needs_values and cfg.rl.kl.where == "reward"
+    assert cfg.rl.ptx.coef == 0.05 and cfg.rl.dynamic_sampling.max_rounds == 3 and cfg.rollout.engine == "vllm"
+
+
+def test_old_spellings_and_the_new_shape_give_the_same_config():
+    old = build_config([("old", {"kind": "grpo", "rewards": [{"name": "accuracy"}], "rl": {
+        "beta": 0.02, "kl_in": "reward", "kl_estimator": "k1", "advantage": "reinforce_pp", "gamma": 0.9,
+        "epsilon_high": 0.28, "ptx_coef": 0.1, "ptx_data": "embedded:demos", "dynamic_sampling": True,
+        "max_resample_rounds": 1}, "rollout": {"engine": "vllm", "tis_cap": 3.0}})])
+    new = build_config([("new", {"kind": "grpo", "rewards": [{"name": "accuracy"}], "rl": {
+        "kl": {"coef": 0.02, "where": "reward", "estimator": "k1"}, "advantage": {"name": "reinforce_pp", "gamma": 0.9},
+        "policy_loss": {"epsilon_high": 0.28}, "ptx": {"coef": 0.1, "data": "embedded:demos"},
+        "dynamic_sampling": {"max_rounds": 1}, "tis_cap": 3.0}, "rollout": {"engine": "vllm"}})])
+    assert old.model_dump() == new.model_dump()
+    # a variant switched by a later layer drops the earlier variant's knobs
+    cfg = build_config([("recipe", {"kind": "ppo", "rewards": [{"name": "accuracy"}], "rl": {"advantage": "gae", "lam": 0.9}}),
+                        ("--set", {"rl": {"advantage": "grpo"}})])
+    assert cfg.rl.advantage.name == "grpo"

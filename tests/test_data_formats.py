@@ -254,6 +254,6 @@ def test_system_prompt_and_few_shot_become_chat_turns(cli, tmp_path):
     assert_clean_error(cli("eval", "--recipe", "r1_zero", "--set", "data.template=chat", "--set", "data.system_prompt=x", "--template",
                            "plain"), "data.system_prompt", "needs eval.template chat")
     assert_clean_error(cli("sample", "--set", "data.template=chat", "--set", "data.system_prompt=x"),
-                       "data.system_prompt", "not used by rlkit sample")
+                       "data.system_prompt", "rlkit sample does not use this key")
     assert_clean_error(cli("eval", "--dataset", "reasoning_gym:basic_arithmetic?max_terms=[2"),
                        "cannot read 'max_terms=[2'")

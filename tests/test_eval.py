@@ -41,7 +41,7 @@ def test_eval_bad_inputs(cli, tmp_path):
     cols.write_text('{"prompt": "q"}\n')
     assert_clean_error(cli("eval", "--data", cols), "c.jsonl", "'answer'")
     assert_clean_error(cli("eval", "--task", "poetry"), "unknown built-in task or data set 'poetry'")
-    assert_clean_error(cli("eval", "--template", "fancy"), "eval.template")
+    assert_clean_error(cli("eval", "--template", "fancy"), "data.template", "r1_zero")  # --template sets it
     not_lm = tmp_path / "cls"
     from transformers import LlamaConfig, LlamaForSequenceClassification
 

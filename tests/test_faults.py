@@ -251,12 +251,12 @@ def test_grpo_on_user_data_evaluates_on_its_eval_split_or_nothing(tmp_path, cli)
 # ----------------------------------------------------------------------- 12: config combinations
 
 CONFIG_TABLE = [
-    (("ppo", "--set", "rl.kl_controller=adaptive"), ("rl.kl_target", "needs a target")),
-    (("grpo", "--set", "rl.ptx_coef=0.1"), ("rl.ptx_data",)),
+    (("ppo", "--set", "rl.kl_controller=adaptive"), ("rl.kl.target", "needs a target")),
+    (("grpo", "--set", "rl.ptx_coef=0.1"), ("rl.ptx.data", "required")),
     (("grpo", "--set", "rl.policy_loss=reinforce", "--set", "rl.num_iterations=2"), ("reinforce", "one update")),
     (("grpo", "--set", "train.batch_size=4"), ("train.batch_size", "does not use")),
     (("grpo", "--set", "train.grad_accum=4"), ("train.grad_accum", "does not use")),
-    (("grpo", "--set", "rl.value_clip=0.1"), ("rl.value_clip", "value model")),
+    (("grpo", "--set", "rl.value_clip=0.1"), ("rl.value_clip", "advantage 'grpo' has no key 'value_clip'")),
     (("sft", "--set", "rl.beta=0.1"), ("rl.beta", "does not use", "rlkit grpo")),
     (("rm", "--set", "eval.limit=5"), ("eval.limit", "does not use")),
     (("grpo", "--set", "rl.kl_target=0.1"), ("rl.kl_target", "adaptive")),

@@ -94,14 +94,18 @@ def test_ppo_bad_inputs(cli, tmp_path):
                            "--set", f"rewards=[{{name: reward_model, params: {{path: '{model_dir()}'}}}}]",
                            "--max-steps", 1, "--output-dir", tmp_path / "x"),
                        "expected a reward model", "LlamaForCausalLM")
-    assert_clean_error(cli("ppo", "--set", "rl.advantage=grpo"), "ppo uses 'gae'")
+    # rlkit ppo and rlkit grpo differ in their default advantage only: group advantages under ppo mean no critic
+    from rlkit.recipe import load_config
+
+    cfg = load_config("ppo", default_recipe="ppo", sets=["rl.advantage=grpo"])
+    assert cfg.kind == "ppo" and cfg.rl.advantage.name == "grpo" and not cfg.rl.advantage.needs_values
     missing = tmp_path / "no-rm"
     assert_clean_error(cli("ppo", "--set", "rl.value_model=policy", "--output-dir", tmp_path / "p",
                            "--set", f"rewards=[{{name: reward_model, params: {{path: '{missing}'}}}}]"), "no-rm")
     # the default recipe expects `rlkit rm`'s output: without it, a hint instead of a traceback
     assert_clean_error(cli("ppo", "--output-dir", tmp_path / "q", "--set", "rewards=[{name: reward_model, "
                            "params: {path: nosuch-org/nosuch-rm}}]"), "nosuch-org/nosuch-rm", "rlkit rm")
-    assert_clean_error(cli("ppo", "--set", "rl.ptx_coef=0.1"), "ptx_data")
+    assert_clean_error(cli("ppo", "--set", "rl.ptx_coef=0.1"), "rl.ptx.data", "required")
     rank = tmp_path / "rank.jsonl"
     rank.write_text(json.dumps({"prompt": "q", "responses": ["one"]}) + "\n")
     assert_clean_error(cli("rm", "--dataset", rank), "rank.jsonl: row 1", "at least 2 responses")

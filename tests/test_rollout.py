@@ -135,7 +135,6 @@ def test_rollout_keys_of_another_engine_and_unknown_engines_are_one_line():
     assert "unknown engine 'sglang'; expected one of hf, vllm" in error(engine="sglang")
     assert "unknown vllm mode 'shared'; expected one of colocate, server" in error(engine="vllm", mode="shared")
     assert "rollout.hf_cache: only used with rollout.engine hf" in error(engine="vllm", hf_cache="static")
-    assert "rollout.tis_cap: only used with rollout.engine vllm" in error(tis_cap=3)
     assert "rollout.mode: only used with rollout.engine vllm" in error(mode="server")
     assert "with rollout.mode server" in error(engine="vllm", sync_dir="/tmp/x")
     assert "with rollout.mode colocate" in error(engine="vllm", mode="server", kv_cache_gib=1)

@@ -47,7 +47,7 @@ def _step(model, batch, **rl) -> tuple[dict[str, torch.Tensor], dict[str, float]
     before = {k: v.detach().clone() for k, v in m.named_parameters()}
     opt = torch.optim.SGD(m.parameters(), lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    cfg = RLConfig(max_grad_norm=1e9, max_new_tokens=16, **rl)
+    cfg = RLConfig(max_grad_norm=1e9, max_new_tokens=16, **{"kl": {"coef": 0.1}, **rl})
     stats = run_update(m, opt, sched, Accelerator(cpu=True), batch, cfg, beta=0.1)
     assert isinstance(stats, UpdateStats)
     return {k: before[k] - v.detach() for k, v in m.named_parameters()}, {**stats.metrics(), **stats.max_metrics()}
@@ -76,7 +76,7 @@ def test_huge_log_ratio_to_the_reference_keeps_the_loss_finite(world):
     model, batch = world
     far = copy.copy(batch)
     far.ref_logp = batch.old_logp + 100.0
-    delta, stats = _step(model, far, micro_batch_size=6, kl_estimator="k3")
+    delta, stats = _step(model, far, micro_batch_size=6, kl={"coef": 0.1, "estimator": "k3"})
     assert all(math.isfinite(stats[k]) for k in ("policy/loss", "kl/mean", "optim/grad_norm"))
     assert all(bool(torch.isfinite(v).all()) for v in delta.values())
 
@@ -100,7 +100,7 @@ def test_importance_weights_from_the_update_forward_equal_a_separate_pass(world)
         before = {k: v.detach().clone() for k, v in m.named_parameters()}
         opt = torch.optim.SGD(m.parameters(), lr=1.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        run_update(m, opt, sched, Accelerator(cpu=True), b, RLConfig(max_grad_norm=1e9, micro_batch_size=2), beta=0.1,
+        run_update(m, opt, sched, Accelerator(cpu=True), b, RLConfig(max_grad_norm=1e9, micro_batch_size=2, kl={"coef": 0.1}), beta=0.1,
                    tis_cap=cap)
         return {k: before[k] - v.detach() for k, v in m.named_parameters()}
 

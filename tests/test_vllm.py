@@ -24,6 +24,7 @@ from rlkit.templates import render_prompt
 from rlkit.trainers.batch import build_batch, completion_logprobs
 
 from conftest import assert_clean_error
+from keys_recording import unread_keys
 
 SMALL = ["--set", "rl.prompts_per_step=4", "--set", "rl.num_generations=4", "--set", "eval.limit=16",
          "--set", "rl.log_completions=0"]
@@ -231,7 +232,7 @@ def _stop(p: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_server_mode_learns_and_a_dead_server_fails_in_one_line(tmp_path):
+def test_server_mode_learns_and_a_dead_server_fails_in_one_line(tmp_path, cli, recorder):
     """GRPO against a `rlkit vllm-serve` on loopback learns as the colocated engine does; when the server dies
     mid-run the run stops with one line naming the URL and keeps its checkpoint; with a new server, the same
     command resumes."""
@@ -252,6 +253,16 @@ def test_server_mode_learns_and_a_dead_server_fails_in_one_line(tmp_path):
         assert result["after/pass@1"] >= result["before/pass@1"] + 0.25, result
         rows = [r for r in _metrics(out) if "reward/total" in r]
         assert all(r["rollout/logprob_diff"] < 1e-4 for r in rows)  # the weights reached the server each step
+
+        # the server's keys are read (tests/test_keys_read.py records the other commands' keys); rlkit eval
+        # pushes no weights, so a sync_dir is refused
+        r = cli("eval", "--engine", "vllm", "--limit", 4, "--set", "rollout.mode=server", "--set",
+                f"rollout.server_url={url}", "--set", "rollout.server_timeout=120", "--set", "rollout.server_wait=30")
+        assert r.exit_code == 0, r.output
+        assert unread_keys(recorder) == []
+        assert_clean_error(cli("eval", "--engine", "vllm", "--set", "rollout.mode=server", "--set",
+                               f"rollout.server_url={url}", "--set", f"rollout.sync_dir={tmp_path}"),
+                           "rollout.sync_dir: rlkit eval pushes no weights")
 
         # two trainer processes share the server: the main process pushes the weights, both sample from them
         out_ddp = tmp_path / "server_ddp"
@@ -465,7 +476,7 @@ def test_unreachable_server_and_missing_vllm_are_one_line(cli, tmp_path, monkeyp
                            "--set", f"rollout.server_url={url}", "--set", "rollout.server_wait=0"), url)
     assert_clean_error(cli("grpo", "--set", "rollout.hf_cache=static", "--set", "rollout.engine=vllm"),
                        "rollout.hf_cache", "rollout.engine hf")
-    assert_clean_error(cli("grpo", "--set", "rollout.tis_cap=3"), "rollout.tis_cap", "rollout.engine vllm")
+    assert_clean_error(cli("grpo", "--set", "rl.tis_cap=3"), "rl.tis_cap", "rollout.engine vllm")
     assert_clean_error(cli("grpo", "--set", "rollout.engine=sglang"), "rollout.engine")
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # what an environment without vLLM sees

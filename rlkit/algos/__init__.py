@@ -9,7 +9,7 @@ Registries (``REG[name]`` returns the entry; an unknown name raises ``ValueError
                           ``ReinforcePPAdvantage``, ``GAEAdvantage`` (union ``Advantage``, tagged by ``name``); class
                           flags ``needs_values`` (gae: a critic; ``NEEDS_VALUES`` lists them), ``compares_group``
 - ``POLICY_LOSSES``       policy losses: ppo_clip, reinforce
-                          ``fn(logp, old_logp, advantages, mask, *, cfg, is_weights=None, aggregation=None,
+                          ``fn(logp, old_logp, advantages, mask, *, cfg, is_weights=None, aggregation="token_mean",
                           constant=None, global_count=None) -> (loss, metrics)``
 - ``POLICY_LOSS_SCHEMAS`` their configs: ``PPOClipLoss``, ``ReinforceLoss`` (union ``PolicyLoss``); class flag
                           ``single_update_only`` (reinforce)
@@ -25,7 +25,8 @@ the mini-batch's (verl's ``agg_loss``).
 Also ``KLConfig`` (the ``kl:`` section) with ``make_kl_controller(kl_cfg)`` -> ``FixedKL`` / ``AdaptiveKL`` and
 ``compute_kl``; ``value_loss``, ``explained_variance``, ``entropy_from_logits``, ``truncated_is_weights``,
 ``group_stats`` and the masked reductions ``masked_sum``, ``masked_mean``, ``masked_var``, ``masked_whiten``.
-``AdvantageConfig`` and ``PolicyLossConfig`` are the older all-knob spellings, still accepted as ``cfg``.
+Every estimator and loss takes its own schema as ``cfg`` (default: that schema's defaults);
+``compute_advantages(schema, ...)`` and ``compute_policy_loss(schema, ...)`` dispatch on the schema's ``name``.
 Each module's docstring says what it computes and where it departs from the papers.
 """
 
@@ -35,7 +36,6 @@ from rlkit.algos.advantages import (
     EPS,
     NEEDS_VALUES,
     Advantage,
-    AdvantageConfig,
     DrGRPOAdvantage,
     GAEAdvantage,
     GRPOAdvantage,
@@ -65,7 +65,6 @@ from rlkit.algos.policy_loss import (
     POLICY_LOSS_SCHEMAS,
     POLICY_LOSSES,
     PolicyLoss,
-    PolicyLossConfig,
     PPOClipLoss,
     ReinforceLoss,
     compute_policy_loss,
@@ -98,7 +97,6 @@ __all__ = [
     "POLICY_LOSS_SCHEMAS",
     "AdaptiveKL",
     "Advantage",
-    "AdvantageConfig",
     "Aggregation",
     "DrGRPOAdvantage",
     "FixedKL",
@@ -107,7 +105,6 @@ __all__ = [
     "KLConfig",
     "PPOClipLoss",
     "PolicyLoss",
-    "PolicyLossConfig",
     "RLOOAdvantage",
     "Registry",
     "ReinforceLoss",

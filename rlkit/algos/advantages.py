@@ -7,10 +7,11 @@ Every estimator has the same keyword-only signature, so the RL loop dispatches i
     )
 
 ``cfg`` is the estimator's schema (``GRPOAdvantage``, ..., ``GAEAdvantage``: exactly the knobs it reads, and
-for gae its critic's), picked from a config by its ``name``; the older ``AdvantageConfig`` (every knob of
-every estimator) is still accepted. Class flags: ``needs_values`` (gae: a critic is built exactly then) and
-``compares_group`` (grpo, dr_grpo, rloo: the baseline is the other samples of the prompt, so they need at
-least 2 samples per prompt). ``eps`` (added to a std) is ``EPS`` = 1e-6, not a knob.
+for gae its critic's), picked from a config by its ``name``; an estimator called without one uses its
+schema's defaults, and one given another estimator's schema raises ``ValueError``. Class flags:
+``needs_values`` (gae: a critic is built exactly then) and ``compares_group`` (grpo, dr_grpo, rloo: the
+baseline is the other samples of the prompt, so they need at least 2 samples per prompt). ``eps`` (added to
+a std) is ``EPS`` = 1e-6, not a knob.
 
 Shapes: ``rewards`` Tensor[B] (scalar sequence-level reward per sample), ``mask`` Tensor[B, T] (1 on
 generated tokens, 0 on padding), ``group_ids`` Tensor[B] long (samples of the same prompt share an id;
@@ -60,7 +61,6 @@ All estimators run under ``torch.no_grad()``: advantages and returns are targets
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal, Protocol
 
 import torch
@@ -82,35 +82,6 @@ StdNormalize = Literal["group", "batch", "none"]
 EPS = 1e-6  # added to a std before dividing (grpo; the whitening of gae and reinforce_pp)
 
 
-@dataclass(frozen=True)
-class AdvantageConfig:
-    """Knobs of all the advantage estimators (the older spelling: each estimator's schema replaces it).
-
-    Attributes:
-        gamma: discount per token (gae, reinforce_pp). 1.0 = undiscounted, the usual choice for LLMs.
-        lam: GAE lambda (gae). 1.0 = Monte Carlo return minus value; 0.0 = one-step TD.
-        std_normalize: which std divides grpo's centred rewards: "group", "batch" or "none".
-        eps: added to a std before dividing (grpo; whitening in gae and reinforce_pp).
-        whiten: whiten gae advantages over the valid tokens of the batch (masked mean/var).
-    """
-
-    gamma: float = 1.0
-    lam: float = 1.0
-    std_normalize: StdNormalize = "group"
-    eps: float = EPS
-    whiten: bool = True
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.gamma <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
-        if not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"lam must be in [0, 1], got {self.lam}")
-        if self.std_normalize not in ("group", "batch", "none"):
-            raise ValueError(f"unknown std_normalize {self.std_normalize!r}; known: batch, group, none")
-        if self.eps < 0:
-            raise ValueError(f"eps must be >= 0, got {self.eps}")
-
-
 class AdvantageFn(Protocol):
     def __call__(
         self,
@@ -120,13 +91,12 @@ class AdvantageFn(Protocol):
         group_ids: Tensor | None = None,
         values: Tensor | None = None,
         token_rewards: Tensor | None = None,
-        cfg: Section | AdvantageConfig = ...,
+        cfg: Section = ...,
     ) -> tuple[Tensor, Tensor]: ...
 
 
 ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator")
 ADVANTAGE_SCHEMAS: Registry[type[Section]] = Registry("advantage estimator")
-_DEFAULT = AdvantageConfig()
 
 
 class _AdvantageSection(Section):
@@ -137,13 +107,10 @@ class _AdvantageSection(Section):
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _eps(cfg: Section | AdvantageConfig, name: str) -> float:
-    """``eps`` of ``cfg`` (``EPS`` for a schema), after checking that a schema is ``name``'s."""
-    if isinstance(cfg, AdvantageConfig):
-        return cfg.eps
+def _check_cfg(cfg: Section, name: str) -> None:
+    """Raise unless ``cfg`` is the schema of estimator ``name``."""
     if getattr(cfg, "name", None) != name:
         raise ValueError(f"advantage estimator {name!r} got the config of {getattr(cfg, 'name', type(cfg).__name__)!r}")
-    return EPS
 
 
 # ---------------------------------------------------------------------------------------- estimators
@@ -159,6 +126,9 @@ class GRPOAdvantage(_AdvantageSection):
     compares_group: ClassVar[bool] = True
 
 
+_GRPO_ADVANTAGE = GRPOAdvantage()  # the default cfg
+
+
 @ADVANTAGES.register("grpo")
 @torch.no_grad()
 def grpo(
@@ -168,7 +138,7 @@ def grpo(
     group_ids: Tensor | None = None,
     values: Tensor | None = None,
     token_rewards: Tensor | None = None,
-    cfg: Section | AdvantageConfig = _DEFAULT,
+    cfg: GRPOAdvantage = _GRPO_ADVANTAGE,
 ) -> tuple[Tensor, Tensor]:
     """GRPO outcome advantage: group-centred reward over ``std + eps`` (unbiased std), on every valid token.
 
@@ -178,12 +148,11 @@ def grpo(
         group_ids: Tensor[B] long, required.
         values: ignored.
         token_rewards: Tensor[B, T] or None; its masked sum is added to ``rewards`` first.
-        cfg: ``GRPOAdvantage`` (reads ``std_normalize``: "group" | "batch" | "none") or ``AdvantageConfig``
-            (also ``eps``).
+        cfg: ``GRPOAdvantage`` (reads ``std_normalize``: "group" | "batch" | "none").
     Returns:
         (advantages Tensor[B, T], returns Tensor[B, T] = total reward broadcast), zeros on padding.
     """
-    eps = _eps(cfg, "grpo")
+    _check_cfg(cfg, "grpo")
     check_inputs(rewards, mask, group_ids, True, token_rewards=token_rewards)
     r = sequence_rewards(rewards, mask, token_rewards)
     mean, std, _ = group_stats(r, group_ids)
@@ -192,8 +161,8 @@ def grpo(
     else:
         if cfg.std_normalize == "batch":
             std = (r.std(correction=1) if r.numel() > 1 else r.new_zeros(())).expand_as(r)
-        denom = std + eps
-        adv = torch.where(denom > 0, (r - mean) / denom.clamp_min(1e-30), torch.zeros_like(r))  # 0/0 -> 0 when eps=0
+        denom = std + EPS
+        adv = torch.where(denom > 0, (r - mean) / denom.clamp_min(1e-30), torch.zeros_like(r))  # a nan std -> 0
     return broadcast(adv, mask), broadcast(r, mask)
 
 
@@ -205,6 +174,9 @@ class DrGRPOAdvantage(_AdvantageSection):
     compares_group: ClassVar[bool] = True
 
 
+_DRGRPO_ADVANTAGE = DrGRPOAdvantage()  # the default cfg
+
+
 @ADVANTAGES.register("dr_grpo")
 @torch.no_grad()
 def dr_grpo(
@@ -214,7 +186,7 @@ def dr_grpo(
     group_ids: Tensor | None = None,
     values: Tensor | None = None,
     token_rewards: Tensor | None = None,
-    cfg: Section | AdvantageConfig = _DEFAULT,
+    cfg: DrGRPOAdvantage = _DRGRPO_ADVANTAGE,
 ) -> tuple[Tensor, Tensor]:
     """Dr. GRPO outcome advantage ``r_i - mean_group`` (no std division), on every valid token.
 
@@ -224,11 +196,11 @@ def dr_grpo(
         group_ids: Tensor[B] long, required.
         values: ignored.
         token_rewards: Tensor[B, T] or None; its masked sum is added to ``rewards`` first.
-        cfg: ``DrGRPOAdvantage`` or ``AdvantageConfig``; not read (present for the uniform signature).
+        cfg: ``DrGRPOAdvantage``; not read (present for the uniform signature).
     Returns:
         (advantages Tensor[B, T], returns Tensor[B, T] = total reward broadcast), zeros on padding.
     """
-    _eps(cfg, "dr_grpo")
+    _check_cfg(cfg, "dr_grpo")
     check_inputs(rewards, mask, group_ids, True, token_rewards=token_rewards)
     r = sequence_rewards(rewards, mask, token_rewards)
     mean, _, _ = group_stats(r, group_ids)
@@ -243,6 +215,9 @@ class RLOOAdvantage(_AdvantageSection):
     compares_group: ClassVar[bool] = True
 
 
+_RLOO_ADVANTAGE = RLOOAdvantage()  # the default cfg
+
+
 @ADVANTAGES.register("rloo")
 @torch.no_grad()
 def rloo(
@@ -252,7 +227,7 @@ def rloo(
     group_ids: Tensor | None = None,
     values: Tensor | None = None,
     token_rewards: Tensor | None = None,
-    cfg: Section | AdvantageConfig = _DEFAULT,
+    cfg: RLOOAdvantage = _RLOO_ADVANTAGE,
 ) -> tuple[Tensor, Tensor]:
     """RLOO advantage: reward minus the mean reward of the *other* samples of the group.
 
@@ -264,11 +239,11 @@ def rloo(
         group_ids: Tensor[B] long, required.
         values: ignored.
         token_rewards: Tensor[B, T] or None; its masked sum is added to ``rewards`` first.
-        cfg: ``RLOOAdvantage`` or ``AdvantageConfig``; not read (present for the uniform signature).
+        cfg: ``RLOOAdvantage``; not read (present for the uniform signature).
     Returns:
         (advantages Tensor[B, T], returns Tensor[B, T] = total reward broadcast), zeros on padding.
     """
-    _eps(cfg, "rloo")
+    _check_cfg(cfg, "rloo")
     check_inputs(rewards, mask, group_ids, True, token_rewards=token_rewards)
     r = sequence_rewards(rewards, mask, token_rewards)
     mean, _, n = group_stats(r, group_ids)
@@ -285,6 +260,9 @@ class ReinforcePPAdvantage(_AdvantageSection):
     gamma: float = Field(1.0, ge=0, le=1, description="Discount per token (1.0: undiscounted).")
 
 
+_REINFORCEPP_ADVANTAGE = ReinforcePPAdvantage()  # the default cfg
+
+
 @ADVANTAGES.register("reinforce_pp")
 @torch.no_grad()
 def reinforce_pp(
@@ -294,7 +272,7 @@ def reinforce_pp(
     group_ids: Tensor | None = None,
     values: Tensor | None = None,
     token_rewards: Tensor | None = None,
-    cfg: Section | AdvantageConfig = _DEFAULT,
+    cfg: ReinforcePPAdvantage = _REINFORCEPP_ADVANTAGE,
 ) -> tuple[Tensor, Tensor]:
     """REINFORCE++: discounted per-token return-to-go, whitened over every valid token of the batch.
 
@@ -304,14 +282,14 @@ def reinforce_pp(
         group_ids: ignored (the baseline is the batch mean, not a group mean).
         values: ignored.
         token_rewards: Tensor[B, T] or None, e.g. ``-beta * kl`` per token.
-        cfg: ``ReinforcePPAdvantage`` (reads ``gamma``) or ``AdvantageConfig`` (also ``eps``).
+        cfg: ``ReinforcePPAdvantage`` (reads ``gamma``).
     Returns:
         (advantages Tensor[B, T] whitened, returns Tensor[B, T] raw return-to-go), zeros on padding.
     """
-    eps = _eps(cfg, "reinforce_pp")
+    _check_cfg(cfg, "reinforce_pp")
     check_inputs(rewards, mask, group_ids, False, token_rewards=token_rewards)
     returns = discounted_returns(token_level_rewards(rewards, mask, token_rewards), mask, cfg.gamma)
-    return masked_whiten(returns, mask, eps=eps), returns
+    return masked_whiten(returns, mask, eps=EPS), returns
 
 
 @ADVANTAGE_SCHEMAS.register("gae")
@@ -329,6 +307,9 @@ class GAEAdvantage(_AdvantageSection):
     needs_values: ClassVar[bool] = True
 
 
+_GAE_ADVANTAGE = GAEAdvantage()  # the default cfg
+
+
 @ADVANTAGES.register("gae")
 @torch.no_grad()
 def gae(
@@ -338,7 +319,7 @@ def gae(
     group_ids: Tensor | None = None,
     values: Tensor | None = None,
     token_rewards: Tensor | None = None,
-    cfg: Section | AdvantageConfig = _DEFAULT,
+    cfg: GAEAdvantage = _GAE_ADVANTAGE,
 ) -> tuple[Tensor, Tensor]:
     """Generalised Advantage Estimation over valid tokens, with the value after the last valid token = 0.
 
@@ -348,13 +329,12 @@ def gae(
         group_ids: ignored.
         values: Tensor[B, T] critic values V(s_t), required; entries on padding are ignored.
         token_rewards: Tensor[B, T] or None, e.g. ``-beta * kl`` per token (InstructGPT).
-        cfg: ``GAEAdvantage`` (reads ``gamma``, ``lam``, ``whiten``; its value_* knobs are the critic's) or
-            ``AdvantageConfig`` (also ``eps``).
+        cfg: ``GAEAdvantage`` (reads ``gamma``, ``lam``, ``whiten``; its value_* knobs are the critic's).
     Returns:
         (advantages Tensor[B, T] (whitened if ``cfg.whiten``), returns Tensor[B, T] = raw advantages +
         values), zeros on padding.
     """
-    eps = _eps(cfg, "gae")
+    _check_cfg(cfg, "gae")
     if values is None:
         raise ValueError("advantage estimator 'gae' needs values (Tensor[B, T] from the critic)")
     check_inputs(rewards, mask, group_ids, False, token_rewards=token_rewards, values=values)
@@ -373,7 +353,7 @@ def gae(
         next_a = torch.where(valid[:, t], a, next_a)
     returns = adv + v  # v and adv are already 0 on padding
     if cfg.whiten:
-        adv = masked_whiten(adv, mask, eps=eps)
+        adv = masked_whiten(adv, mask, eps=EPS)
     return adv, returns
 
 
@@ -385,8 +365,9 @@ Advantage = Annotated[
 NEEDS_VALUES = frozenset(name for name in ADVANTAGE_SCHEMAS if ADVANTAGE_SCHEMAS[name].needs_values)
 
 
-def compute_advantages(name: str | Section, **kwargs: Tensor | Section | AdvantageConfig | None) -> tuple[Tensor, Tensor]:
-    """``ADVANTAGES[name](**kwargs)``; ``name`` may be the schema itself (then it is also ``cfg``).
+def compute_advantages(name: str | Section, **kwargs: Tensor | Section | None) -> tuple[Tensor, Tensor]:
+    """``ADVANTAGES[name](**kwargs)``; ``name`` may be the schema itself (then it is also ``cfg``); without a
+    ``cfg`` the estimator uses its schema's defaults.
 
     See the module docstring for the keyword arguments and shapes.
     """

@@ -23,8 +23,8 @@ Controllers (Ziegler et al. 2019, "Fine-Tuning Language Models from Human Prefer
 ``AdaptiveKLController``) hold the coefficient: ``FixedKL(coef)`` never changes;
 ``AdaptiveKL(init_coef, target, horizon)`` does, per ``update(current_kl, n_steps)``:
 ``e = clip(current_kl / target - 1, -0.2, 0.2)``; ``coef *= 1 + e * n_steps / horizon``.
-``make_kl_controller(KLConfig(...))`` (or the older ``make_kl_controller("fixed" | "adaptive", coef, ...)``)
-builds either. Both have ``state_dict`` / ``load_state_dict`` for exact resume.
+``make_kl_controller(KLConfig(...))`` builds either (no KL at all: ``FixedKL(0.0)``). Both have
+``state_dict`` / ``load_state_dict`` for exact resume.
 
 ``KLConfig`` says all of it in one section: coefficient, estimator, where, controller (and the adaptive
 controller's target and horizon); a run without KL has no such section (and no reference model).
@@ -195,30 +195,14 @@ class KLConfig(Section):
         return self
 
 
-def make_kl_controller(
-    kind: Literal["fixed", "adaptive"] | KLConfig,
-    coef: float | None = None,
-    target: float | None = None,
-    horizon: float = 10_000,
-) -> FixedKL | AdaptiveKL:
-    """Build a KL coefficient controller: ``make_kl_controller(kl_cfg)`` or the older spelling below.
+def make_kl_controller(kl: KLConfig) -> FixedKL | AdaptiveKL:
+    """The coefficient controller of a ``kl:`` section: ``FixedKL(coef)`` or ``AdaptiveKL(coef, target, horizon)``.
 
     Args:
-        kind: a ``KLConfig`` (then the other arguments are not given), or "fixed" / "adaptive".
-        coef: the (initial) coefficient.
-        target: the KL the adaptive controller aims at (required for "adaptive", ignored for "fixed").
-        horizon: the adaptive controller's time constant, in the unit of ``update``'s ``n_steps``.
+        kl: the ``KLConfig`` (its ``controller``, ``coef``, and for "adaptive" ``target`` and ``horizon``).
     """
-    if isinstance(kind, KLConfig):
-        if coef is not None or target is not None:
-            raise ValueError("make_kl_controller: give a KLConfig or (kind, coef, target, horizon), not both")
-        kind, coef, target, horizon = kind.controller, kind.coef, kind.target, kind.horizon
-    if kind not in ("fixed", "adaptive"):
-        raise ValueError(f"unknown KL controller {kind!r}; known: adaptive, fixed")
-    if coef is None:
-        raise ValueError("make_kl_controller: needs the KL coefficient coef")
-    if kind == "fixed":
-        return FixedKL(coef)
-    if target is None:
-        raise ValueError("an adaptive KL controller needs a target KL")
-    return AdaptiveKL(coef, target, horizon)
+    if not isinstance(kl, KLConfig):
+        raise TypeError(f"make_kl_controller takes a KLConfig, got {type(kl).__name__}")
+    if kl.controller == "fixed":
+        return FixedKL(kl.coef)
+    return AdaptiveKL(kl.coef, kl.target, kl.horizon)

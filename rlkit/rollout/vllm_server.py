@@ -23,7 +23,7 @@ from rlkit.errors import first_line
 from rlkit.models import resolve_model_path
 from rlkit.rollout.base import Sample, SamplingParams
 from rlkit.rollout.schema import base_server_url
-from rlkit.rollout.vllm import EngineError, _check_prompt_length, _seeds, _stop_ids, _to_samples
+from rlkit.rollout.vllm import EngineError, check_prompt_length, request_seeds, stop_token_ids, to_samples
 from rlkit.runs import is_main_process
 from rlkit.weights import full_weights
 
@@ -32,7 +32,7 @@ def make_server_engine(cfg, tokenizer, *, model=None, model_path=None, max_len=N
                        **_) -> VLLMServerEngine:
     """A client of the server at ``cfg.server_url`` (``rollout:`` a VLLMServerRollout) that samples ``model``'s
     weights when given (pushed now), else the server's own, which must then be ``model_path``'s."""
-    stop_ids = _stop_ids(resolve_model_path(model_path), tokenizer) if model_path else None
+    stop_ids = stop_token_ids(resolve_model_path(model_path), tokenizer) if model_path else None
     engine = VLLMServerEngine(cfg.server_url, tokenizer, timeout=cfg.server_timeout, stop_ids=stop_ids,
                               sync_dir=cfg.sync_dir, wait=cfg.server_wait, model_path=model_path)
     if max_prompt_len is not None:
@@ -241,13 +241,13 @@ class VLLMServerEngine:
             return out
 
         with ThreadPoolExecutor(max_workers=max(1, min(64, len(prompt_ids)))) as pool:
-            per_prompt = list(pool.map(one, zip(prompt_ids, _seeds(params, len(prompt_ids)))))
-        return _to_samples(self.tokenizer, [o for group in per_prompt for o in group], params.n)
+            per_prompt = list(pool.map(one, zip(prompt_ids, request_seeds(params, len(prompt_ids)))))
+        return to_samples(self.tokenizer, [o for group in per_prompt for o in group], params.n)
 
     def check_prompt_length(self, longest: int, budget: int) -> None:
         """EngineError when a prompt of ``longest`` tokens leaves no room for a completion in the server's
         max_model_len."""
-        _check_prompt_length(longest, budget, self.max_model_len,
+        check_prompt_length(longest, budget, self.max_model_len,
                              f"the vLLM server at {self.url} has max_model_len {{n}}, no room for a completion after a "
                              "prompt of {longest} tokens; restart it with `rlkit vllm-serve --max-model-len {need}` "
                              "(the longest prompt + {m} new tokens)")
@@ -269,7 +269,6 @@ class VLLMServerEngine:
         tmp = d / "model.safetensors.tmp"
         save_file(_untie(tensors), str(tmp), metadata={"format": "pt"})
         tmp.replace(d / "model.safetensors")
-        t0 = time.perf_counter()
         try:
             self._request("POST", "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(d)}})
         except EngineError as e:
@@ -280,7 +279,6 @@ class VLLMServerEngine:
                               f"its log has the cause): the server must serve the trainer's model (`rlkit vllm-serve "
                               f"--model {model}`) and see rollout.sync_dir") from None
         self._request("POST", "/reset_prefix_cache")
-        self.last_sync_seconds = time.perf_counter() - t0
 
     def close(self) -> None:
         if self._tmp is not None:

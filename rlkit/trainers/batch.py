@@ -142,7 +142,8 @@ def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, wi
 
 
 def _head_logprobs(h, targets, weight, bias, temperature: float, with_entropy: bool):
-    logits = torch.nn.functional.linear(h, weight, bias).float() / temperature
+    # the hidden states may be float32 (mixed precision: a norm's output) while the head is bfloat16
+    logits = torch.nn.functional.linear(h.to(weight.dtype), weight, bias).float() / temperature
     lp = torch.log_softmax(logits, dim=-1)
     ent = -(lp.exp() * lp).sum(-1) if with_entropy else torch.zeros_like(targets, dtype=lp.dtype)
     return lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), ent

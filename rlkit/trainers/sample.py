@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from rlkit.config import RunConfig
+from rlkit.outputs import write_dataset_card
 from rlkit.data import DataError, check_lengths, rl_rows, sft_rows
 from rlkit.models import context_length, load_causal_lm, load_tokenizer
 from rlkit.rollout import SamplingParams, engine_spec, make_engine
@@ -146,6 +147,7 @@ def _run_sample(cfg: RunConfig) -> dict:
     metrics = {k: v for k, v in report.items() if isinstance(v, (int, float))}
     # what every stage leaves: the config it ran with and its result (a pipeline re-reads them if its manifest tears)
     write_run_record(out, cfg)
+    write_dataset_card(out, cfg, metrics)
     (out / "rlkit_result.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 

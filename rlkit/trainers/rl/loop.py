@@ -18,7 +18,7 @@ import torch
 from rlkit import checkpoint as ckpt
 from rlkit import runs
 from rlkit.algos import (
-    AdvantageConfig,
+    FixedKL,
     all_finite,
     compute_advantages,
     compute_kl,
@@ -35,6 +35,7 @@ from rlkit.scoring import RewardSet, score_groups
 from rlkit.templates import render_prompt
 from rlkit.tracking import MetricsLogger, PhaseTimer, StepProgress, console
 from rlkit.trainers import sharding
+from rlkit.weights import gathered
 from rlkit.trainers.batch import RolloutBatch, ScoredGroup, batch_from_groups, completion_logprobs
 from rlkit.trainers.critic import critic_values
 from rlkit.trainers.rl import dist, export, metrics, setup
@@ -86,9 +87,10 @@ class RLRun:
                                           bf16) if plan.critic else None)
         self.extra_state = ({"critic_optimizer": self.critic.optimizer, "critic_scheduler": self.critic.scheduler}
                             if self.critic is not None else {})
-        self.ptx = setup.PtxStream(self.rl, tok, cfg.data.template, cfg.train.seed) if self.rl.ptx_coef > 0 else None
-        self.kl_ctl = make_kl_controller(self.rl.kl_controller, self.rl.beta, target=self.rl.kl_target,
-                                         horizon=self.rl.kl_horizon)
+        ptx = self.rl.ptx
+        self.ptx = setup.PtxStream(ptx, tok, cfg.data.template, cfg.train.seed) if ptx is not None else None
+        # no KL: the coefficient stays 0 (logged as kl/coef, saved with the checkpoint like any controller)
+        self.kl_ctl = make_kl_controller(self.rl.kl) if self.rl.kl is not None else FixedKL(0.0)
         self.stream = setup.PromptStream(prompts.rows, cfg.train.seed)
 
         # resume, or seed a fresh run
@@ -115,7 +117,8 @@ class RLRun:
     def _restore(self, resume_from) -> None:
         lr = self.t.learning_rate
         state = export.restore(resume_from, self.out, self.acc, self.optimizer, self.scheduler, self.extra_state, lr,
-                               critic=self.critic, critic_lr=self.rl.value_learning_rate or lr,
+                               critic=self.critic,
+                               critic_lr=(self.rl.advantage.value_learning_rate or lr) if self.critic else lr,
                                sharded=self.fsdp is not None)
         self.step, self.stream.pos, self.history = state["step"], state["data_pos"], state.get("history", {})
         if self.ptx is not None:
@@ -164,12 +167,14 @@ class RLRun:
         dropped: list[ScoredGroup] = []
         rounds = 0
         failures: dict[str, int] = {}
+        dynamic = rl.dynamic_sampling is not None
+        max_rounds = rl.dynamic_sampling.max_rounds if dynamic else 0
         while True:
             rows = self.stream.take(rl.prompts_per_step)[self.rank * n : (self.rank + 1) * n]
             texts = [render_prompt(r["prompt"], self.cfg.data.template, tok) for r in rows]
             prompt_ids = tok(texts, add_special_tokens=False)["input_ids"]
-            with self.timer("rollout"), (contextlib.nullcontext() if self.plan.off_policy
-                                         else sharding.gathered(self.policy)):
+            with self.timer("rollout"), (gathered(self.policy) if self.plan.gather_weights
+                                         else contextlib.nullcontext()):
                 groups = generate(self.engine, prompt_ids, self.params, self.step + 1)
             with self.timer("reward"):
                 scored = score_groups(self.rewards, rows, texts, groups)
@@ -178,16 +183,16 @@ class RLRun:
                 sl = slice(gi * G, (gi + 1) * G)
                 group = ScoredGroup(prompt_ids[gi], g, scored.total[sl],
                                     {k: v[sl] for k, v in scored.per_reward.items()}, rows[gi].get("route"))
-                (dropped if rl.dynamic_sampling and len(set(group.totals)) <= 1 else kept).append(group)
+                (dropped if dynamic and len(set(group.totals)) <= 1 else kept).append(group)
             for k, v in scored.failures.items():
                 failures[k] = failures.get(k, 0) + v
             rounds += 1
-            if rounds > rl.max_resample_rounds or not dist.any_process(self.acc, rl.dynamic_sampling and len(kept) < n):
+            if rounds > max_rounds or not dist.any_process(self.acc, dynamic and len(kept) < n):
                 break
         batch = batch_from_groups((kept + dropped)[:n], tok.pad_token_id, rl.reward_scale, rl.reward_clip,
                                   rl.overlong_filter)
         batch.info.rounds, batch.info.failures = rounds, failures
-        batch.info.groups_kept_frac = len(kept) / max(1, len(kept) + len(dropped)) if rl.dynamic_sampling else 1.0
+        batch.info.groups_kept_frac = len(kept) / max(1, len(kept) + len(dropped)) if dynamic else 1.0
         return batch.to(self.acc.device)
 
     def logprobs(self, batch: RolloutBatch) -> None:
@@ -195,7 +200,7 @@ class RLRun:
         before its own forward, and the truncated importance weights that correct for another sampler (else the
         update derives both from its forward: one pass over the batch less); the reference model's log-probs
         (beta > 0)."""
-        rl, tis_cap = self.rl, self.cfg.rollout.tis_cap
+        rl, tis_cap = self.rl, self.plan.tis_cap
         self.policy.eval()
         with torch.no_grad():
             with self.timer("old_logprobs"):
@@ -222,19 +227,17 @@ class RLRun:
     def advantages(self, batch: RolloutBatch) -> None:
         rl = self.rl
         with self.timer("advantage"):
-            if rl.kl_in == "reward" and batch.ref_logp is not None:
-                batch.token_rewards = -self.kl_ctl.value * compute_kl(rl.kl_estimator, batch.old_logp, batch.ref_logp,
+            if rl.kl is not None and rl.kl.where == "reward" and batch.ref_logp is not None:
+                batch.token_rewards = -self.kl_ctl.value * compute_kl(rl.kl.estimator, batch.old_logp, batch.ref_logp,
                                                                       clamp=KL_CLAMP) * batch.loss_mask
             batch.advantages, batch.returns = compute_advantages(
                 rl.advantage, rewards=batch.rewards, mask=batch.loss_mask, group_ids=batch.group_ids,
-                values=batch.values, token_rewards=batch.token_rewards,
-                cfg=AdvantageConfig(gamma=rl.gamma, lam=rl.lam, std_normalize=rl.std_normalize,
-                                    whiten=rl.whiten_advantages))
+                values=batch.values, token_rewards=batch.token_rewards)
 
     def update(self, batch: RolloutBatch) -> UpdateStats:
         with self.timer("update"):
             return run_update(self.policy, self.optimizer, self.scheduler, self.acc, batch, self.rl,
-                              self.kl_ctl.value, critic=self.critic, ptx=self.ptx, tis_cap=self.cfg.rollout.tis_cap)
+                              self.kl_ctl.value, critic=self.critic, ptx=self.ptx, tis_cap=self.plan.tis_cap)
 
     def sync(self) -> None:
         with self.timer("sync"):
@@ -314,7 +317,7 @@ class RLRun:
             rep = evaluate_model(self.unwrapped, self.tokenizer, rows, self.cfg.eval, template, engine=engine)
             return {f"eval/{k}": v for k, v in rep.metrics.items() if k not in ("n_prompts",)}
         share = rows[self.rank :: self.world]
-        with contextlib.nullcontext() if self.plan.off_policy else sharding.gathered(self.policy):
+        with gathered(self.policy) if self.plan.gather_weights else contextlib.nullcontext():
             rep = evaluate_model(self.unwrapped, self.tokenizer, share or rows[:1], self.cfg.eval, template,
                                  engine=engine)
         combined = dist.combine_shares(self.acc, rep.metrics, len(share))
@@ -349,7 +352,7 @@ def chunked_logprobs(model, batch: RolloutBatch, rl) -> torch.Tensor:
         model, mb, rl.temperature, chunk_tokens=rl.logprob_chunk)[0])
 
 
-_LAST_GOOD = ("the last good checkpoint is kept; lower train.learning_rate (or raise rl.beta) and run again "
+_LAST_GOOD = ("the last good checkpoint is kept; lower train.learning_rate (or raise rl.kl.coef) and run again "
               "with --resume-anyway to continue from it, or --overwrite to start over")
 
 

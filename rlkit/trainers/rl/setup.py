@@ -16,12 +16,11 @@ from pathlib import Path
 
 import torch
 
-from rlkit.algos import NEEDS_VALUES
 from rlkit.config import ConfigError, RunConfig
 from rlkit.data import DataError, check_lengths, rl_rows
 from rlkit.evaluation import check_eval_rows, eval_rows, eval_spec
 from rlkit.models import context_length, load_causal_lm, lora_targets
-from rlkit.rollout import make_engine
+from rlkit.rollout import engine_spec, make_engine
 from rlkit.scoring import RewardSet
 from rlkit.templates import apply_chat, full_text, render_prompt, render_rows
 from rlkit.trainers import sharding
@@ -43,9 +42,13 @@ def check_supported(cfg: RunConfig, fsdp) -> None:
 def build_accelerator(cfg: RunConfig):
     """The Accelerator (CPU without CUDA; bf16 where train.bf16 says, else where the GPU supports it), bf16."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     cuda = torch.cuda.is_available()
     bf16 = cfg.train.bf16 if cfg.train.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+    # An earlier stage in this process (a pipeline's SFT or reward model) may have left another precision in
+    # accelerate's process-wide state; the process group (PartialState) stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no"), bf16
 
 
@@ -129,8 +132,10 @@ class Plan:
     max_steps: int          # train.max_steps, else train.epochs over the prompts
     optimizer_steps: int    # max_steps × rl.num_iterations × n_minibatches: the schedules' length
     off_policy: bool        # the sampler is not the trainer (vLLM): old log-probs recomputed, importance-weighted
+    tis_cap: float | None   # rl.tis_cap when off-policy (the truncated importance weights' cap), else None
+    gather_weights: bool    # generation runs on the training model: FSDP2 gathers its weights around it (hf)
     shared_server: bool     # one vLLM server for every process: the main process pushes the weights
-    reference_logprobs: bool  # rl.beta > 0: reference log-probs for the KL
+    reference_logprobs: bool  # rl.kl set: reference log-probs for the KL
     reference_copy: bool    # ... from a frozen copy of the base model (without LoRA; with it: adapter disabled)
     critic: bool            # the advantage estimator reads values (gae): a value model is trained
     old_logprobs_pass: bool  # old log-probs need a pass of their own before the update
@@ -140,8 +145,8 @@ class Plan:
 
 
 def needs_reference_copy(cfg: RunConfig) -> bool:
-    """beta 0: no KL anywhere, so no reference; with LoRA the reference is the policy, adapter disabled."""
-    return cfg.rl.beta > 0 and cfg.model.lora is None
+    """No KL (rl.kl null): no reference; with LoRA the reference is the policy, adapter disabled."""
+    return cfg.rl.kl is not None and cfg.model.lora is None
 
 
 def make_plan(cfg: RunConfig, world: int, prompts: PromptData, evals: EvalData | None, policy_dropout: bool) -> Plan:
@@ -151,11 +156,12 @@ def make_plan(cfg: RunConfig, world: int, prompts: PromptData, evals: EvalData |
     mini = rl.mini_batch_size or B
     n_minibatches = math.ceil(B / mini)
     max_steps = t.max_steps or max(1, math.ceil(t.epochs * len(prompts.rows) / rl.prompts_per_step))
-    off_policy = cfg.rollout.engine != "hf"
+    engine = engine_spec(cfg.rollout)
+    off_policy = not engine.samples_itself
     # A separate pass for the old log-probs only when the update cannot take them from its own forward: it
     # updates more than once per batch, the KL goes into the reward, or (with another sampler, whose tokens
     # are importance-weighted) dropout would make the update's forward differ from the policy that sampled.
-    old_pass = (rl.num_iterations > 1 or n_minibatches > 1 or (rl.kl_in == "reward" and rl.beta > 0)
+    old_pass = (rl.num_iterations > 1 or n_minibatches > 1 or (rl.kl is not None and rl.kl.where == "reward")
                 or (off_policy and policy_dropout))
     max_len = prompts.longest_prompt + max(rl.max_new_tokens, cfg.eval.max_new_tokens)
     max_prompt = prompts.longest_prompt
@@ -165,9 +171,10 @@ def make_plan(cfg: RunConfig, world: int, prompts: PromptData, evals: EvalData |
     return Plan(world=world, per_process=per_process, batch_size=B, mini_batch_size=mini,
                 n_minibatches=n_minibatches, max_steps=max_steps,
                 optimizer_steps=max_steps * rl.num_iterations * n_minibatches, off_policy=off_policy,
-                shared_server=cfg.rollout.engine == "vllm" and cfg.rollout.mode == "server",
-                reference_logprobs=rl.beta > 0, reference_copy=needs_reference_copy(cfg),
-                critic=rl.advantage in NEEDS_VALUES, old_logprobs_pass=old_pass,
+                tis_cap=rl.tis_cap if off_policy else None, gather_weights=engine.needs_gathered_weights,
+                shared_server=engine.shared_across_processes,
+                reference_logprobs=rl.kl is not None, reference_copy=needs_reference_copy(cfg),
+                critic=rl.advantage.needs_values, old_logprobs_pass=old_pass,
                 longest_prompt=prompts.longest_prompt, engine_max_len=max_len, engine_max_prompt_len=max_prompt)
 
 
@@ -237,12 +244,12 @@ def place_reference(acc, ref, fsdp, bf16: bool):
 
 def build_critic(cfg: RunConfig, acc, resume_from: Path | None, pad_token_id: int, opt_steps: int, fsdp,
                  bf16: bool) -> Critic:
-    """The value model (rl.value_model, or the checkpoint's critic on resume) with its optimizer."""
-    rl = cfg.rl
-    critic = load_critic(str(resume_from / "critic") if resume_from is not None else rl.value_model,
+    """The value model (rl.advantage.value_model, or the checkpoint's critic on resume) with its optimizer."""
+    gae = cfg.rl.advantage
+    critic = load_critic(str(resume_from / "critic") if resume_from is not None else gae.value_model,
                          cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code)
     critic.model.config.pad_token_id = pad_token_id
-    model, opt, sched = prepare(acc, critic, rl.value_learning_rate or cfg.train.learning_rate, cfg.train,
+    model, opt, sched = prepare(acc, critic, gae.value_learning_rate or cfg.train.learning_rate, cfg.train,
                                 opt_steps, fsdp, bf16)
     return Critic(model, opt, sched)
 
@@ -286,14 +293,15 @@ class PromptStream:
 class PtxStream:
     """PPO-ptx: demonstrations as full sequences for a language-modelling loss, in a fixed cycling order."""
 
-    def __init__(self, rl, tokenizer, template: str, seed: int):
+    def __init__(self, ptx, tokenizer, template: str, seed: int):
+        """``ptx``: the ``rl.ptx`` section (its data and batch size)."""
         from rlkit.data import sft_rows
 
-        rows = sft_rows(rl.ptx_data)
+        rows = sft_rows(ptx.data)
         texts = [apply_chat(tokenizer, r["messages"], generation_prompt=False) if "messages" in r
                  else full_text(r["prompt"], r["completion"], template, tokenizer) for r in rows]
         self.ids = [tokenizer(x, add_special_tokens=False)["input_ids"][:512] for x in texts]
-        self.batch, self.pad, self.pos = rl.ptx_batch_size, tokenizer.pad_token_id, 0
+        self.batch, self.pad, self.pos = ptx.batch_size, tokenizer.pad_token_id, 0
         self.order = torch.randperm(len(self.ids), generator=torch.Generator().manual_seed(seed)).tolist()
 
     def loss(self, model, device) -> torch.Tensor:

@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 import torch
 
 from rlkit.algos import (
-    PolicyLossConfig,
     aggregate,
     compute_kl,
     compute_policy_loss,
-    masked_mean,
+    loss_count,
     truncated_is_weights,
     value_loss,
 )
@@ -165,31 +164,20 @@ class _Sums:
                            extra={k: v for k, v in from_loss.items() if k not in _LOSS_FIELDS})
 
 
-# ------------------------------------------------------------------------------- loss weighting
+# ------------------------------------------------------------------------------- loss normaliser
 
 
-def _loss_count(mode: str, mask: torch.Tensor) -> torch.Tensor:
-    """What an aggregation divides by: loss tokens (token_mean), non-empty sequences (the seq_mean modes) or
-    sequences (the constant-normalised modes)."""
-    if mode == "token_mean":
-        return mask.sum()
-    if mode in ("seq_mean_token_mean", "seq_mean_token_sum"):
-        return (mask.sum(-1) > 0).sum()
-    return torch.tensor(mask.shape[0], device=mask.device)
+def global_count(acc, mode: str, mini_mask: torch.Tensor) -> float:
+    """What a mini-batch's loss divides by (``loss_count``: rlkit.algos.aggregation), summed over every
+    process: as verl's agg_loss, a process with more tokens weighs more. The gradient all-reduce averages over
+    processes, so each process's loss is multiplied by the world size (``acc.num_processes``) before backward."""
+    return max(float(dist.global_sum(acc, loss_count(mode, mini_mask, torch.float64))), 1.0)
 
 
-def _global_count(acc, mode: str, mini_mask: torch.Tensor) -> float:
-    """A mini-batch's normaliser summed over every process: the loss is normalised by the global count (as
-    verl's agg_loss), not by each process's own, so that a process with more tokens weighs more."""
-    n = dist.global_sum(acc, _loss_count(mode, mini_mask).to(torch.float64))
-    return max(float(n), 1.0)
-
-
-def _loss_weight(mode: str, micro_mask: torch.Tensor, total: float, world: int = 1) -> float:
-    """Share of the global mini-batch normaliser ``total`` that one micro-batch carries, times the number of
-    processes (the gradient all-reduce averages over processes): accumulated micro-batch losses of every
-    process then add up to the loss of the whole mini-batch as one process would compute it."""
-    return float(_loss_count(mode, micro_mask)) * world / total
+def share(mode: str, micro_mask: torch.Tensor, total: float, world: int) -> float:
+    """A micro-batch's share of the mini-batch's ``total`` (times the world size): the weight of a per-micro-batch
+    scalar (the MoE router loss, a loss's own token metrics) in the mini-batch's sum."""
+    return float(loss_count(mode, micro_mask, torch.float64)) * world / total
 
 
 # ---------------------------------------------------------------------------------- the steps
@@ -202,7 +190,6 @@ class _Context:
     acc: object
     rl: object
     beta: float
-    loss_cfg: PolicyLossConfig
     aux_coef: float        # the MoE router loss's coefficient (0: none)
     router: bool           # ask the forward for router logits
     fill_old: bool         # the old log-probs (and importance weights) come from this forward
@@ -218,9 +205,8 @@ def ptx_step(acc, policy, ptx, coef: float, sums: _Sums) -> None:
 
 
 def policy_step(ctx: _Context, policy, batch: RolloutBatch, idx: torch.Tensor, mb: RolloutBatch, last: bool,
-                total: float, tokens: float, sums: _Sums) -> float:
-    """One micro-batch's policy loss (+ KL in the loss, + the router's loss), backward; returns the loss
-    weight (the critic step weighs its loss alike)."""
+                total: float, tokens: float, sums: _Sums) -> None:
+    """One micro-batch's policy loss (+ KL in the loss, + the router's loss), backward."""
     acc, rl = ctx.acc, ctx.rl
     mask = mb.loss_mask
     with dist.no_sync(acc, policy, last):
@@ -235,41 +221,45 @@ def policy_step(ctx: _Context, policy, batch: RolloutBatch, idx: torch.Tensor, m
                 is_w = batch.is_weights[idx] = truncated_is_weights(old, mb.sampler_logp, ctx.tis_cap)
         else:
             old = mb.old_logp if mb.old_logp is not None else logp.detach()
-        pl, pm = compute_policy_loss(rl.policy_loss, logp, old, mb.advantages, mask, cfg=ctx.loss_cfg,
-                                     is_weights=is_w)
+        world, agg, const = acc.num_processes, rl.loss_aggregation, float(rl.max_new_tokens)
+        # each loss term divided once by the mini-batch's global normaliser, times the world size (DDP averages)
+        pl, pm = compute_policy_loss(rl.policy_loss, logp, old, mb.advantages, mask, is_weights=is_w,
+                                     aggregation=agg, constant=const, global_count=total)
         loss = pl
         kl_tok = None
         if mb.ref_logp is not None:
-            kl_tok = compute_kl(rl.kl_estimator, logp, mb.ref_logp, clamp=KL_CLAMP)
-            if rl.kl_in == "loss" and ctx.beta > 0:
-                loss = loss + ctx.beta * aggregate(kl_tok, mask, rl.loss_aggregation, float(rl.max_new_tokens))
-        if router_aux is not None:  # MoE load balancing, as the family's own training adds it
-            loss = loss + ctx.aux_coef * router_aux
-        w = _loss_weight(rl.loss_aggregation, mask, total, acc.num_processes)
-        acc.backward(loss * w)
-    wt = _loss_weight("token_mean", mask, tokens, acc.num_processes)  # per-token metrics: the global token mean
-    sums.add("loss", pl.detach() * w)
+            kl_tok = compute_kl(rl.kl.estimator, logp, mb.ref_logp, clamp=KL_CLAMP)
+            if rl.kl.where == "loss" and ctx.beta > 0:
+                loss = loss + ctx.beta * aggregate(kl_tok, mask, agg, const, global_count=total)
+        w = share(agg, mask, total, world)
+        if router_aux is not None:  # MoE load balancing, as the family's own training adds it (one per micro-batch)
+            loss = loss + ctx.aux_coef * router_aux * (w / world)
+        acc.backward(loss * world)
+    wt = share("token_mean", mask, tokens, world)  # the loss's own token metrics: the global token mean
+    sums.add("loss", pl.detach() * world)
     if router_aux is not None:
         sums.add("router_aux_loss", router_aux.detach() * w)
-    sums.add("entropy", masked_mean(ent, mask) * wt)
+    sums.add("entropy", aggregate(ent, mask, "token_mean", global_count=tokens) * world)
     for k, v in pm.items():  # every metric the loss returns ("loss:" keeps them apart from the step's own)
         if k == "ratio_max":
             sums.keep_max(k, v.detach())
         else:
             sums.add(f"loss:{k}", v.detach() * wt)
     if kl_tok is not None:
-        sums.add("kl", masked_mean(kl_tok.detach(), mask) * wt)
-    return w
+        sums.add("kl", aggregate(kl_tok.detach(), mask, "token_mean", global_count=tokens) * world)
 
 
-def critic_step(acc, critic: Critic, mb: RolloutBatch, rl, last: bool, w: float, sums: _Sums) -> None:
-    """One micro-batch's value loss, weighted like the policy loss, backward."""
+def critic_step(acc, critic: Critic, mb: RolloutBatch, rl, last: bool, total: float, sums: _Sums) -> None:
+    """One micro-batch's value loss, normalised like the policy loss (by the mini-batch's global count),
+    backward."""
+    world = acc.num_processes
+    w = share(rl.loss_aggregation, mb.loss_mask, total, world)
     with dist.no_sync(acc, critic.model, last):
         v = critic_values(critic.model, mb)
-        vl, vm = value_loss(v, mb.values, mb.returns, mb.loss_mask, clip=rl.value_clip,
-                            aggregation=rl.loss_aggregation, constant=float(rl.max_new_tokens))
-        acc.backward(vl * w)
-    sums.add("loss", vl.detach() * w)
+        vl, vm = value_loss(v, mb.values, mb.returns, mb.loss_mask, clip=rl.advantage.value_clip,
+                            aggregation=rl.loss_aggregation, constant=float(rl.max_new_tokens), global_count=total)
+        acc.backward(vl * world)
+    sums.add("loss", vl.detach() * world)
     for k, name in (("vf_clip_frac", "clip_frac"), ("explained_variance", "explained_variance"),
                     ("value_mean", "value_mean")):
         # every process must report the same keys; NaN (constant returns) counts as 0
@@ -310,9 +300,7 @@ def run_update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta:
         batch.old_logp = torch.zeros_like(batch.loss_mask)
         if tis_cap is not None:
             batch.is_weights = torch.ones_like(batch.loss_mask)
-    loss_cfg = PolicyLossConfig(clip_low=rl.epsilon, clip_high=rl.epsilon_high, dual_clip=rl.dual_clip,
-                                aggregation=rl.loss_aggregation, aggregation_constant=float(rl.max_new_tokens))
-    ctx = _Context(acc, rl, beta, loss_cfg, aux_coef, router, fill_old, tis_cap)
+    ctx = _Context(acc, rl, beta, aux_coef, router, fill_old, tis_cap)
     pol, crit, lm = _Sums(), _Sums(), _Sums()
     count = 0
     for _ in range(rl.num_iterations):
@@ -320,18 +308,18 @@ def run_update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta:
         for m0 in range(0, B, mini):
             mini_idx = order[m0 : m0 + mini]
             mini_mask = batch.loss_mask[mini_idx]
-            total = _global_count(acc, rl.loss_aggregation, mini_mask)
-            tokens = _global_count(acc, "token_mean", mini_mask)
+            total = global_count(acc, rl.loss_aggregation, mini_mask)
+            tokens = global_count(acc, "token_mean", mini_mask)
             micro_starts = list(range(0, len(mini_idx), rl.micro_batch_size))
             if ptx is not None:
-                ptx_step(acc, policy, ptx, rl.ptx_coef, lm)
+                ptx_step(acc, policy, ptx, rl.ptx.coef, lm)
             for ci, c0 in enumerate(micro_starts):
                 idx = mini_idx[c0 : c0 + rl.micro_batch_size]
                 mb = batch.select(idx)
                 last = ci == len(micro_starts) - 1
-                w = policy_step(ctx, policy, batch, idx, mb, last, total, tokens, pol)
+                policy_step(ctx, policy, batch, idx, mb, last, total, tokens, pol)
                 if critic is not None:
-                    critic_step(acc, critic, mb, rl, last, w, crit)
+                    critic_step(acc, critic, mb, rl, last, total, crit)
             pol.add("grad_norm", _optimizer_step(acc, policy, optimizer, scheduler, rl.max_grad_norm))
             if critic is not None:
                 crit.add("grad_norm", _optimizer_step(acc, critic.model, critic.optimizer, critic.scheduler,

@@ -1,0 +1,141 @@
+"""Old and short spellings onto today's shape, in one step.
+
+Every config layer (a recipe, ``--set``, the named flags, a pipeline's defaults and stages) passes through
+:func:`upgrade_layer` before it is merged, and every config an older rlkit recorded (a run's
+``rlkit_run.json``, a pipeline manifest) through :func:`upgrade_dump`, so the spellings users type keep
+working (``--set rl.beta=0.04``, ``rl.kl_in=reward``, ``rl.advantage=rloo``, ``rl.epsilon_high=0.28``,
+``rl.engine=vllm``) and old runs resume with their finished stages kept.
+
+    rl.beta: 0.04 / 0       -> rl.kl.coef: 0.04 / rl.kl: null (no KL term, no reference model)
+    rl.kl_estimator, rl.kl_in, rl.kl_controller, rl.kl_target, rl.kl_horizon
+                            -> rl.kl.estimator, .where, .controller, .target, .horizon
+    rl.advantage: NAME      -> rl.advantage: {name: NAME}
+    rl.std_normalize, rl.gamma, rl.lam, rl.whiten_advantages, rl.value_model, rl.value_learning_rate,
+    rl.value_clip           -> rl.advantage.<key> (whiten_advantages: whiten)
+    rl.policy_loss: NAME    -> rl.policy_loss: {name: NAME}
+    rl.epsilon, rl.epsilon_high, rl.dual_clip -> rl.policy_loss.<key>
+    rl.ptx_coef: c / 0, rl.ptx_data, rl.ptx_batch_size -> rl.ptx: {coef, data, batch_size} / rl.ptx: null
+    rl.dynamic_sampling: true / false, rl.max_resample_rounds -> rl.dynamic_sampling: {max_rounds} / null
+    rl.engine, rl.hf_cache  -> rollout.engine, rollout.hf_cache
+    rollout.tis_cap         -> rl.tis_cap (a correction in the loss, for engines that are not the trainer)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rlkit.errors import ConfigError
+
+_KL = {"beta": "coef", "kl_estimator": "estimator", "kl_in": "where", "kl_controller": "controller",
+       "kl_target": "target", "kl_horizon": "horizon"}
+_ADVANTAGE = {"std_normalize": "std_normalize", "gamma": "gamma", "lam": "lam", "whiten_advantages": "whiten",
+              "value_model": "value_model", "value_learning_rate": "value_learning_rate", "value_clip": "value_clip"}
+_LOSS = {"epsilon": "epsilon", "epsilon_high": "epsilon_high", "dual_clip": "dual_clip"}
+_PTX = {"ptx_coef": "coef", "ptx_data": "data", "ptx_batch_size": "batch_size"}
+_DYNAMIC = {"max_resample_rounds": "max_rounds"}
+# (old section, key) -> (new section, key)
+MOVED_KEYS = {("rl", "engine"): ("rollout", "engine"), ("rl", "hf_cache"): ("rollout", "hf_cache"),
+              ("rollout", "tis_cap"): ("rl", "tis_cap")}
+
+# Every old spelling under rl: -> the part of rl it now lives in.
+OLD_RL_KEYS = {**{k: ("kl", v) for k, v in _KL.items()}, **{k: ("advantage", v) for k, v in _ADVANTAGE.items()},
+               **{k: ("policy_loss", v) for k, v in _LOSS.items()}, **{k: ("ptx", v) for k, v in _PTX.items()},
+               **{k: ("dynamic_sampling", v) for k, v in _DYNAMIC.items()}}
+
+
+def upgrade_layer(layer: dict, source: str = "config", *, dump: bool = False) -> tuple[dict, dict[str, str]]:
+    """``layer`` in today's shape, and ``{new key path: the old spelling used}`` for error messages.
+
+    ``dump``: the layer is a full config an older rlkit recorded: a key its run did not use (a KL option with
+    ``beta: 0``, ``gamma`` with group advantages) is dropped instead of refused."""
+    if not isinstance(layer, dict):
+        return layer, {}
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in layer.items()}
+    aliases: dict[str, str] = {}
+    for (sec, key), (new_sec, new_key) in MOVED_KEYS.items():
+        if isinstance(out.get(sec), dict) and key in out[sec]:
+            value = out[sec].pop(key)
+            if not isinstance(out.get(new_sec), dict):
+                out[new_sec] = {}
+            out[new_sec].setdefault(new_key, value)
+            aliases[f"{new_sec}.{new_key}"] = f"{sec}.{key}"
+    if isinstance(out.get("rl"), dict):
+        out["rl"] = _upgrade_rl(out["rl"], source, dump, aliases)
+    return out, aliases
+
+
+def _named(value: Any) -> Any:
+    return {"name": value} if isinstance(value, str) else value
+
+
+def _upgrade_rl(rl: dict, source: str, dump: bool, aliases: dict[str, str]) -> dict:
+    rl = dict(rl)
+    for part in ("advantage", "policy_loss"):
+        if part in rl:
+            rl[part] = _named(rl[part])
+    if isinstance(rl.get("dynamic_sampling"), bool):
+        rl["dynamic_sampling"] = {} if rl["dynamic_sampling"] else None
+        aliases["rl.dynamic_sampling"] = "rl.dynamic_sampling"  # switched in this very layer
+    old = {k: rl.pop(k) for k in list(rl) if k in OLD_RL_KEYS}
+    if "beta" in old:
+        beta = old.pop("beta")
+        if beta in (0, None) and isinstance(rl.get("kl"), dict) and rl["kl"] and not dump:
+            raise ConfigError(f"{source}: rl.kl.{next(iter(rl['kl']))}: only used with rl.beta > 0 (this layer sets "
+                              "rl.beta 0: no KL term)")
+        rl["kl"] = None if beta in (0, None) and not isinstance(beta, bool) else {
+            **(rl.get("kl") if isinstance(rl.get("kl"), dict) else {}), "coef": beta}
+        aliases["rl.kl.coef" if rl["kl"] is not None else "rl.kl"] = "rl.beta"
+    if "ptx_coef" in old:
+        coef = old.pop("ptx_coef")
+        if coef in (0, None) and isinstance(rl.get("ptx"), dict) and rl["ptx"] and not dump:
+            raise ConfigError(f"{source}: rl.ptx.{next(iter(rl['ptx']))}: only used with rl.ptx_coef > 0")
+        rl["ptx"] = None if coef in (0, None) and not isinstance(coef, bool) else {
+            **(rl.get("ptx") if isinstance(rl.get("ptx"), dict) else {}), "coef": coef}
+        aliases["rl.ptx.coef" if rl["ptx"] is not None else "rl.ptx"] = "rl.ptx_coef"
+    for key, value in old.items():
+        part, new_key = OLD_RL_KEYS[key]
+        if part in rl and rl[part] is None:  # the part is off in this very layer (beta 0, ptx_coef 0, ...)
+            if dump:
+                continue
+            switch = {"kl": "rl.beta > 0", "ptx": "rl.ptx_coef > 0", "dynamic_sampling": "rl.dynamic_sampling"}[part]
+            raise ConfigError(f"{source}: rl.{key}: only used with {switch}")
+        if not isinstance(rl.get(part), dict):
+            rl[part] = {}
+        rl[part][new_key] = value
+        aliases[f"rl.{part}.{new_key}"] = f"rl.{key}"
+    if dump:
+        _drop_unused(rl)
+    return rl
+
+
+def _drop_unused(rl: dict) -> None:
+    """A recorded config has every key of its day; keep those the variant it ran has (the rest did nothing)."""
+    from rlkit.algos import ADVANTAGE_SCHEMAS, POLICY_LOSS_SCHEMAS
+
+    for part, schemas, default in (("advantage", ADVANTAGE_SCHEMAS, "grpo"),
+                                   ("policy_loss", POLICY_LOSS_SCHEMAS, "ppo_clip")):
+        if isinstance(rl.get(part), dict):
+            name = rl[part].get("name", default)
+            schema = schemas[name] if name in schemas else None
+            if schema is not None:
+                rl[part] = {k: v for k, v in rl[part].items() if k in schema.model_fields}
+
+
+def upgrade_dump(data: dict) -> dict:
+    """A config dump recorded by an older rlkit (a run's ``rlkit_run.json``, a pipeline manifest) as today's full
+    dump of its command: old spellings upgraded, keys its command no longer has (or never read) dropped, new
+    keys at their defaults."""
+    from pydantic import ValidationError
+
+    from rlkit.config.loading import applicable
+    from rlkit.config.schema import KINDS
+
+    data, _ = upgrade_layer(data, "recorded config", dump=True)
+    kind = data.get("kind", "sft")
+    if kind not in KINDS:
+        return data
+    data = applicable(data, kind)
+    try:
+        return KINDS[kind].model_validate(data).model_dump(mode="json")
+    except ValidationError:
+        return data  # compared key by key as it is: any difference counts as a change
