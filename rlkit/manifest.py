@@ -53,7 +53,9 @@ def stage_hash(cfg: RunConfig | dict, input_hashes: dict[str, str], paths: dict[
 
 def recorded_config(entry: dict) -> dict | None:
     """The config a manifest entry ran with, as today's full dump (None when there is none)."""
-    return upgrade_dump(entry["config"]) if isinstance(entry.get("config"), dict) else None
+    if not isinstance(entry.get("config"), dict):
+        return None
+    return upgrade_dump(entry["config"], source=f"manifest.json (stage {entry.get('name', '?')})")
 
 
 def changes(old: RunConfig | dict, new: RunConfig | dict, paths: dict[str, str]) -> tuple[list[str], list[str]]:

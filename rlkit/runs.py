@@ -165,7 +165,7 @@ def check_resume(out: Path, cfg: RunConfig, resuming: bool, mode: str) -> None:
     new = cfg.model_dump(mode="json")
     if resuming and record.is_file():
         try:
-            old = upgrade_dump(json.loads(record.read_text())["config"])
+            old = upgrade_dump(json.loads(record.read_text())["config"], source=str(record))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             old = None
         if old is None and mode == "auto":  # cannot tell whether the config changed: ask, as for a change

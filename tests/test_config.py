@@ -177,3 +177,19 @@ def test_old_spellings_and_the_new_shape_give_the_same_config():
     cfg = build_config([("recipe", {"kind": "ppo", "rewards": [{"name": "accuracy"}], "rl": {"advantage": "gae", "lam": 0.9}}),
                         ("--set", {"rl": {"advantage": "grpo"}})])
     assert cfg.rl.advantage.name == "grpo"
+
+
+def test_old_spellings_in_a_recipe_file_and_an_old_record_are_said_once(tmp_path, capsys):
+    from rlkit.config import upgrade_dump
+
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("kind: grpo\nrewards: [{name: accuracy}]\nrl: {beta: 0.1, kl_in: reward, epsilon_high: 0.3}\n")
+    cfg = load_config(str(recipe), default_recipe="r1_zero")
+    assert cfg.rl.kl.where == "reward" and cfg.rl.policy_loss.epsilon_high == 0.3
+    err = capsys.readouterr().err
+    assert err.count("old.yaml: old spellings read as") == 1 and "rl.kl_in -> rl.kl.where" in err, err
+    load_config(str(recipe), default_recipe="r1_zero", sets=["rl.beta=0.2"])  # --set: short spellings, no notice
+    assert "old spellings" not in capsys.readouterr().err
+    old = {"kind": "grpo", "rl": {"beta": 0.0, "advantage": "grpo"}, "rewards": [{"name": "accuracy"}]}
+    upgrade_dump(old, source=str(tmp_path / "rlkit_run.json"))
+    assert "rlkit_run.json: recorded by an older rlkit" in capsys.readouterr().err

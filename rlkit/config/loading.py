@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from rlkit.config.schema import KINDS, NAMED_VARIANTS, RunConfig, default_variant
-from rlkit.config.upgrade import upgrade_layer
+from rlkit.config.upgrade import notice_layer, upgrade_layer
 from rlkit.errors import ConfigError
 from rlkit.nested import flatten
 
@@ -133,6 +133,7 @@ def build_config(layers: list[tuple[str, dict]]) -> RunConfig:
     for source, layer in layers:
         layer, al = upgrade_layer(layer, source)
         check_unknown(layer, source)
+        notice_layer(source, al)
         upgraded.append((source, layer))
         aliases.update(al)
         merged = deep_merge(merged, layer)

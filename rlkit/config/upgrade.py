@@ -121,16 +121,41 @@ def _drop_unused(rl: dict) -> None:
                 rl[part] = {k: v for k, v in rl[part].items() if k in schema.model_fields}
 
 
-def upgrade_dump(data: dict) -> dict:
+_NOTICED: set[str] = set()
+
+
+def notice(source: str, what: str) -> None:
+    """One line, once per source and process (the main one), saying that ``source`` was read in today's shape."""
+    from rlkit.runs import is_main_process
+
+    if source in _NOTICED or not is_main_process():
+        return
+    _NOTICED.add(source)
+    from rlkit.tracking import console
+
+    console.print(f"[yellow]{source}: {what}; `rlkit recipes show` prints today's shape[/]", soft_wrap=True)
+
+
+def notice_layer(source: str, aliases: dict[str, str]) -> None:
+    """A recipe file (not ``--set``, whose short spellings are there to stay) written with old spellings."""
+    old = sorted({f"{a} -> {n}" for n, a in aliases.items() if a != n})
+    if old and source not in ("--set", "command-line flags", "overrides", "arguments", "defaults"):
+        notice(source, "old spellings read as " + ", ".join(old[:4]) + (" ..." if len(old) > 4 else ""))
+
+
+def upgrade_dump(data: dict, source: str | None = None) -> dict:
     """A config dump recorded by an older rlkit (a run's ``rlkit_run.json``, a pipeline manifest) as today's full
     dump of its command: old spellings upgraded, keys its command no longer has (or never read) dropped, new
-    keys at their defaults."""
+    keys at their defaults. ``source``: where it was read (said in one line when it was in an older shape)."""
     from pydantic import ValidationError
 
     from rlkit.config.loading import applicable
     from rlkit.config.schema import KINDS
 
+    original = data
     data, _ = upgrade_layer(data, "recorded config", dump=True)
+    if source is not None and data != original:
+        notice(source, "recorded by an older rlkit, read in today's shape (old runs resume, finished stages stay)")
     kind = data.get("kind", "sft")
     if kind not in KINDS:
         return data

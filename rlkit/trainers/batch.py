@@ -43,7 +43,7 @@ class RolloutBatch:
     values: torch.Tensor | None = None        # [B, T] critic values at rollout time (PPO)
     advantages: torch.Tensor | None = None    # [B, T]
     returns: torch.Tensor | None = None       # [B, T]
-    token_rewards: torch.Tensor | None = None  # [B, T] per-token KL penalty added to the reward (rl.kl_in reward)
+    token_rewards: torch.Tensor | None = None  # [B, T] per-token KL penalty added to the reward (rl.kl.where reward)
     is_weights: torch.Tensor | None = None     # [B, T] truncated importance weights trainer/sampler (vllm)
     # What the collect phase saw, for the log phase (not sliced by ``select``):
     samples: list[Sample] = field(default_factory=list)   # B responses as the engine returned them

@@ -1,6 +1,6 @@
 """The PPO value model: a sequence classifier's backbone and scalar head, read at every completion token.
 
-InstructGPT initialises the value function from the reward model; ``rl.value_model: policy`` starts from
+InstructGPT initialises the value function from the reward model; ``rl.advantage.value_model: policy`` starts from
 the policy's weights with a fresh head instead, said in one line ("critic: value head initialised new (1 × H)");
 any other weight missing from, or left over in, the checkpoint is an error. The module wraps the classifier so
 that accelerate/DDP sees one ``forward`` and synchronises its gradients.

@@ -3,7 +3,7 @@
     collect    → engine.generate(prompt ids, n); rewards;   RolloutBatch: token ids, loss masks, sampler
                  dynamic sampling refills the batch         log-probs, rewards (time/rollout, time/reward)
     logprobs   → old policy log-probs and truncated IS weights, only when the config needs a pass of their
-                 own (time/old_logprobs); reference log-probs when rl.beta > 0 (time/reference)
+                 own (time/old_logprobs); reference log-probs when rl.kl is set (time/reference)
     values     → critic values                              only when rl.advantage reads values: gae (time/values)
     advantages → ADVANTAGES[rl.advantage](...)              gae | grpo | dr_grpo | rloo | reinforce_pp
     update     → num_iterations × mini-batches of POLICY_LOSSES[rl.policy_loss] (+ KL in the loss, + value loss,
@@ -15,11 +15,11 @@
 GRPO (Shao et al. 2024) with the DAPO options (Yu et al. 2025): clip-higher (``epsilon_high``), token-mean
 loss aggregation, dynamic sampling (groups whose rewards are all equal are dropped and the batch is
 refilled with fresh prompts) and overlong filtering. Departures from the paper: the KL term is optional
-(``beta: 0`` loads no reference model) and can go into the reward per token instead of the loss.
+(``rl.kl: null``, or ``rl.beta=0``, loads no reference model) and can go into the reward per token instead of the loss.
 
 When the sampler is not the trainer (``rollout.engine: vllm``) the old log-probs are always recomputed by
 the trainer, and truncated importance sampling (Yao et al. 2025) weights each token's policy loss by
-``min(pi_trainer / pi_sampler, rollout.tis_cap)``; ``rollout/logprob_diff`` and ``rollout/is_*`` show the gap.
+``min(pi_trainer / pi_sampler, rl.tis_cap)``; ``rollout/logprob_diff`` and ``rollout/is_*`` show the gap.
 
 The loop runs under accelerate from the first line: one process on CPU, or ``accelerate launch
 --num_processes N`` for DDP on CPUs (gloo) or GPUs, or FSDP2 (``--config_file $(rlkit config-path fsdp2)``);

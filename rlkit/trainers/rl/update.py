@@ -103,7 +103,7 @@ class CriticStats:
 
 @dataclass
 class PtxStats:
-    loss: float  # the language-modelling loss on the demonstrations (before rl.ptx_coef)
+    loss: float  # the language-modelling loss on the demonstrations (before rl.ptx.coef)
 
     def metrics(self) -> dict[str, float]:
         return {"policy/ptx_loss": self.loss}
