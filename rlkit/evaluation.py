@@ -42,12 +42,21 @@ def eval_config(recipe: str | None, sets: list[str] | None, flags: dict) -> RunC
     from rlkit.config_files import load_yaml, parse_set
     from rlkit.recipe import recipe_path
 
+    from rlkit.config import KINDS, ConfigError
+
     if recipe:  # read as its own command reads it
         path = recipe_path(recipe)
         layers = [(str(path), load_yaml(path))]
+        kind = layers[0][1].get("kind", "sft")
+        if isinstance(kind, str) and kind in KINDS and "eval" not in KINDS[kind].model_fields:
+            raise ConfigError(f"{path}: a {kind} recipe has no evaluation to reproduce; give rlkit eval an sft, grpo "
+                              "or ppo recipe, or none")
     else:
         layers = [("defaults", {"kind": "eval", "data": {"template": "r1_zero"}})]
-    layers += [("--set", parse_set(sets)), ("command-line flags", flags)]
+    layers.append(("--set", parse_set(sets)))
+    if flags.get("eval", {}).get("task") is not None:  # --task names what to evaluate on: not the recipe's data.eval
+        layers.append(("command-line flags", {"data": {"eval": None}}))
+    layers.append(("command-line flags", flags))
     return build_config(layers)
 
 

@@ -22,7 +22,7 @@ def check_shared(pipeline: Pipeline, layer: dict, source: str) -> None:
     """Keys for every stage (``defaults:``, ``--set defaults.*``) must exist and be read by some stage."""
     check_unknown(layer, source)
     layer, _ = upgrade_layer(layer, source)  # the keys as today's schema names them
-    kept = [applicable(layer, s.kind) for s in pipeline.stages]
+    kept = [applicable(layer, s.kind, stage_variants(s)) for s in pipeline.stages]
     for key, value in flatten(layer).items():
         if value != {} and not any(_has_key(k, key) for k in kept):
             kinds = ", ".join(sorted({s.kind for s in pipeline.stages}))
@@ -108,15 +108,30 @@ def stage_sets(pipeline: Pipeline, sets: list[str] | None) -> tuple[dict[str, di
     return {k: parse_set(v) for k, v in per.items()}, shared
 
 
+def stage_variants(stage: Stage, own: list[dict] = ()) -> dict[str, str]:
+    """The rl variants (advantage, policy_loss) a stage names itself, in its recipe, its own keys or ``own``
+    (its --set stages.NAME.* layer): pipeline defaults are judged against these."""
+    layers = [load_yaml(recipe_path(stage.recipe))] if stage.recipe else []
+    names: dict[str, str] = {}
+    for layer in [*layers, stage.config, *own]:
+        rl = upgrade_layer(layer)[0].get("rl")
+        for part in ("advantage", "policy_loss"):
+            if isinstance(rl, dict) and isinstance(rl.get(part), dict) and isinstance(rl[part].get("name"), str):
+                names[part] = rl[part]["name"]
+    return names
+
+
 def stage_config(pipeline: Pipeline, stage: Stage, outputs: dict[str, str], out_dir: Path,
                  per: dict[str, dict], common: dict) -> RunConfig:
     layers: list[tuple[str, dict]] = []
     if stage.recipe:
         p = recipe_path(stage.recipe)
         layers.append((str(p), load_yaml(p)))
-    # Pipeline-wide keys apply to a stage where its command reads them; a stage's own keys win.
-    layers.append((f"{pipeline.source} (defaults)", applicable(pipeline.defaults, stage.kind)))
-    layers.append(("--set", applicable(common, stage.kind)))
+    # Pipeline-wide keys apply to a stage where its command reads them (with the variants the stage runs);
+    # a stage's own keys win.
+    variants = stage_variants(stage, [per.get(stage.name, {})])
+    layers.append((f"{pipeline.source} (defaults)", applicable(pipeline.defaults, stage.kind, variants)))
+    layers.append(("--set", applicable(common, stage.kind, variants)))
     layers.append((f"{pipeline.source} (stage '{stage.name}')", stage.config))
     layers.append((f"--set stages.{stage.name}.*", per.get(stage.name, {})))
     earlier = [s.name for s in pipeline.stages[: pipeline.stages.index(stage)]]

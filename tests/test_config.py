@@ -193,3 +193,35 @@ def test_old_spellings_in_a_recipe_file_and_an_old_record_are_said_once(tmp_path
     old = {"kind": "grpo", "rl": {"beta": 0.0, "advantage": "grpo"}, "rewards": [{"name": "accuracy"}]}
     upgrade_dump(old, source=str(tmp_path / "rlkit_run.json"))
     assert "rlkit_run.json: recorded by an older rlkit" in capsys.readouterr().err
+
+
+def test_review_cases_of_the_config_redesign(tmp_path):
+    """Layer merges and dumps that went wrong in review: dynamic sampling across layers, a variant switched by a
+    later layer, an older rlkit's hf dump, unhashable kinds, the caller's dicts left as given."""
+    from rlkit.config import applicable, upgrade_dump
+    from rlkit.rollout import rollout_config
+
+    g = {"kind": "grpo", "rewards": [{"name": "accuracy"}]}
+    with pytest.raises(ConfigError, match="rl.max_resample_rounds: only used with rl.dynamic_sampling"):
+        build_config([("recipe", {**g, "rl": {"dynamic_sampling": False}}), ("--set", {"rl": {"max_resample_rounds": 5}})])
+    cfg = build_config([("recipe", {**g, "rl": {"dynamic_sampling": {"max_rounds": 5}}}),
+                        ("--set", {"rl": {"max_resample_rounds": 2}})])
+    assert cfg.rl.dynamic_sampling.max_rounds == 2
+    assert build_config([("r", {**g, "rl": {"dynamic_sampling": {}, "max_resample_rounds": 2}})]).rl.dynamic_sampling
+    cfg = build_config([("r", {**g, "rollout": {"engine": "vllm", "kv_cache_gib": 0.5}}), ("--set", {"rollout": {"engine": "hf"}})])
+    assert cfg.rollout.engine == "hf"
+    assert rollout_config(engine="hf", mode="colocate").engine == "hf"  # an older rlkit's hf dump
+    with pytest.raises(ConfigError, match="is not a command"):
+        build_config([("x", {"kind": ["grpo"]})])
+    assert upgrade_dump({"kind": ["grpo"]}) == {"kind": ["grpo"]}
+    layer = {**g, "rl": {"epsilon": 0.1, "policy_loss": {"epsilon": 0.3}}}
+    build_config([("x", layer)])
+    assert layer["rl"] == {"epsilon": 0.1, "policy_loss": {"epsilon": 0.3}}
+    assert applicable({"rl": {"gamma": 0.9}}, "grpo", {"advantage": "reinforce_pp"}) == {"rl": {"advantage": {"gamma": 0.9}}}
+    assert applicable({"rl": {"gamma": 0.9}}, "grpo") == {}
+    # an old `rlkit recipes show` dump used as a recipe: its unused keys at their printed defaults are fine
+    old = {**g, "rl": {"beta": 0.0, "kl_in": "loss", "kl_estimator": "k3", "advantage": "grpo", "gamma": 1.0,
+                       "lam": 0.95, "epsilon": 0.2, "ptx_coef": 0.0, "ptx_data": None, "dynamic_sampling": False,
+                       "max_resample_rounds": 3}}
+    cfg = build_config([("old.yaml", old)])
+    assert cfg.rl.kl is None and cfg.rl.ptx is None and cfg.rl.dynamic_sampling is None

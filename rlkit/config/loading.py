@@ -81,10 +81,12 @@ def check_unknown(layer: dict, source: str) -> None:
     walk(layer, _models(), "")
 
 
-def applicable(layer: dict, kind: str) -> dict:
+def applicable(layer: dict, kind: str, variants: dict[str, str] | None = None) -> dict:
     """The part of a config layer that ``kind``'s command reads: a pipeline's defaults apply to each stage only
-    where they mean something for that stage's command."""
+    where they mean something for that stage's command, with the variants it runs (``variants``: rl part ->
+    name, e.g. ``{"advantage": "reinforce_pp"}``; else the command's defaults)."""
     layer, _ = upgrade_layer(layer)
+    variants = variants or {}
 
     def walk(d: dict, models: list[type[BaseModel]], prefix: str = "") -> dict:
         out = {}
@@ -93,9 +95,9 @@ def applicable(layer: dict, kind: str) -> dict:
             if subs is None:
                 continue
             if prefix == "rl." and k in NAMED_VARIANTS and isinstance(v, dict):
-                # judged by the variant it names, or the command's default one
-                name = v.get("name", default_variant(kind, str(k)))
-                if name in NAMED_VARIANTS[k]:
+                # judged by the variant it names, else the one the stage runs, else the command's default
+                name = v.get("name", variants.get(str(k), default_variant(kind, str(k))))
+                if isinstance(name, str) and name in NAMED_VARIANTS[k]:
                     subs = [NAMED_VARIANTS[k][name]]
             if isinstance(v, dict) and len(subs) == 1:  # a plain section: keep the keys it has
                 sub = walk(v, subs, f"{prefix}{k}.")
@@ -111,16 +113,23 @@ def applicable(layer: dict, kind: str) -> dict:
 # ----------------------------------------------------------------------------------------------- build
 
 
+# the keys that name a section's variant (rl.advantage.name, rl.policy_loss.name; rollout.engine and .mode)
+VARIANT_TAGS = ("name", "engine", "mode")
+
+
 def deep_merge(base: dict, over: dict) -> dict:
-    """``over`` on top of ``base``; a section that switches variant (another ``name``) replaces the old one, so
+    """``over`` on top of ``base``; a section that switches variant (another ``name``, ``engine`` or ``mode``)
+    replaces the old one, keeping its other tags (``rollout.mode=server`` keeps ``engine: vllm``), so
     ``--set rl.advantage=grpo`` on a gae recipe does not keep gae's knobs."""
     out = dict(base)
     for k, v in over.items():
         old = out.get(k)
-        if isinstance(v, dict) and isinstance(old, dict) and not ("name" in v and v["name"] != old.get("name", v["name"])):
-            out[k] = deep_merge(old, v)
-        else:
+        if not (isinstance(v, dict) and isinstance(old, dict)):
             out[k] = v
+        elif any(t in v and t in old and v[t] != old[t] for t in VARIANT_TAGS):
+            out[k] = {**{t: old[t] for t in VARIANT_TAGS if t in old and t not in v}, **v}
+        else:
+            out[k] = deep_merge(old, v)
     return out
 
 
@@ -130,25 +139,28 @@ def build_config(layers: list[tuple[str, dict]]) -> RunConfig:
     merged: dict = {}
     upgraded: list[tuple[str, dict]] = []
     aliases: dict[str, str] = {}
+    per_layer: list[dict[str, str]] = []
     for source, layer in layers:
         layer, al = upgrade_layer(layer, source)
         check_unknown(layer, source)
         notice_layer(source, al)
         upgraded.append((source, layer))
+        per_layer.append(al)
         aliases.update(al)
         merged = deep_merge(merged, layer)
     kind = merged.get("kind", "sft")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         source = next((s for s, layer in reversed(upgraded) if "kind" in layer), "config")
         raise ConfigError(f"{source}: kind: '{kind}' is not a command; expected one of {', '.join(KINDS)}")
-    _check_switches(merged, upgraded, aliases)
+    _check_switches(merged, upgraded, per_layer, aliases)
     try:
         return KINDS[kind].model_validate(merged)
     except ValidationError as e:
         raise ConfigError(_message(e.errors()[0], kind, upgraded, aliases)) from None
 
 
-def _check_switches(merged: dict, layers: list[tuple[str, dict]], aliases: dict[str, str]) -> None:
+def _check_switches(merged: dict, layers: list[tuple[str, dict]], per_layer: list[dict[str, str]],
+                    aliases: dict[str, str]) -> None:
     """An old spelling that tunes a part that is off is refused: ``rl.max_resample_rounds`` without
     ``rl.dynamic_sampling``, ``rl.kl_in`` with no KL coefficient, ``rl.ptx_data`` with no ptx coefficient."""
     rl = merged.get("rl") if isinstance(merged.get("rl"), dict) else {}
@@ -158,13 +170,16 @@ def _check_switches(merged: dict, layers: list[tuple[str, dict]], aliases: dict[
         set_by = [k for k in sub if f"rl.{part}.{k}" in aliases] if isinstance(sub, dict) else []
         if not set_by:
             continue
-        on = needs in sub if needs is not None else any(_switched_on(layer, part, aliases) for _, layer in layers)
+        on = needs in sub if needs is not None else any(
+            _switched_on(layer, part, al) for (_, layer), al in zip(layers, per_layer))
         if not on:
             source = next((s for s, layer in reversed(layers) if _has_path(layer, ("rl", part, set_by[0]))), "config")
             raise ConfigError(f"{source}: {aliases[f'rl.{part}.{set_by[0]}']}: only used with {switch}")
 
 
 def _switched_on(layer: dict, part: str, aliases: dict[str, str]) -> bool:
+    """Whether this layer turns ``part`` on: says so (``true``, a mapping) or sets a key of it in today's
+    spelling (``aliases``: this layer's old spellings)."""
     sub = layer["rl"].get(part) if isinstance(layer.get("rl"), dict) else None
     return isinstance(sub, dict) and (f"rl.{part}" in aliases or any(f"rl.{part}.{k}" not in aliases for k in sub))
 

@@ -22,6 +22,7 @@ working (``--set rl.beta=0.04``, ``rl.kl_in=reward``, ``rl.advantage=rloo``, ``r
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from rlkit.errors import ConfigError
@@ -37,6 +38,14 @@ _DYNAMIC = {"max_resample_rounds": "max_rounds"}
 MOVED_KEYS = {("rl", "engine"): ("rollout", "engine"), ("rl", "hf_cache"): ("rollout", "hf_cache"),
               ("rollout", "tis_cap"): ("rl", "tis_cap")}
 
+# What an older rlkit recorded for each old key when it was not used (a full dump prints every key): set to
+# these values in a part that is off, the old keys did nothing then and are dropped now.
+OLD_DEFAULTS = {"beta": 0.0, "kl_estimator": "k3", "kl_in": "loss", "kl_controller": "fixed", "kl_target": None,
+                "kl_horizon": 10000, "std_normalize": "group", "gamma": 1.0, "lam": 0.95, "whiten_advantages": True,
+                "value_model": "policy", "value_learning_rate": None, "value_clip": 0.2, "epsilon": 0.2,
+                "epsilon_high": None, "dual_clip": None, "ptx_coef": 0.0, "ptx_data": None, "ptx_batch_size": 8,
+                "max_resample_rounds": 3}
+
 # Every old spelling under rl: -> the part of rl it now lives in.
 OLD_RL_KEYS = {**{k: ("kl", v) for k, v in _KL.items()}, **{k: ("advantage", v) for k, v in _ADVANTAGE.items()},
                **{k: ("policy_loss", v) for k, v in _LOSS.items()}, **{k: ("ptx", v) for k, v in _PTX.items()},
@@ -50,7 +59,7 @@ def upgrade_layer(layer: dict, source: str = "config", *, dump: bool = False) ->
     ``beta: 0``, ``gamma`` with group advantages) is dropped instead of refused."""
     if not isinstance(layer, dict):
         return layer, {}
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in layer.items()}
+    out = copy.deepcopy(layer)  # the caller's dicts (a Python API user's, a pipeline's defaults) stay as given
     aliases: dict[str, str] = {}
     for (sec, key), (new_sec, new_key) in MOVED_KEYS.items():
         if isinstance(out.get(sec), dict) and key in out[sec]:
@@ -73,9 +82,10 @@ def _upgrade_rl(rl: dict, source: str, dump: bool, aliases: dict[str, str]) -> d
     for part in ("advantage", "policy_loss"):
         if part in rl:
             rl[part] = _named(rl[part])
+    if rl.get("dynamic_sampling") is True or isinstance(rl.get("dynamic_sampling"), dict):
+        aliases["rl.dynamic_sampling"] = "rl.dynamic_sampling"  # switched on in this very layer
     if isinstance(rl.get("dynamic_sampling"), bool):
         rl["dynamic_sampling"] = {} if rl["dynamic_sampling"] else None
-        aliases["rl.dynamic_sampling"] = "rl.dynamic_sampling"  # switched in this very layer
     old = {k: rl.pop(k) for k in list(rl) if k in OLD_RL_KEYS}
     if "beta" in old:
         beta = old.pop("beta")
@@ -95,30 +105,35 @@ def _upgrade_rl(rl: dict, source: str, dump: bool, aliases: dict[str, str]) -> d
     for key, value in old.items():
         part, new_key = OLD_RL_KEYS[key]
         if part in rl and rl[part] is None:  # the part is off in this very layer (beta 0, ptx_coef 0, ...)
-            if dump:
-                continue
+            if dump or value == OLD_DEFAULTS.get(key, object()):
+                continue  # a full dump of an older rlkit: the key at its default did nothing
             switch = {"kl": "rl.beta > 0", "ptx": "rl.ptx_coef > 0", "dynamic_sampling": "rl.dynamic_sampling"}[part]
             raise ConfigError(f"{source}: rl.{key}: only used with {switch}")
         if not isinstance(rl.get(part), dict):
             rl[part] = {}
         rl[part][new_key] = value
         aliases[f"rl.{part}.{new_key}"] = f"rl.{key}"
-    if dump:
-        _drop_unused(rl)
+    _drop_unused(rl, old_default_only=not dump)
     return rl
 
 
-def _drop_unused(rl: dict) -> None:
-    """A recorded config has every key of its day; keep those the variant it ran has (the rest did nothing)."""
+def _drop_unused(rl: dict, old_default_only: bool) -> None:
+    """A recorded config has every key of its day: keep those the variant it ran has (the rest did nothing).
+    ``old_default_only``: a layer the user wrote (an old `rlkit recipes show` dump used as a recipe): drop only
+    the keys at the value an older rlkit printed for them, and only where the layer names its variant."""
     from rlkit.algos import ADVANTAGE_SCHEMAS, POLICY_LOSS_SCHEMAS
 
+    old_name = {new: old for old, (part, new) in OLD_RL_KEYS.items() if part in ("advantage", "policy_loss")}
     for part, schemas, default in (("advantage", ADVANTAGE_SCHEMAS, "grpo"),
                                    ("policy_loss", POLICY_LOSS_SCHEMAS, "ppo_clip")):
-        if isinstance(rl.get(part), dict):
-            name = rl[part].get("name", default)
-            schema = schemas[name] if name in schemas else None
-            if schema is not None:
-                rl[part] = {k: v for k, v in rl[part].items() if k in schema.model_fields}
+        if not isinstance(rl.get(part), dict) or (old_default_only and "name" not in rl[part]):
+            continue
+        name = rl[part].get("name", default)
+        if not isinstance(name, str) or name not in schemas:
+            continue
+        fields = schemas[name].model_fields
+        rl[part] = {k: v for k, v in rl[part].items() if k in fields or (
+            old_default_only and not v == OLD_DEFAULTS.get(old_name.get(k, ""), object()))}
 
 
 _NOTICED: set[str] = set()
@@ -157,7 +172,7 @@ def upgrade_dump(data: dict, source: str | None = None) -> dict:
     if source is not None and data != original:
         notice(source, "recorded by an older rlkit, read in today's shape (old runs resume, finished stages stay)")
     kind = data.get("kind", "sft")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         return data
     data = applicable(data, kind)
     try:

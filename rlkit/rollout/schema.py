@@ -116,8 +116,9 @@ def _foreign_keys(value: Any) -> Any:
         if key in schema.model_fields or not owners:
             out[key] = v  # its own key, or no variant's (extra="forbid" names it)
             continue
-        if all(v == SCHEMAS[t].model_fields[key].get_default(call_default_factory=True) for t in owners):
-            continue
+        defaults = [SCHEMAS[t].model_fields[key] for t in owners if not SCHEMAS[t].model_fields[key].is_required()]
+        if any(v == f.get_default(call_default_factory=True) for f in defaults):
+            continue  # at a default of the variant that has it (an older rlkit's hf dump: mode colocate)
         vllm = [t for t in SCHEMAS if t.startswith("vllm-")]
         where = "rollout.engine vllm" if sorted(owners) == sorted(vllm) else " or ".join(_SELECTED_BY[t] for t in owners)
         raise ValueError(f"rollout.{key}: only used with {where}")
