@@ -18,7 +18,7 @@ from rlkit.errors import RlkitError, first_line
 RewardFn = Callable[..., list]
 REWARDS: dict[str, RewardFn] = {}
 _BUILTIN_MODULES = ("rlkit.rewards.math_answer", "rlkit.rewards.format", "rlkit.rewards.length", "rlkit.rewards.model",
-                    "rlkit.rewards.reasoning_tasks")
+                    "rlkit.rewards.reasoning_tasks", "rlkit.rewards.code")
 
 
 class RewardError(RlkitError):

@@ -144,7 +144,8 @@ def check_params(key: str, fn, params: dict) -> None:
     named = [n for n, p in list(sig.parameters.items())[1:] if p.kind in kinds]  # after completions
     open_ended = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
     own = getattr(fn, "__module__", "").startswith("rlkit.")  # their **_ takes the columns, never parameters
-    takes = [n for n in named if n not in COLUMNS]
+    # the columns it declares it needs (``fn.requires``: a code reward's tests) are data, not parameters
+    takes = [n for n in named if n not in COLUMNS and n not in getattr(fn, "requires", ())]
     required = [n for n in takes if sig.parameters[n].default is inspect.Parameter.empty]
     missing = [n for n in required if n not in params]
     if missing and own:  # a plug-in's required argument may be one of its data's columns
