@@ -13,6 +13,7 @@ or prints what it guesses never passes.
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 
@@ -45,20 +46,24 @@ def _as_tests(tests) -> str:
 
 @register("code")
 def code(completions: list[str], tests: list, timeout: float = 5.0, memory_mb: int = 512, **_) -> list[float]:
-    """1.0 for a completion whose last Python block passes its row's tests in the sandbox, else 0.0."""
+    """1.0 for a completion whose last Python block passes its row's tests in the sandbox, else 0.0.
+    ``timeout``: wall seconds per completion (the runs go in parallel, one per core); the reward's own
+    ``timeout`` (rewards[].timeout) bounds the whole call."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from rlkit.sandbox import run_python
 
-    scores = []
-    for completion, t in zip(completions, tests):
+    def one(completion: str, t) -> float:
         program = last_code_block(completion)
         if program is None:
-            scores.append(0.0)
-            continue
+            return 0.0
         token = secrets.token_hex(16)
         result = run_python(f"{program}\n\n{_as_tests(t)}\n\nprint({token!r})\n", timeout=timeout,
                             memory_mb=memory_mb)
-        scores.append(1.0 if result.ok and result.stdout.rstrip().endswith(token) else 0.0)
-    return scores
+        return 1.0 if result.ok and result.stdout.rstrip().endswith(token) else 0.0
+
+    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        return list(pool.map(one, completions, tests))
 
 
 def _check_row(row: dict) -> str | None:
