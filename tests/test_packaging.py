@@ -20,3 +20,15 @@ def test_non_editable_install_resolves_recipes_rewards_and_model(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_every_package_is_listed_for_a_non_editable_install():
+    """pyproject.toml lists packages explicitly: a new sub-package left out would be missing from `pip install .`
+    (the editable install of the tests would not notice)."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "rlkit").rglob("__init__.py")}
+    assert found - listed == set(), sorted(found - listed)
