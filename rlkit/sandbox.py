@@ -40,10 +40,16 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
+from rlkit.errors import RlkitError
+
 CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWUSER = 0x00020000, 0x40000000, 0x10000000
 MS_REC, MS_PRIVATE = 0x4000, 0x40000
 NOBODY = 65534
 _SCRATCH = ("/tmp", "/var/tmp", "/dev/shm")
+
+
+class SandboxError(RlkitError):
+    """The sandbox cannot run here (no Python that its unprivileged user may run)."""
 
 
 @dataclass
@@ -115,7 +121,7 @@ def interpreter(root: bool) -> str:
     for candidate in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3", shutil.which("python3")):
         if candidate and os.path.exists(candidate) and _world_usable(candidate):
             return candidate
-    raise RuntimeError("the code sandbox runs as user nobody and found no Python it can run (this one lives where "
+    raise SandboxError("the code sandbox runs as user nobody and found no Python it can run (this one lives where "
                        "nobody cannot read); install python3 under /usr/bin")
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlkit.config import KINDS, ConfigError, RunConfig, applicable, build_config, check_unknown, upgrade_layer
+from rlkit.config.rl import NAMED_VARIANTS
 from rlkit.config_files import load_yaml, parse_set
 from rlkit.manifest import STAGE_REF
 from rlkit.nested import flatten
@@ -115,7 +116,7 @@ def stage_variants(stage: Stage, own: list[dict] = ()) -> dict[str, str]:
     names: dict[str, str] = {}
     for layer in [*layers, stage.config, *own]:
         rl = upgrade_layer(layer)[0].get("rl")
-        for part in ("advantage", "policy_loss"):
+        for part in NAMED_VARIANTS:
             if isinstance(rl, dict) and isinstance(rl.get(part), dict) and isinstance(rl[part].get("name"), str):
                 names[part] = rl[part]["name"]
     return names

@@ -120,20 +120,18 @@ def _upgrade_rl(rl: dict, source: str, dump: bool, aliases: dict[str, str]) -> d
 def _drop_unused(rl: dict, old_default_only: bool) -> None:
     """A recorded config has every key of its day: keep those the variant it ran has (the rest did nothing).
     ``old_default_only``: a layer the user wrote (an old `rlkit recipes show` dump used as a recipe): drop only
-    the keys at the value an older rlkit printed for them, and only where the layer names its variant."""
-    from rlkit.algos import ADVANTAGE_SCHEMAS, POLICY_LOSS_SCHEMAS
+    the keys at the value an older rlkit printed for them. Only where the layer names its variant (an older
+    rlkit's dump always does)."""
+    from rlkit.config.rl import NAMED_VARIANTS
 
-    old_name = {new: old for old, (part, new) in OLD_RL_KEYS.items() if part in ("advantage", "policy_loss")}
-    for part, schemas, default in (("advantage", ADVANTAGE_SCHEMAS, "grpo"),
-                                   ("policy_loss", POLICY_LOSS_SCHEMAS, "ppo_clip")):
-        if not isinstance(rl.get(part), dict) or (old_default_only and "name" not in rl[part]):
-            continue
-        name = rl[part].get("name", default)
+    old_name = {new: old for old, (part, new) in OLD_RL_KEYS.items() if part in NAMED_VARIANTS}
+    for part, schemas in NAMED_VARIANTS.items():
+        name = rl[part].get("name") if isinstance(rl.get(part), dict) else None
         if not isinstance(name, str) or name not in schemas:
             continue
         fields = schemas[name].model_fields
         rl[part] = {k: v for k, v in rl[part].items() if k in fields or (
-            old_default_only and not v == OLD_DEFAULTS.get(old_name.get(k, ""), object()))}
+            old_default_only and v != OLD_DEFAULTS.get(old_name.get(k, ""), object()))}
 
 
 _NOTICED: set[str] = set()
