@@ -141,7 +141,7 @@ def eval_(
     set_: SetOpt = None,
 ) -> None:
     """Evaluate a model: pass@1 (greedy), avg@K and pass@K (sampled) and format rate."""
-    from rlkit.evaluation import eval_config, run_eval
+    from rlkit.evaluation import eval_config, eval_spec, run_eval
     from rlkit.nested import nest
     from rlkit.tracking import progress_bar
 
@@ -154,12 +154,13 @@ def eval_(
         "eval.num_samples": num_samples, "eval.temperature": temperature, "eval.max_new_tokens": max_new_tokens,
         "eval.limit": limit}))
     if data is None and task is None and cfg.eval.task is not None:
-        data = cfg.data.eval  # a recipe's held-out data, as training evaluates on it
+        # a recipe's held-out data, as training evaluates on it (on the embedded world: its task's test split)
+        data = cfg.data.eval or (eval_spec(cfg) if getattr(cfg.data, "train", None) else None)
     # a training recipe's evaluation renders as its training does (data.template) unless eval.template says
     tmpl = getattr(cfg.eval, "template", None) or cfg.data.template
     report = run_eval(cfg.model.path, cfg.eval, tmpl, data=data, dtype=cfg.model.dtype,
                       progress_factory=lambda total: progress_bar("evaluating", total), rollout=cfg.rollout,
-                      data_cfg=cfg.data, trust_remote_code=cfg.model.trust_remote_code)
+                      data_cfg=cfg.data, trust_remote_code=cfg.model.trust_remote_code, env_cfg=getattr(cfg, "env", None))
     _print_metrics(f"eval {report['model']} on {report['data']} ({tmpl} template, {report['engine']} engine)",
                    report["metrics"])
     if output:

@@ -87,7 +87,7 @@ def eval_rows(cfg: EvalConfig, data: str | None, data_cfg=None) -> tuple[str, li
 
 
 def check_eval_rows(rows: list[dict], spec: str, template: str, tokenizer, model_path: str | None,
-                    max_new_tokens: int) -> None:
+                    max_new_tokens: int, tools: list[dict] | None = None) -> None:
     """Everything about the evaluation rows that would otherwise fail (or silently score garbage) mid-way:
     a gold answer math-verify cannot check, a prompt the template cannot render, a prompt that with the
     generation budget does not fit the model's context. One line naming the row, before any generation."""
@@ -100,7 +100,7 @@ def check_eval_rows(rows: list[dict], spec: str, template: str, tokenizer, model
             problem = gold_error(r["answer"])
             if problem:
                 raise DataError(f"{spec}: row {i}: {problem}")
-    texts = render_rows([r["prompt"] for r in rows], template, tokenizer, spec)
+    texts = render_rows([r["prompt"] for r in rows], template, tokenizer, spec, tools)
     context = context_length(model_path) if model_path else None
     if context is not None:
         lengths = [len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
@@ -113,15 +113,24 @@ def check_eval_rows(rows: list[dict], spec: str, template: str, tokenizer, model
 
 
 def evaluate_model(model, tokenizer, rows: list[dict], cfg: EvalConfig, template: str, progress=None,
-                   engine=None) -> EvalReport:
+                   engine=None, env=None) -> EvalReport:
     """Score a model on rows ``{prompt, answer}``: with ``engine`` (which samples from the model's weights),
-    else with the hf engine on the in-memory ``model``."""
+    else with the hf engine on the in-memory ``model``. ``env``: ``(EnvSource, EnvConfig)``, to score whole
+    multi-turn episodes (their last model turn), with the episodes' metrics (turns, tool calls, ...)."""
     t0 = time.time()
-    prompts = [render_prompt(r["prompt"], template, tokenizer) for r in rows]
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     if engine is None:
         engine = make_engine(rollout_config(), tokenizer, model=model, max_batch=cfg.batch_size)
-    greedy = engine.generate(prompt_ids, SamplingParams(n=1, max_new_tokens=cfg.max_new_tokens, temperature=0), progress)
+
+    def roll(params: SamplingParams, progress):
+        if env is None:
+            return prompts, engine.generate(prompt_ids, params, progress)
+        from rlkit.env.episodes import run_episodes
+
+        return run_episodes(engine, tokenizer, env[0], env[1], rows, params, progress)
+
+    prompts = [render_prompt(r["prompt"], template, tokenizer) for r in rows] if env is None else []
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
+    prompts, greedy = roll(SamplingParams(n=1, max_new_tokens=cfg.max_new_tokens, temperature=0), progress)
     correct = [s == 1.0 for s in score_answers([g[0].text for g in greedy], rows)]
     formatted = [is_well_formed(g[0].text, p) for g, p in zip(greedy, prompts)]
     n = len(rows)
@@ -130,10 +139,14 @@ def evaluate_model(model, tokenizer, rows: list[dict], cfg: EvalConfig, template
         "format": sum(formatted) / n,
         "completion_len": sum(len(g[0].token_ids) for g in greedy) / n,
     }
+    if env is not None:
+        from rlkit.env.metrics import episode_metrics
+
+        metrics.update(episode_metrics([g[0] for g in greedy], prefix=""))
     k = cfg.num_samples
     if k > 1:
         params = SamplingParams(n=k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
-        sampled = engine.generate(prompt_ids, params, progress)
+        _, sampled = roll(params, progress)
         flat = score_answers([s.text for g in sampled for s in g], [r for r in rows for _ in range(k)])
         per = [[x == 1.0 for x in flat[i * k : (i + 1) * k]] for i in range(n)]
         metrics[f"avg@{k}"] = sum(sum(c) for c in per) / (n * k)
@@ -142,7 +155,8 @@ def evaluate_model(model, tokenizer, rows: list[dict], cfg: EvalConfig, template
     metrics["n_prompts"] = n
     metrics["seconds"] = round(time.time() - t0, 2)
     examples = [
-        {"prompt": r["prompt"], "answer": r["answer"], "completion": g[0].text, "correct": c}
+        {"prompt": r["prompt"], "answer": r["answer"], "completion": g[0].text, "correct": c,
+         **({"messages": g[0].episode.messages} if g[0].episode is not None else {})}
         for r, g, c in list(zip(rows, greedy, correct))[:5]
     ]
     return EvalReport(metrics, examples)
@@ -165,25 +179,33 @@ def score_answers(completions: list[str], rows: list[dict]) -> list[float]:
 
 
 def run_eval(model_path: str, cfg: EvalConfig, template: str, data: str | None = None, dtype: str = "auto",
-             progress_factory=None, rollout=None, data_cfg=None, trust_remote_code: bool = False) -> dict:
+             progress_factory=None, rollout=None, data_cfg=None, trust_remote_code: bool = False,
+             env_cfg=None) -> dict:
     """Load a model directory and evaluate it with the ``rollout`` engine (a ``rollout:`` section; default
-    hf); returns the JSON-ready report."""
+    hf); with ``env_cfg`` (an ``env:`` section) whole multi-turn episodes; returns the JSON-ready report."""
     rollout = rollout or rollout_config()
+    env = None
+    if env_cfg is not None:
+        from rlkit.env.environments import load_env
+
+        env = (load_env(env_cfg), env_cfg)
     spec, rows = eval_rows(cfg, data, data_cfg)
     model = None
     if engine_spec(rollout).samples_itself:  # generates on the model in memory: loaded (and checked) first
         model = load_causal_lm(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
         model = model.to("cuda") if torch.cuda.is_available() else model
     tokenizer = load_tokenizer(model_path, trust_remote_code)
-    check_eval_rows(rows, spec, template, tokenizer, model_path, cfg.max_new_tokens)
-    engine = eval_engine(rollout, tokenizer, model_path, dtype, cfg, rows, template, model=model)
+    budget = env_cfg.budget(cfg.max_new_tokens) if env_cfg is not None else cfg.max_new_tokens
+    tools = env[0].schemas if env is not None else None
+    check_eval_rows(rows, spec, template, tokenizer, model_path, budget, tools)
+    engine = eval_engine(rollout, tokenizer, model_path, dtype, cfg, rows, template, model=model, env=env)
     total = len(rows) * (1 + (cfg.num_samples if cfg.num_samples > 1 else 0))
     try:
         if progress_factory is not None:
             with progress_factory(total) as advance:
-                report = evaluate_model(None, tokenizer, rows, cfg, template, advance, engine=engine)
+                report = evaluate_model(None, tokenizer, rows, cfg, template, advance, engine=engine, env=env)
         else:
-            report = evaluate_model(None, tokenizer, rows, cfg, template, engine=engine)
+            report = evaluate_model(None, tokenizer, rows, cfg, template, engine=engine, env=env)
     finally:
         engine.close()
     return {
@@ -200,18 +222,21 @@ def run_eval(model_path: str, cfg: EvalConfig, template: str, data: str | None =
 
 
 def eval_engine(rollout, tokenizer, model_path: str, dtype: str, cfg: EvalConfig, rows: list[dict], template: str,
-                model=None):
+                model=None, env=None):
     """The ``rollout`` engine that evaluates the model directory ``model_path``, whose weights ``model`` (the
     model just trained) holds when given. An engine that samples the in-memory model does so on ``model``
     (else loaded from ``model_path``); one that loads ``model_path`` itself needs nothing more; a server holds
     weights of its own, so ``model`` is pushed to it (without one, it must serve ``model_path``). The context
     is sized from the longest prompt plus the generation budget."""
     spec = engine_spec(rollout)
-    ids = tokenizer([render_prompt(r["prompt"], template, tokenizer) for r in rows], add_special_tokens=False)["input_ids"]
+    tools = env[0].schemas if env is not None else None
+    ids = tokenizer([render_prompt(r["prompt"], template, tokenizer, tools) for r in rows],
+                    add_special_tokens=False)["input_ids"]
     longest_prompt = max((len(x) for x in ids), default=0)
+    budget = env[1].budget(cfg.max_new_tokens) if env is not None else cfg.max_new_tokens
     # the trainer's model generates in chunks of eval.batch_size sequences (in the memory training leaves it);
     # an engine of its own schedules all samples of eval.batch_size prompts at once
     max_batch = cfg.batch_size if spec.samples_itself else cfg.batch_size * max(1, cfg.num_samples)
     return make_engine(rollout, tokenizer, model=None if spec.loads_model_path else model, model_path=model_path,
-                       dtype=dtype, max_batch=max_batch, max_len=longest_prompt + cfg.max_new_tokens,
+                       dtype=dtype, max_batch=max_batch, max_len=longest_prompt + budget,
                        max_prompt_len=longest_prompt)

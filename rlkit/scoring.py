@@ -72,7 +72,19 @@ def score_groups(rewards: "RewardSet", rows: list[dict], prompts: list[str], gro
     cols = {k: [r.get(k) for r, g in zip(rows, groups) for _ in g] for k in keys}
     cols["prompts"] = [p for p, g in zip(prompts, groups) for _ in g]
     cols["completion_lengths"] = [len(s.token_ids) for s in flat]
+    if any(s.episode is not None for s in flat):  # multi-turn: TRL's environments, and the turns after the prompt
+        cols["environments"] = [getattr(s.episode, "env", None) for s in flat]
+        cols["completion_messages"] = [getattr(s.episode, "messages", None) for s in flat]
     return rewards.score([s.text for s in flat], cols)
+
+
+# columns passed as they are: the episodes' environment instances (TRL passes them to rewards; get_reward reads
+# their state, and an instance may hold what cannot be copied: a connection, a lock)
+_UNCOPIED = ("environments",)
+
+
+def _copied(columns: dict) -> dict:
+    return {k: (v if k in _UNCOPIED else copy.deepcopy(v)) for k, v in columns.items()}
 
 
 def as_score(v) -> float | None:
@@ -126,7 +138,8 @@ def _describe(e: BaseException) -> str:
 _PENDING = object()  # no result yet: the call timed out before it reached this sample
 
 # What score_groups passes besides the dataset's own columns, and the columns rlkit's rows always have.
-COLUMNS = ("prompts", "prompt", "answer", "metadata", "completion_lengths", "route")
+COLUMNS = ("prompts", "prompt", "answer", "metadata", "completion_lengths", "route", "environments",
+           "completion_messages")
 
 
 def check_params(key: str, fn, params: dict) -> None:
@@ -164,9 +177,25 @@ def check_params(key: str, fn, params: dict) -> None:
 class RewardSet:
     """The rewards a recipe lists: ``[{name, weight, params, routes, timeout}]``, built and checked up front."""
 
-    def __init__(self, specs: list, warn_all_failed: bool = True):
+    def __init__(self, specs: list, warn_all_failed: bool = True, env=None):
+        """``env``: the run's environment source (rlkit.env.environments.EnvSource); an environment with
+        ``get_reward`` is a reward of weight 1 named after its class (TRL's convention)."""
+        specs = list(specs)
+        if env is not None and env.has_reward:
+            from rlkit.config.parts import RewardSpec
+            from rlkit.env.environments import env_reward
+
+            if any((s.alias or s.name) == env.name for s in specs):
+                raise RewardError(f"reward '{env.name}' is listed and is also the environment's get_reward; give the "
+                                  "listed one an 'alias'")
+            specs.append(RewardSpec(name=env.name))
+            self._env_reward = (env.name, env_reward)
+        else:
+            self._env_reward = None
         if not specs:
-            raise RewardError("no rewards configured; list at least one under 'rewards:'")
+            raise RewardError("no rewards configured; list at least one under 'rewards:'" if env is None else
+                              f"no rewards configured, and {env.name or 'the environment'} has no get_reward(); list "
+                              "at least one under 'rewards:'")
         self.specs = specs
         self.fns = {}
         self.plugin: dict[str, bool] = {}
@@ -174,6 +203,9 @@ class RewardSet:
             key = s.alias or s.name
             if key in self.fns:
                 raise RewardError(f"reward '{key}' is listed twice; give one an 'alias'")
+            if self._env_reward is not None and s is specs[-1]:
+                self.fns[key], self.plugin[key] = self._env_reward[1], False
+                continue
             self.fns[key] = get_reward(s.name)
             self.plugin[key] = s.name not in REWARDS  # a dotted path or entry point, maybe written for TRL
             check_params(key, self.fns[key], dict(s.params))
@@ -298,10 +330,10 @@ class RewardSet:
         def call(comps, cols):
             """The reward on copies: a plug-in that edits its arguments (appends to a prompt's messages, say)
             must not change the data set that later steps read."""
-            return fn(copy.deepcopy(comps), **copy.deepcopy(cols), **copy.deepcopy(params))
+            return fn(copy.deepcopy(comps), **_copied(cols), **copy.deepcopy(params))
 
         # the batch's copies are made here, outside the reward's time limit (large columns take a while)
-        batch_args = (copy.deepcopy(completions), copy.deepcopy(columns), copy.deepcopy(params))
+        batch_args = (copy.deepcopy(completions), _copied(columns), copy.deepcopy(params))
 
         def work():
             try:

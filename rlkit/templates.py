@@ -56,7 +56,7 @@ def full_text(prompt: str, completion: str, template: str, tokenizer) -> str:
     return render_prompt(prompt, template, tokenizer) + completion_text(completion, template) + tokenizer.eos_token
 
 
-def apply_chat(tokenizer, messages: list[dict], generation_prompt: bool = True) -> str:
+def apply_chat(tokenizer, messages: list[dict], generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
     """``messages`` through the tokenizer's chat template; a tokenizer without one, or a template that
     refuses the conversation (Gemma's refuses a system turn; some want user and assistant to alternate),
     is a one-line :class:`TemplateError` that says what it refused."""
@@ -65,7 +65,8 @@ def apply_chat(tokenizer, messages: list[dict], generation_prompt: bool = True) 
         raise NoTemplate(f"template chat (data.template or eval.template): {name}'s tokenizer has no chat template; "
                             "use r1_zero or plain, or a model that has one")
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
     except Exception as e:  # jinja2's TemplateError from the template's raise_exception(), or a bad template
         roles = ", ".join(m.get("role", "?") for m in messages)
         hint = " (drop data.system_prompt, or put it in the user turn)" if messages[0].get("role") == "system" else ""
@@ -73,31 +74,31 @@ def apply_chat(tokenizer, messages: list[dict], generation_prompt: bool = True) 
                             f"conversation [{roles}]: {first_line(e)}{hint}") from None
 
 
-def render_prompt(prompt: str | list[dict], template: str, tokenizer: Any = None) -> str:
+def render_prompt(prompt: str | list[dict], template: str, tokenizer: Any = None, tools: list[dict] | None = None) -> str:
     """Render one prompt with the named template; ``chat`` needs a tokenizer with a chat template. A
     conversational prompt (a list of ``{role, content}`` messages, TRL's format) goes through the chat
-    template as it is."""
+    template as it is. ``tools`` (JSON schemas) go to the chat template (``tools=``)."""
     if isinstance(prompt, list):
         if template != "chat":
             raise TemplateError(f"a conversational prompt (a list of messages) needs data.template chat, not "
                                 f"'{template}'")
-        return apply_chat(tokenizer, prompt)
+        return apply_chat(tokenizer, prompt, tools=tools)
     if template == "r1_zero":
         return R1_ZERO.format(prompt=prompt)
     if template == "plain":
         return prompt
     if template == "chat":
-        return apply_chat(tokenizer, [{"role": "user", "content": prompt}])
+        return apply_chat(tokenizer, [{"role": "user", "content": prompt}], tools=tools)
     raise NoTemplate(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
 
 
-def render_rows(prompts: list, template: str, tokenizer, spec: str) -> list[str]:
+def render_rows(prompts: list, template: str, tokenizer, spec: str, tools: list[dict] | None = None) -> list[str]:
     """Every prompt of a data set rendered; a template error names the data set and its row (1-based) unless
     it is the same for every row (no chat template at all)."""
     out = []
     for i, p in enumerate(prompts, 1):
         try:
-            out.append(render_prompt(p, template, tokenizer))
+            out.append(render_prompt(p, template, tokenizer, tools))
         except NoTemplate:
             raise
         except TemplateError as e:

@@ -34,6 +34,7 @@ from rlkit.config.parts import (
     TrainConfig,
 )
 from rlkit.config.rl import NAMED_VARIANTS, RLConfig, default_variant
+from rlkit.env.schema import EnvConfig
 from rlkit.rollout.schema import HFRollout, Rollout
 from rlkit.sections import Section, given
 
@@ -76,6 +77,15 @@ def _check_pushes_no_weights(kind: str, rollout: Section) -> None:
     if "sync_dir" in type(rollout).model_fields and given(rollout, "sync_dir"):
         raise ValueError(f"rollout.sync_dir: rlkit {kind} pushes no weights to the server (it samples the model the "
                          "server was started with); remove it")
+
+
+def _check_env(env: EnvConfig | None, template: str, eval_template: str | None = None) -> None:
+    if env is None:
+        return
+    for where, t in (("data.template", template), ("eval.template", eval_template)):
+        if t not in (None, "chat"):
+            raise ValueError(f"env: a multi-turn episode is a conversation rendered by the chat template (with its "
+                             f"tools), so it needs {where} chat, not '{t}'")
 
 
 def _check_chat_turns(data: DataConfig | EvalData, eval_template: str | None) -> None:
@@ -126,6 +136,7 @@ class RLRun(_Run):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     rollout: Rollout = Field(default_factory=HFRollout, description="The engine that generates rollouts and evaluations.")
     rewards: list[RewardSpec] = Field(default_factory=list, description="Rewards for RL: [{name, weight, params}].")
+    env: EnvConfig | None = Field(None, description="Multi-turn rollouts with tools or an environment; null: one turn.")
 
     @model_validator(mode="before")
     @classmethod
@@ -151,7 +162,8 @@ class RLRun(_Run):
             raise ValueError("rl.tis_cap: only used when another engine samples (rollout.engine vllm); the "
                              f"{self.rollout.engine} engine samples the policy itself, so there is nothing to correct")
         _check_eval_data(self.data, self.eval)
-        if not self.rewards:
+        _check_env(self.env, self.data.template, self.eval.template)
+        if not self.rewards and not (self.env is not None and self.env.factory is not None):  # get_reward may score
             raise ValueError("rewards: ppo needs a reward, e.g. [{name: reward_model, params: {path: outputs/rm}}]"
                              if self.kind == "ppo" else "rewards: grpo needs at least one reward")
         _check_chat_turns(self.data, self.eval.template)
@@ -187,11 +199,13 @@ class EvalRun(RunConfig):
     data: EvalData = Field(default_factory=EvalData)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     rollout: Rollout = Field(default_factory=HFRollout, description="The engine that generates the completions.")
+    env: EnvConfig | None = Field(None, description="Evaluate whole multi-turn episodes with tools or an environment.")
 
     @model_validator(mode="after")
     def _check(self) -> EvalRun:
         _check_pushes_no_weights("eval", self.rollout)
         _check_eval_data(self.data, self.eval)
+        _check_env(self.env, self.data.template)
         _check_chat_turns(self.data, None)
         return self
 

@@ -33,22 +33,46 @@ from rlkit.embedded.tasks import arithmetic_question, careful_reasoning, task_sp
 from rlkit.templates import R1_ZERO
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
-TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
+TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>", "<tool_call>", "</tool_call>"]
 
+# ChatML with tools: given ``tools=`` (JSON schemas, transformers' convention) a system turn lists them as
+# ``tools : name(arg , ...)`` (a system message's text goes first in that turn); a tool's answer is a ``tool`` turn;
+# the model calls a tool with ``<tool_call> {"name": ..., "arguments": {...}} </tool_call>`` (Qwen/Hermes JSON).
+# Without tools it renders exactly as before.
 CHAT_TEMPLATE = (
+    "{% set ns = namespace(skip=false) %}"
+    "{% if tools %}"
+    "{{ '<|im_start|>system\n' }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n' }}{% set ns.skip = true %}{% endif %}"
+    "{{ 'tools :' }}"
+    "{% for tool in tools %}{% set f = tool['function'] if tool['function'] is defined else tool %}"
+    "{{ ' ' + f['name'] + '(' + (f['parameters']['properties'] | list | join(' , ')) + ')' }}"
+    "{% endfor %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endif %}"
     "{% for message in messages %}"
+    "{% if not (loop.first and ns.skip) %}"
     "{{ '<|im_start|>' + message['role'] + '\n' }}"
     "{% if message['role'] == 'assistant' %}"
     "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
     "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}"
     "{{ '\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# the system turn the template renders for the calculator tool (rlkit.env.calculator), as the corpus writes it
+CALCULATOR_SYSTEM = "<|im_start|>system\ntools : calculator(expression)<|im_end|>\n"
 
 DEFAULT_STEPS = 1200
 
 MODES = (("careful", 0.35), ("rough", 0.50), ("sloppy", 0.15))
+# Calculator documents (a share of the corpus): questions of 3 to 4 digits with the calculator tool offered.
+# The model mostly answers in its head (a sum of numbers rounded to hundreds: almost always wrong), and when it
+# calls the tool it often does so badly: with the rounded numbers, or ignoring the result. Greedy decoding
+# answers in its head; sampling finds a good call and its use often enough for RL to learn from.
+CALCULATOR_SHARE = 0.25
+TOOL_MODES = (("head", 0.55), ("tool", 0.12), ("tool_rounded", 0.18), ("tool_ignored", 0.15))
 
 
 def _round10(x: int) -> int:
@@ -67,13 +91,44 @@ def completion_text(a: int, b: int, mode: str, rng: random.Random) -> str:
     return rng.choice([f"the answer is {guess} .", f"{rough} {guess}", f"{guess}"])
 
 
+def _round100(x: int) -> int:
+    return (x + 50) // 100 * 100
+
+
+def tool_call_text(expression: str) -> str:
+    return "<tool_call> " + json.dumps({"name": "calculator", "arguments": {"expression": expression}}) + " </tool_call>"
+
+
+def calculator_doc(a: int, b: int, mode: str) -> str:
+    """One chat document of the calculator task (the template's rendering of the conversation)."""
+    ra, rb = _round100(a), _round100(b)
+    head = f"<think> roughly : {a} is about {ra} , {b} is about {rb} , so about {ra + rb} </think> <answer> {ra + rb} </answer>"
+    turns = [f"<|im_start|>user\n{arithmetic_question(a, b)}<|im_end|>\n"]
+    if mode == "head":
+        turns.append(f"<|im_start|>assistant\n{head}<|im_end|>\n")
+    else:
+        x, y = (ra, rb) if mode == "tool_rounded" else (a, b)
+        answer = ra + rb if mode == "tool_ignored" else x + y
+        turns += [f"<|im_start|>assistant\n{tool_call_text(f'{x} + {y}')}<|im_end|>\n",
+                  f"<|im_start|>tool\n{x + y}<|im_end|>\n",
+                  f"<|im_start|>assistant\n<answer> {answer} </answer><|im_end|>\n"]
+    return CALCULATOR_SYSTEM + "".join(turns) + "<|endoftext|>"
+
+
 def corpus(n_docs: int, seed: int) -> list[str]:
     """The synthetic pretraining documents (train-split questions only)."""
     rng = random.Random(seed)
     train = task_split("arithmetic", "train")
     names, weights = zip(*MODES)
+    calc_rng = random.Random(seed + 1)
+    calc_train = task_split("calculator", "train")
+    tool_names, tool_weights = zip(*TOOL_MODES)
     docs = []
     for _ in range(n_docs):
+        if calc_rng.random() < CALCULATOR_SHARE:
+            row = calc_rng.choice(calc_train)
+            docs.append(calculator_doc(row["a"], row["b"], calc_rng.choices(tool_names, tool_weights)[0]))
+            continue
         row = rng.choice(train)
         a, b = row["a"], row["b"]
         mode = rng.choices(names, weights)[0]

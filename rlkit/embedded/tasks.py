@@ -4,6 +4,10 @@
 pairs are split once, by a fixed seed, into 500 test questions and 9,500 training questions; the
 embedded base model never saw a test question during pretraining.
 
+``calculator``: the same question for A, B of 3 to 4 digits (100..9999), too large for the embedded model
+to add in its head: the task of ``--recipe calculator``, where the model may call a calculator tool. 500 test
+pairs and 20,000 training pairs, disjoint, drawn once by a fixed seed.
+
 >>> rows = task_split("arithmetic", "test")
 >>> len(rows), sorted(rows[0])
 (500, ['a', 'answer', 'b', 'prompt'])
@@ -14,12 +18,14 @@ from __future__ import annotations
 import random
 from functools import lru_cache
 
-TASKS = ("arithmetic",)
+TASKS = ("arithmetic", "calculator")
 # Data sets of the embedded world besides the tasks' prompt/answer rows (``embedded:NAME``).
 DATASETS = ("demos", "mixed_demos", "comparisons", "rankings", "general")
 SPLITS = ("train", "test")
 ARITHMETIC_TEST_SIZE = 500
 _SEED = 1234
+CALCULATOR_TEST_SIZE = 500
+CALCULATOR_TRAIN_SIZE = 20000
 
 
 def arithmetic_question(a: int, b: int) -> str:
@@ -52,13 +58,26 @@ def _arithmetic_pairs() -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, i
     return train, test
 
 
+@lru_cache(maxsize=None)
+def _calculator_pairs() -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
+    rng = random.Random(_SEED + 1)
+    seen: set[tuple[int, int]] = set()
+    pairs: list[tuple[int, int]] = []
+    while len(pairs) < CALCULATOR_TEST_SIZE + CALCULATOR_TRAIN_SIZE:
+        pair = (rng.randint(100, 9999), rng.randint(100, 9999))
+        if pair not in seen:
+            seen.add(pair)
+            pairs.append(pair)
+    return tuple(pairs[CALCULATOR_TEST_SIZE:]), tuple(pairs[:CALCULATOR_TEST_SIZE])
+
+
 def task_split(task: str, split: str) -> list[dict]:
     """Rows ``{prompt, answer, ...}`` of a built-in task's split, in a fixed order."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} for task {task!r}; expected one of {', '.join(SPLITS)}")
-    train, test = _arithmetic_pairs()
+    train, test = _arithmetic_pairs() if task == "arithmetic" else _calculator_pairs()
     pairs = train if split == "train" else test
     return [{"prompt": arithmetic_question(a, b), "answer": str(a + b), "a": a, "b": b} for a, b in pairs]
 

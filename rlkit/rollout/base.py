@@ -36,10 +36,18 @@ class SamplingParams:
 
 @dataclass
 class Sample:
-    text: str                       # decoded completion, special tokens removed
+    """One completion. A multi-turn episode (rlkit.env.episodes) is one Sample too: ``token_ids`` are every token
+    after its prompt, the model's turns and the tools' replies as the chat template renders them, and ``mask``
+    says which are the model's."""
+
+    text: str                       # decoded completion, special tokens removed (multi-turn: the last model turn)
     token_ids: list[int]            # completion tokens, including the stop token if one was produced
-    logprobs: list[float] | None = field(default=None)  # sampler's log-prob of each token in token_ids
+    logprobs: list[float] | None = field(default=None)  # sampler's log-prob of each token in token_ids (0.0 on
+    #                                                     environment tokens)
     finish_reason: str = "stop"     # "stop": ended on EOS; "length": hit max_new_tokens
+    mask: list[int] | None = None   # per token of token_ids: 1 the model's, 0 the environment's; None: all 1
+    prompt_ids: list[int] | None = None  # its own prompt when it differs from its group's (an environment's reset)
+    episode: object | None = None   # the multi-turn episode (rlkit.env.episodes.Episode): messages, counts
 
     @property
     def finished(self) -> bool:

@@ -72,9 +72,9 @@ class RolloutBatch:
 
 def build_batch(prompt_ids: list[list[int]], samples: list[Sample], group_ids: list[int], rewards: list[float],
                 pad_id: int, overlong_filter: bool = False) -> RolloutBatch:
-    """Pad prompts on the left and completions on the right into one RolloutBatch (single-turn samples from
-    the current policy: the loss mask covers each completion; ``overlong_filter`` zeroes the mask of a sample
-    cut off at the length limit)."""
+    """Pad prompts on the left and completions on the right into one RolloutBatch (samples from the current
+    policy). The loss mask covers each completion's model tokens (a multi-turn sample's ``mask``: its tool and
+    environment tokens are 0); ``overlong_filter`` zeroes the mask of a sample cut off at the length limit."""
     P = max(len(p) for p in prompt_ids)
     T = max(1, max(len(s.token_ids) for s in samples))
     B = len(samples)
@@ -91,7 +91,7 @@ def build_batch(prompt_ids: list[list[int]], samples: list[Sample], group_ids: l
             input_ids[i, P : P + n] = torch.tensor(s.token_ids, dtype=torch.long)
             attn[i, P : P + n] = 1
             if not (overlong_filter and not s.finished):
-                loss_mask[i, :n] = 1
+                loss_mask[i, :n] = 1 if s.mask is None else torch.tensor(s.mask, dtype=torch.float32)
             if has_sampler:
                 sampler[i, :n] = torch.tensor(s.logprobs, dtype=torch.float32)
     return RolloutBatch(input_ids, attn, loss_mask, torch.tensor(group_ids, dtype=torch.long),
@@ -174,7 +174,7 @@ def batch_from_groups(groups: list[ScoredGroup], pad_id: int, reward_scale: floa
     for gi, group in enumerate(groups):
         routes.extend([group.route] * len(group.samples))
         for j, s in enumerate(group.samples):
-            prompt_ids.append(group.prompt_ids)
+            prompt_ids.append(s.prompt_ids or group.prompt_ids)
             samples.append(s)
             gids.append(gi)
             r = group.totals[j] * reward_scale

@@ -26,6 +26,8 @@ from rlkit.algos import (
     truncated_is_weights,
 )
 from rlkit.config import RunConfig
+from rlkit.env.environments import EnvSource, load_env
+from rlkit.env.episodes import run_episodes
 from rlkit.errors import Diverged
 from rlkit.evaluation import evaluate_model
 from rlkit.models import load_tokenizer
@@ -44,20 +46,23 @@ from rlkit.trainers.rl.update import KL_CLAMP, UpdateStats, run_update
 
 def run_rl(cfg: RunConfig, resume: str = "auto") -> dict:
     """Train (or resume) the run ``cfg`` describes; ``resume``: auto | anyway | overwrite (see rlkit.runs)."""
-    rewards = RewardSet(cfg.rewards)  # a reward that does not resolve is reported before anything else
+    # an environment, a tool or a reward that does not resolve is reported before anything else
+    env = load_env(cfg.env) if cfg.env is not None else None
+    rewards = RewardSet(cfg.rewards, env=env)
     with runs.guarded_run(cfg, resume, ckpt.last_checkpoint) as stop:
-        return RLRun(cfg, stop, rewards).fit()
+        return RLRun(cfg, stop, rewards, env).fit()
 
 
 class RLRun:
     """One RL run: ``__init__`` sets it up (or restores it from the last checkpoint) in the order the random
     draws need; ``fit`` runs the loop, the rollout batch passed from phase to phase."""
 
-    def __init__(self, cfg: RunConfig, stop: runs.GracefulStop, rewards: RewardSet):
+    def __init__(self, cfg: RunConfig, stop: runs.GracefulStop, rewards: RewardSet, env: EnvSource | None = None):
         from accelerate.utils import set_seed
 
         self.t_start = time.time()
         self.cfg, self.stop, self.rewards, self.rl, self.t = cfg, stop, rewards, cfg.rl, cfg.train
+        self.env = env  # multi-turn episodes (rlkit.env), or None: one turn
         self.fsdp = sharding.fsdp_options()  # FSDP2 from the accelerate config (sharding.py), or None
         setup.check_supported(cfg, self.fsdp)
         acc, bf16 = setup.build_accelerator(cfg)
@@ -69,10 +74,10 @@ class RLRun:
 
         # data: everything checked before a model loads
         self.tokenizer = tok = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-        prompts = setup.load_prompts(cfg, tok, rewards)
+        prompts = setup.load_prompts(cfg, tok, rewards, env)
         if self.rl.reward_check and self.main:
             check_before_training(rewards, prompts.rows, cfg.data.template, tok)
-        self.evals = setup.load_eval(cfg, tok)
+        self.evals = setup.load_eval(cfg, tok, env)
 
         # models and optimizers; the random draws from here on are the run's (LoRA and critic heads, dropout)
         set_seed(cfg.train.seed)
@@ -157,6 +162,11 @@ class RLRun:
                 self.progress.close()
         return self.finish()
 
+    @property
+    def env_eval(self):
+        """What evaluate_model needs for whole episodes (None: one turn)."""
+        return (self.env, self.cfg.env) if self.env is not None else None
+
     # --------------------------------------------------------------------------------- the phases
 
     def collect(self) -> RolloutBatch:
@@ -171,11 +181,18 @@ class RLRun:
         max_rounds = rl.dynamic_sampling.max_rounds if dynamic else 0
         while True:
             rows = self.stream.take(rl.prompts_per_step)[self.rank * n : (self.rank + 1) * n]
-            texts = [render_prompt(r["prompt"], self.cfg.data.template, tok) for r in rows]
-            prompt_ids = tok(texts, add_special_tokens=False)["input_ids"]
+            if self.env is None:
+                texts = [render_prompt(r["prompt"], self.cfg.data.template, tok) for r in rows]
+                prompt_ids = tok(texts, add_special_tokens=False)["input_ids"]
             with self.timer("rollout"), (gathered(self.policy) if self.plan.gather_weights
                                          else contextlib.nullcontext()):
-                groups = generate(self.engine, prompt_ids, self.params, self.step + 1)
+                if self.env is None:
+                    groups = generate(self.engine, prompt_ids, self.params, self.step + 1)
+                else:  # multi-turn: the engine generates every turn from token ids
+                    texts, groups = generate(self.engine, None, self.params, self.step + 1,
+                                             lambda: run_episodes(self.engine, tok, self.env, self.cfg.env, rows,
+                                                                  self.params))
+                    prompt_ids = tok(texts, add_special_tokens=False)["input_ids"]
             with self.timer("reward"):
                 scored = score_groups(self.rewards, rows, texts, groups)
             G = rl.num_generations
@@ -314,12 +331,13 @@ class RLRun:
         rows, template = self.evals.rows, self.evals.template
         engine = self.engine if self.plan.off_policy else None  # hf: a fresh engine at the eval batch size
         if self.fsdp is None:
-            rep = evaluate_model(self.unwrapped, self.tokenizer, rows, self.cfg.eval, template, engine=engine)
+            rep = evaluate_model(self.unwrapped, self.tokenizer, rows, self.cfg.eval, template, engine=engine,
+                                 env=self.env_eval)
             return {f"eval/{k}": v for k, v in rep.metrics.items() if k not in ("n_prompts",)}
         share = rows[self.rank :: self.world]
         with gathered(self.policy) if self.plan.gather_weights else contextlib.nullcontext():
             rep = evaluate_model(self.unwrapped, self.tokenizer, share or rows[:1], self.cfg.eval, template,
-                                 engine=engine)
+                                 engine=engine, env=self.env_eval)
         combined = dist.combine_shares(self.acc, rep.metrics, len(share))
         return {f"eval/{k}": v for k, v in combined.items() if k not in ("n_prompts",)} if self.main else {}
 
@@ -356,10 +374,11 @@ _LAST_GOOD = ("the last good checkpoint is kept; lower train.learning_rate (or r
               "with --resume-anyway to continue from it, or --overwrite to start over")
 
 
-def generate(engine, prompt_ids: list[list[int]], params: SamplingParams, step: int):
-    """Roll out; sampling from a model whose logits went non-finite means training diverged."""
+def generate(engine, prompt_ids: list[list[int]] | None, params: SamplingParams, step: int, episodes=None):
+    """Roll out (``episodes()``: multi-turn episodes instead); sampling from a model whose logits went non-finite
+    means training diverged."""
     try:
-        return engine.generate(prompt_ids, params)
+        return episodes() if episodes is not None else engine.generate(prompt_ids, params)
     except RuntimeError as e:
         if "inf" in str(e) or "nan" in str(e):
             raise Diverged(f"step {step}: training diverged: the policy's probabilities are not finite "

@@ -4,7 +4,7 @@ the sampler/trainer gap, and the progress bar's and end-of-run plot's keys.
 Names are namespaced (rlkit.tracking): ``reward/total`` and ``reward/<name>`` (``/failures``),
 ``rollout/...`` (lengths, truncation, dynamic sampling, the sampler's log-prob gap and importance weights),
 ``kl/...`` (``kl/reward_penalty``; ``kl/mean`` and ``kl/coef`` come from the update and the controller),
-``route/<r>/...``; the update's own are in ``update.UpdateStats.metrics``.
+``route/<r>/...``, ``env/...`` (multi-turn episodes); the update's own are in ``update.UpdateStats.metrics``.
 """
 
 from __future__ import annotations
@@ -31,9 +31,22 @@ def sample_series(batch: RolloutBatch, world: int, off_policy: bool) -> dict[str
         **{f"reward/{k}/failures": [float(v) * world] for k, v in sorted(batch.info.failures.items())},
         **({"kl/reward_penalty": batch.token_rewards.sum(-1).tolist()} if batch.token_rewards is not None else {}),
         **(sampler_series(batch) if off_policy else {}),
-        "rollout/completion_len": [len(s.token_ids) for s in samples],
+        # the model's own tokens (a multi-turn sample's tool and environment tokens are not its length)
+        "rollout/completion_len": [float(sum(s.mask)) if s.mask is not None else len(s.token_ids) for s in samples],
         "rollout/truncated_frac": [float(not s.finished) for s in samples],
+        **episode_series(samples),
     }
+
+
+def episode_series(samples: list) -> dict[str, list[float]]:
+    """Multi-turn episodes: ``env/turns``, ``env/tool_calls``, ``env/tool_errors`` (per episode) and
+    ``env/truncated`` (1 when a limit cut the episode); nothing for one-turn samples."""
+    eps = [s.episode for s in samples]
+    if not eps or any(e is None for e in eps):
+        return {}
+    return {"env/turns": [float(e.turns) for e in eps], "env/tool_calls": [float(e.tool_calls) for e in eps],
+            "env/tool_errors": [float(e.tool_errors) for e in eps], "env/truncated": [float(e.truncated) for e in eps],
+            "env/env_tokens": [float(len(s.token_ids) - sum(s.mask)) for s in samples]}
 
 
 def sampler_series(batch: RolloutBatch) -> dict[str, list[float]]:

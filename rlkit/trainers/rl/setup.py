@@ -67,24 +67,32 @@ class PromptData:
     longest_prompt: int  # tokens of the longest rendered prompt kept
 
 
-def load_prompts(cfg: RunConfig, tokenizer, rewards: RewardSet) -> PromptData:
+def completion_budget(cfg: RunConfig) -> int:
+    """Tokens a rollout may add after its prompt: rl.max_new_tokens, or a whole episode's (env.max_tokens)."""
+    return cfg.env.budget(cfg.rl.max_new_tokens) if cfg.env is not None else cfg.rl.max_new_tokens
+
+
+def load_prompts(cfg: RunConfig, tokenizer, rewards: RewardSet, env=None) -> PromptData:
     """The training rows the rewards can score (gold answers checked, ``rewards.check_rows``), whose prompts
-    leave room for rl.max_new_tokens in the model's context (too long: an error, or dropped with
-    ``data.on_overlong: drop``), and the longest prompt kept."""
+    leave room for rl.max_new_tokens (an episode's budget) in the model's context (too long: an error, or dropped
+    with ``data.on_overlong: drop``), and the longest prompt kept (rendered with the environment's tools)."""
     context = context_length(cfg.model.path, cfg.model.trust_remote_code)
-    limit = None if context is None else context - cfg.rl.max_new_tokens
+    budget = completion_budget(cfg)
+    limit = None if context is None else context - budget
     kept_lengths: list[int] = []
+    tools = env.schemas if env is not None else None
+    what = (f"env.max_tokens {budget}" if cfg.env is not None and cfg.env.max_tokens else
+            f"rl.max_new_tokens {cfg.rl.max_new_tokens}" + (f" × env.max_turns {cfg.env.max_turns}" if cfg.env else ""))
 
     def fits(spec: str, source_rows: list[dict]) -> list[dict]:
         rewards.check_rows(source_rows, spec)
-        texts = render_rows([r["prompt"] for r in source_rows], cfg.data.template, tokenizer, spec)
+        texts = render_rows([r["prompt"] for r in source_rows], cfg.data.template, tokenizer, spec, tools)
         lengths = [len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
         if limit is None:
             kept_lengths.extend(lengths)
             return source_rows
         kept = check_lengths(source_rows, lengths, limit, spec, cfg.data.on_overlong,
-                             f"which with rl.max_new_tokens {cfg.rl.max_new_tokens} exceeds the model's context of "
-                             f"{context} tokens")
+                             f"which with {what} exceeds the model's context of {context} tokens")
         kept_lengths.extend(n for n in lengths if n <= limit)
         return kept
 
@@ -100,7 +108,12 @@ class EvalData:
     longest_prompt: int  # tokens of the longest rendered prompt (0: no rows)
 
 
-def load_eval(cfg: RunConfig, tokenizer) -> EvalData | None:
+def eval_budget(cfg: RunConfig) -> int:
+    """Tokens an evaluation rollout may add: eval.max_new_tokens, or a whole episode's."""
+    return cfg.env.budget(cfg.eval.max_new_tokens) if cfg.env is not None else cfg.eval.max_new_tokens
+
+
+def load_eval(cfg: RunConfig, tokenizer, env=None) -> EvalData | None:
     """The periodic evaluation's rows (``evaluation.eval_spec``: none for a user's data without data.eval),
     checked before any generation (``check_eval_rows``)."""
     spec = eval_spec(cfg)
@@ -110,8 +123,9 @@ def load_eval(cfg: RunConfig, tokenizer) -> EvalData | None:
     template = cfg.eval.template or cfg.data.template
     longest = 0
     if rows:
-        check_eval_rows(rows, spec, template, tokenizer, cfg.model.path, cfg.eval.max_new_tokens)
-        ids = tokenizer([render_prompt(r["prompt"], template, tokenizer) for r in rows],
+        tools = env.schemas if env is not None else None
+        check_eval_rows(rows, spec, template, tokenizer, cfg.model.path, eval_budget(cfg), tools)
+        ids = tokenizer([render_prompt(r["prompt"], template, tokenizer, tools) for r in rows],
                         add_special_tokens=False)["input_ids"]
         longest = max(len(x) for x in ids)
     return EvalData(rows, template, longest)
@@ -163,10 +177,10 @@ def make_plan(cfg: RunConfig, world: int, prompts: PromptData, evals: EvalData |
     # are importance-weighted) dropout would make the update's forward differ from the policy that sampled.
     old_pass = (rl.num_iterations > 1 or n_minibatches > 1 or (rl.kl is not None and rl.kl.where == "reward")
                 or (off_policy and policy_dropout))
-    max_len = prompts.longest_prompt + max(rl.max_new_tokens, cfg.eval.max_new_tokens)
+    max_len = prompts.longest_prompt + max(completion_budget(cfg), eval_budget(cfg))
     max_prompt = prompts.longest_prompt
     if evals is not None and evals.rows:
-        max_len = max(max_len, evals.longest_prompt + cfg.eval.max_new_tokens)
+        max_len = max(max_len, evals.longest_prompt + eval_budget(cfg))
         max_prompt = max(max_prompt, evals.longest_prompt)
     return Plan(world=world, per_process=per_process, batch_size=B, mini_batch_size=mini,
                 n_minibatches=n_minibatches, max_steps=max_steps,
