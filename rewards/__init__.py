@@ -44,9 +44,9 @@ def _load_builtins() -> None:
         importlib.import_module(mod)
 
 
-def _import(module: str):
-    """Import a reward module; the working directory counts, as with ``python -m`` (the ``rlkit`` console
-    script does not put it on the path)."""
+def import_user_module(module: str):
+    """Import a user's module (a reward, a tool, an environment); the working directory counts, as with
+    ``python -m`` (the ``rlkit`` console script does not put it on the path)."""
     import sys
 
     try:
@@ -72,7 +72,7 @@ def get_reward(name: str) -> RewardFn:
     if "." in name or ":" in name:
         module, _, attr = name.partition(":") if ":" in name else name.rpartition(".")
         try:
-            fn = getattr(_import(module), attr)
+            fn = getattr(import_user_module(module), attr)
         except AttributeError:
             raise RewardError(f"reward '{name}': module '{module}' has no attribute '{attr}'") from None
         except SyntaxError as e:

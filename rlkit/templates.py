@@ -105,3 +105,31 @@ def render_rows(prompts: list, template: str, tokenizer, spec: str, tools: list[
             raise TemplateError(f"{spec}: row {i}: {e}") from None
     return out
 
+
+
+def is_multi_turn(messages: list[dict]) -> bool:
+    """A conversation with tool turns or more than one assistant turn (SFT trains on every assistant turn)."""
+    return any(m.get("role") == "tool" for m in messages) or sum(m.get("role") == "assistant" for m in messages) > 1
+
+
+def conversation_tokens(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
+    """A whole conversation's token ids and a mask that is 1 on the assistant turns' tokens only (their text and
+    end-of-turn token as the chat template writes them; never a user, system or tool turn, nor the role headers).
+    Each assistant turn's characters are found by rendering the conversation up to it (with the generation prompt)
+    and through it; a template that renders earlier turns differently once later ones follow (Qwen3 drops old
+    ``<think>`` blocks) cannot be split this way: TemplateError."""
+    full = apply_chat(tokenizer, messages, generation_prompt=False, tools=tools)
+    spans = []
+    for k, m in enumerate(messages):
+        if m.get("role") != "assistant":
+            continue
+        before = apply_chat(tokenizer, messages[:k], generation_prompt=True, tools=tools) if k else ""
+        through = apply_chat(tokenizer, messages[: k + 1], generation_prompt=False, tools=tools)
+        if not (full.startswith(through) and through.startswith(before)):
+            raise TemplateError(f"the chat template of {getattr(tokenizer, 'name_or_path', 'the model')} renders earlier "
+                                "turns differently once later ones follow, so its assistant turns cannot be told "
+                                "apart for training; use a template that keeps earlier turns as they are")
+        spans.append((len(before), len(through.rstrip("\n"))))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(a <= s and e <= b and e > s for a, b in spans)) for s, e in enc["offset_mapping"]]
+    return enc["input_ids"], mask

@@ -196,6 +196,26 @@ def test_grpo_variants_read_their_keys(cli, tmp_path, recorder):
     assert unread(recorder) == [], unread(recorder)
 
 
+def test_grpo_and_eval_with_an_environment_read_its_keys(cli, tmp_path, recorder):
+    """env: a TRL environment class, a stand-alone tool, the turn limit, the token budget and the tool timeout."""
+    env = {"factory": "trl_env:CounterEnv", "tools": ["rlkit.env.calculator:calculator"], "max_turns": 2,
+           "max_tokens": 60, "tool_timeout": 5.0}
+    cfg = _base("grpo", tmp_path / "grpo_env", report_to=["jsonl"], model=MODEL,
+                data={"train": "embedded:calculator", "template": "chat", "max_samples": 8},
+                train={**RL_TRAIN, "max_steps": 1}, rl={**RL, "num_iterations": 1, "mini_batch_size": None},
+                eval={"task": "calculator", "limit": 2, "max_new_tokens": 16}, env=env,
+                rewards=[{"name": "accuracy"}])
+    r = cli("grpo", "--recipe", _write(tmp_path, "grpo_env", cfg))
+    assert r.exit_code == 0, r.output
+    assert unread(recorder) == [], unread(recorder)
+    recorder.reset()
+    recipe = {"kind": "eval", "model": MODEL, "data": {"template": "chat"}, "eval": {"task": "calculator", "limit": 2},
+              "env": env}
+    r = cli("eval", "--recipe", _write(tmp_path, "eval_env", recipe))
+    assert r.exit_code == 0, r.output
+    assert unread(recorder) == [], unread(recorder)
+
+
 def test_ppo_reads_every_key(cli, tmp_path, recorder, reward_model):
     cfg = _base("ppo", tmp_path / "ppo", report_to=["jsonl"], model=MODEL,
                 data={"train": "embedded:arithmetic", "max_samples": 16}, train=RL_TRAIN,

@@ -86,3 +86,18 @@ def test_every_fault_is_an_observation():
     t0 = time.time()
     text, ok = run_tool_call(tools, ToolCall("slow", {"x": 30}), timeout=0.5)
     assert not ok and "did not answer within 0.5 s" in text and time.time() - t0 < 5
+
+
+def test_python_tool_runs_model_code_in_the_sandbox(tmp_path):
+    """The code sandbox as a tool: output comes back as the observation; an error or a runaway program is an
+    observation too; what the code tries outside its sandbox does not happen."""
+    from rlkit.env.python_tool import python
+
+    tools = {"python": python}
+    [call] = parse_tool_calls('<tool_call>{"name": "python", "arguments": {"code": "print(sum(range(5)))"}}</tool_call>')
+    assert run_tool_call(tools, call) == ("10", True)
+    assert python("1/0") == "error: ZeroDivisionError: division by zero"
+    assert python("while True: pass") == "error: the program did not finish within 5 s"
+    target = tmp_path / "owned"
+    python(f"open({str(target)!r}, 'w').write('x')")
+    assert not target.exists()

@@ -127,6 +127,56 @@ def test_sampled_logprobs_agree_with_the_trainer(world):
     assert [s.token_ids for g in again for s in g] == [s.token_ids for s in samples]
 
 
+def test_multi_turn_episodes_are_token_ids_in_and_out(world):
+    """Calculator episodes on the colocated engine: every turn is token ids in, ids and log-probs out. The
+    sampler's log-probs are there for the model's tokens only (0 on the tool's), they match the trainer's, so the
+    truncated importance weights are 1 on every model token; each trajectory decodes to the conversation the
+    chat template renders."""
+    from rlkit.algos import truncated_is_weights
+    from rlkit.env.environments import load_env
+    from rlkit.env.episodes import run_episodes
+    from rlkit.env.schema import EnvConfig
+    from rlkit.trainers.batch import ScoredGroup, batch_from_groups
+
+    _, tok, _, engine = world
+    model = AutoModelForCausalLM.from_pretrained(model_dir()).eval()
+    engine.sync_weights(model)
+    cfg = EnvConfig(tools=["rlkit.env.calculator:calculator"], max_turns=3)
+    source = load_env(cfg)
+    rows = task_split("calculator", "test")[:8]
+    torch.manual_seed(0)
+    texts, groups = run_episodes(engine, tok, source, cfg, rows, SamplingParams(n=4, max_new_tokens=64, temperature=1.0))
+    flat = [s for g in groups for s in g]
+    assert sum(s.episode.tool_calls for s in flat) > 0 and any(0 in s.mask for s in flat)
+    for row, text, group in zip(rows, texts, groups):
+        for s in group:
+            assert len(s.logprobs) == len(s.token_ids) == len(s.mask)
+            assert all(lp == 0.0 for lp, m in zip(s.logprobs, s.mask) if m == 0)
+            trajectory = tok.decode(tok(text, add_special_tokens=False)["input_ids"] + s.token_ids)
+            messages = [{"role": "user", "content": row["prompt"]}] + s.episode.messages
+            assert tok.apply_chat_template(messages, tools=source.schemas, tokenize=False).startswith(trajectory)
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    batch = batch_from_groups([ScoredGroup(p, g, [0.0] * 4, {}) for p, g in zip(ids, groups)], tok.pad_token_id)
+    with torch.no_grad():
+        logp, _ = completion_logprobs(model, batch, temperature=1.0)
+    m = batch.loss_mask.bool()
+    assert (logp[m] - batch.sampler_logp[m]).abs().max() < 1e-4
+    weights = truncated_is_weights(logp, batch.sampler_logp, 2.0)
+    assert (weights[m] - 1).abs().max() < 1e-3
+
+
+def test_calculator_on_vllm_corrects_with_importance_weights(tmp_path):
+    """rlkit grpo --recipe calculator on the colocated engine: multi-turn rollouts, the old log-probs recomputed
+    and importance-weighted on the model's tokens."""
+    out = tmp_path / "calc"
+    _rlkit("grpo", "--recipe", "calculator", "--output-dir", out, "--max-steps", 2, *SMALL,
+           "--set", "rollout.engine=vllm", "--set", "rl.reward_check=false", check=True)
+    rows = [r for r in _metrics(out) if "reward/total" in r]
+    assert len(rows) == 2 and any(r["env/tool_calls"] > 0 for r in rows)
+    for r in rows:
+        assert r["rollout/logprob_diff"] < 1e-4 and 0.99 < r["rollout/is_weight_mean"] <= 1.0 + 1e-4, r
+
+
 # --------------------------------------------------------------------------------- GRPO with vLLM
 
 

@@ -178,11 +178,14 @@ class SampleRun(_Run):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     rollout: Rollout = Field(default_factory=HFRollout, description="The engine that generates the samples.")
     rewards: list[RewardSpec] = Field(default_factory=list, description="Rewards to filter the samples by.")
+    env: EnvConfig | None = Field(None, description="Sample whole multi-turn episodes with tools or an environment "
+                                  "(kept ones become SFT conversations with their tool turns).")
 
     @model_validator(mode="after")
     def _check(self) -> SampleRun:
         _check_pushes_no_weights("sample", self.rollout)
-        if not self.rewards:
+        _check_env(self.env, self.data.template)
+        if not self.rewards and not (self.env is not None and self.env.factory is not None):
             raise ValueError("rewards: rejection sampling needs the rewards to filter by")
         names = {r.alias or r.name for r in self.rewards}
         for key in self.sample.thresholds:

@@ -20,13 +20,13 @@ environment is just those tools.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rlkit.env.tools import ToolError, load_tools, tool_schema
 from rlkit.errors import first_line
+from rlkit.rewards import import_user_module
 
 HOOKS = ("reset", "get_reward", "respond")  # an environment's methods that are not tools
 
@@ -40,10 +40,10 @@ def _import(spec: str, key: str):
     if not sep or not module or not name:
         raise EnvError(f"{key}: '{spec}': expected module:Class")
     try:
-        return getattr(importlib.import_module(module), name)
+        return getattr(import_user_module(module), name)
     except (ImportError, AttributeError) as e:
         raise EnvError(f"{key}: '{spec}': {first_line(e)}") from None
-    except Exception as e:  # the module itself fails on import
+    except (Exception, SystemExit) as e:  # the module itself fails on import
         raise EnvError(f"{key}: '{spec}': importing it raised {type(e).__name__}: {first_line(e)}") from None
 
 
@@ -63,6 +63,7 @@ class EnvSource:
     name: str | None = None                                     # the class name (its get_reward's reward key)
     has_reward: bool = False                                    # the environment defines get_reward
     schemas: list[dict] = field(default_factory=list)          # every tool's JSON schema, as the template gets it
+    tool_timeout: float = 10.0                                  # env.tool_timeout: seconds a call may take
 
     def new(self):
         """A fresh environment (None without a factory)."""
@@ -78,13 +79,13 @@ def load_env(cfg) -> EnvSource:
     or a tool cannot be imported, built or described: before any model loads."""
     tools = load_tools(list(cfg.tools))
     if cfg.factory is None:
-        return EnvSource(None, tools, schemas=[tool_schema(f) for f in tools.values()])
+        return EnvSource(None, tools, schemas=[tool_schema(f) for f in tools.values()], tool_timeout=cfg.tool_timeout)
     factory = _import(cfg.factory, "env.factory")
     if not callable(factory):
         raise EnvError(f"env.factory: '{cfg.factory}' is not a class or a function")
     try:
         probe = factory()
-    except Exception as e:
+    except (Exception, SystemExit) as e:
         raise EnvError(f"env.factory: '{cfg.factory}' could not be built: {type(e).__name__}: {first_line(e)}") from None
     if not callable(getattr(probe, "reset", None)):
         raise EnvError(f"env.factory: '{cfg.factory}' has no reset method (an environment needs reset(**row))")
@@ -98,7 +99,8 @@ def load_env(cfg) -> EnvSource:
             schemas.append(tool_schema(fn))
         except ToolError as e:
             raise EnvError(f"env.factory: {type(probe).__name__}.{name}: {str(e).split(': ', 1)[-1]}") from None
-    return EnvSource(factory, tools, type(probe).__name__, callable(getattr(probe, "get_reward", None)), schemas)
+    return EnvSource(factory, tools, type(probe).__name__, callable(getattr(probe, "get_reward", None)), schemas,
+                     cfg.tool_timeout)
 
 
 def env_reward(environments: list, **_) -> list[float | None]:

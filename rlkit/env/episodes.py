@@ -147,7 +147,7 @@ def _model_turn(e: Episode, s: Sample, tokenizer, source: EnvSource, env_cfg, bu
         tools = source.tools_of(e.env)
         replies = []
         for call in calls:
-            obs, ok = run_tool_call(tools, call, env_cfg.tool_timeout)
+            obs, ok = run_tool_call(tools, call, source.tool_timeout)
             e.tool_calls += 1
             e.tool_errors += 0 if ok else 1
             replies.append({"role": "tool", "name": call.name or "unknown", "content": obs})

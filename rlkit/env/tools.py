@@ -25,7 +25,6 @@ model reads, and the rollout goes on.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 import re
@@ -34,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from rlkit.errors import RlkitError, first_line
+from rlkit.rewards import import_user_module
 
 _TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
@@ -70,9 +70,11 @@ def load_tools(specs: list[str]) -> dict[str, Callable]:
         if not sep or not module or not name:
             raise ToolError(f"env.tools: '{spec}': expected module:function")
         try:
-            fn = getattr(importlib.import_module(module), name)
+            fn = getattr(import_user_module(module), name)
         except (ImportError, AttributeError) as e:
             raise ToolError(f"env.tools: '{spec}': {first_line(e)}") from None
+        except (Exception, SystemExit) as e:  # the module itself fails on import
+            raise ToolError(f"env.tools: '{spec}': importing it raised {type(e).__name__}: {first_line(e)}") from None
         if not callable(fn):
             raise ToolError(f"env.tools: '{spec}' is not a function")
         tool_schema(fn)

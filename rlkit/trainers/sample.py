@@ -25,6 +25,8 @@ import torch
 from rlkit.config import RunConfig
 from rlkit.outputs import write_dataset_card
 from rlkit.data import DataError, check_lengths, rl_rows, sft_rows
+from rlkit.env.environments import load_env
+from rlkit.env.episodes import messages_of, run_episodes
 from rlkit.models import context_length, load_causal_lm, load_tokenizer
 from rlkit.rollout import SamplingParams, engine_spec, make_engine
 from rlkit.scoring import RewardSet, score_groups
@@ -42,7 +44,9 @@ def _run_sample(cfg: RunConfig) -> dict:
     t0 = time.time()
     sc = cfg.sample
     out = Path(cfg.output_dir)
-    rewards = RewardSet(cfg.rewards)
+    env = load_env(cfg.env) if cfg.env is not None else None  # an environment or tool that does not load: now
+    rewards = RewardSet(cfg.rewards, env=env)
+    budget = cfg.env.budget(sc.max_new_tokens) if cfg.env is not None else sc.max_new_tokens
     rows = rl_rows(cfg.data)
     rewards.check_routes(rows)  # a route a reward lists is some row's (before max_prompts cuts whole sources)
     if sc.max_prompts:
@@ -52,14 +56,15 @@ def _run_sample(cfg: RunConfig) -> dict:
     random.seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     template = cfg.data.template
-    texts_all = render_rows([r["prompt"] for r in rows], template, tokenizer, cfg.data.train)
+    tools = env.schemas if env is not None else None
+    texts_all = render_rows([r["prompt"] for r in rows], template, tokenizer, cfg.data.train, tools)
     ids_all = tokenizer(texts_all, add_special_tokens=False)["input_ids"]
     context = context_length(cfg.model.path, cfg.model.trust_remote_code)
     if context is not None:  # a prompt with no room for its samples would be sampled as garbage, or not at all
         fits = check_lengths(list(zip(rows, texts_all, ids_all)), [len(x) for x in ids_all],
-                             context - sc.max_new_tokens, cfg.data.train, cfg.data.on_overlong,
-                             f"which with sample.max_new_tokens {sc.max_new_tokens} exceeds the model's context of "
-                             f"{context} tokens")
+                             context - budget, cfg.data.train, cfg.data.on_overlong,
+                             f"which with {'an episode of ' if env else 'sample.max_new_tokens '}{budget} tokens "
+                             f"exceeds the model's context of {context} tokens")
         rows, texts_all, ids_all = [list(x) for x in zip(*fits)]
     mix = None
     if sc.mix_data:  # read (and checked) before sampling, not after it
@@ -73,7 +78,7 @@ def _run_sample(cfg: RunConfig) -> dict:
             model = model.to("cuda")
     engine = make_engine(cfg.rollout, tokenizer, model=model, model_path=cfg.model.path, dtype=cfg.model.dtype,
                          max_batch=sc.batch_size * sc.num_samples, seed=cfg.train.seed,
-                         max_len=max(map(len, ids_all), default=0) + sc.max_new_tokens,
+                         max_len=max(map(len, ids_all), default=0) + budget,
                          max_prompt_len=max(map(len, ids_all), default=0))
     params = SamplingParams(n=sc.num_samples, max_new_tokens=sc.max_new_tokens, temperature=sc.temperature,
                             top_p=sc.top_p)
@@ -86,7 +91,10 @@ def _run_sample(cfg: RunConfig) -> dict:
         for i in range(0, len(rows), sc.batch_size):
             chunk = rows[i : i + sc.batch_size]
             texts = texts_all[i : i + sc.batch_size]
-            groups = engine.generate(ids_all[i : i + sc.batch_size], params)
+            if env is None:
+                groups = engine.generate(ids_all[i : i + sc.batch_size], params)
+            else:  # whole episodes: the model's turns and the tools' replies
+                texts, groups = run_episodes(engine, tokenizer, env, cfg.env, chunk, params)
             scored = score_groups(rewards, chunk, texts, groups)
             for gi, (row, group) in enumerate(zip(chunk, groups)):
                 seen: set[str] = set()
@@ -101,16 +109,16 @@ def _run_sample(cfg: RunConfig) -> dict:
                     n_pass += verified
                     if not verified:
                         dropped["failed_rewards"] += 1
-                    elif not smp.finished:
+                    elif not smp.finished or (smp.episode is not None and smp.episode.truncated):
                         dropped["over_long"] += 1
-                    elif sc.dedupe and smp.text.strip() in seen:
+                    elif sc.dedupe and _key(smp) in seen:
                         dropped["duplicate"] += 1
                     elif taken >= sc.max_per_prompt:
                         dropped["over_cap"] += 1
                     else:
-                        seen.add(smp.text.strip())
+                        seen.add(_key(smp))
                         taken += 1
-                        kept.append(_sft_row(row, smp.text, template, cfg.model.path, scores, j))
+                        kept.append(_sft_row(row, smp.text, template, cfg.model.path, scores, j, smp.episode, tools))
                 pass_rates.append(n_pass / sc.num_samples)
             advance(len(chunk))
 
@@ -152,10 +160,18 @@ def _run_sample(cfg: RunConfig) -> dict:
     return metrics
 
 
-def _sft_row(row: dict, completion: str, template: str, source: str, scores: dict, index: int) -> dict:
+def _key(smp) -> str:
+    """What makes two samples of a prompt the same: the completion, or an episode's whole conversation."""
+    return smp.text.strip() if smp.episode is None else json.dumps(smp.episode.messages)
+
+
+def _sft_row(row: dict, completion: str, template: str, source: str, scores: dict, index: int, episode=None,
+             tools: list[dict] | None = None) -> dict:
     meta = {"source_model": source, "rewards": scores, "sample_index": index}
     if row.get("answer") is not None:
         meta["answer"] = row["answer"]
+    if episode is not None:  # a multi-turn conversation with its tool turns, and the tools (TRL's SFT format)
+        return {"messages": messages_of(row["prompt"]) + episode.messages, "tools": tools, **meta}
     if template == "chat":
         return {"messages": [{"role": "user", "content": row["prompt"]},
                              {"role": "assistant", "content": completion.strip()}], **meta}

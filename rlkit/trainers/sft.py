@@ -26,15 +26,21 @@ from rlkit.config import RunConfig
 from rlkit.data import DataError, check_lengths, sft_rows
 from rlkit.models import context_length, load_causal_lm, load_tokenizer, lora_targets
 from rlkit.outputs import finish_run
-from rlkit.templates import apply_chat, completion_text, render_prompt
+from rlkit.templates import apply_chat, completion_text, is_multi_turn, render_prompt
 from rlkit.tracking import MetricsLogger, available
 from rlkit.trainers import hf_trainer
 from rlkit.trainers.hf_trainer import checkpointing_arg, jsonl_callback, last_trainer_checkpoint, quiet_progress
 
 
 def to_sft_examples(rows: list[dict], template: str, tokenizer, spec: str) -> list[dict]:
-    """Rows -> TRL prompt/completion examples (conversational when a chat template applies)."""
+    """Rows -> TRL prompt/completion examples (conversational when a chat template applies). When some
+    conversation has tool turns or several assistant turns (``rlkit sample`` with an environment writes such),
+    every row becomes token ids with a ``completion_mask`` that is 1 on assistant turns only
+    (``templates.conversation_tokens``; a row's ``tools`` column goes to the chat template)."""
     has_chat = bool(getattr(tokenizer, "chat_template", None))
+    if has_chat and any("messages" in r and is_multi_turn(r["messages"]) for r in rows):
+        return _tokenized(to_sft_examples([{k: v for k, v in r.items() if k != "messages"} | _split(r) for r in rows],
+                                          template, tokenizer, spec), rows, tokenizer, spec)
     out = []
     for i, r in enumerate(rows, 1):
         if "messages" in r:
@@ -59,11 +65,43 @@ def to_sft_examples(rows: list[dict], template: str, tokenizer, spec: str) -> li
     return out
 
 
+def _split(row: dict) -> dict:
+    """A conversational row as prompt/completion (multi-turn rows are tokenised whole by ``_tokenized``)."""
+    if "messages" not in row:
+        return {}
+    msgs = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    return {"prompt": msgs[:-1], "completion": msgs[-1:]}
+
+
+def _tokenized(examples: list[dict], rows: list[dict], tokenizer, spec: str) -> list[dict]:
+    """Every example as ``{input_ids, completion_mask}`` (TRL's processed form): a conversation through
+    ``conversation_tokens``, a text prompt/completion with the completion (and EOS) masked in."""
+    from rlkit.templates import TemplateError, conversation_tokens
+
+    out = []
+    for i, (ex, row) in enumerate(zip(examples, rows), 1):
+        if isinstance(ex["prompt"], list):
+            msgs = [{k: m[k] for k in ("role", "content", "name") if k in m} for m in row.get("messages") or
+                    ex["prompt"] + ex["completion"]]
+            try:
+                ids, mask = conversation_tokens(tokenizer, msgs, row.get("tools"))
+            except TemplateError as e:
+                raise DataError(f"{spec}: row {i}: {e}") from None
+        else:
+            p = tokenizer(ex["prompt"], add_special_tokens=False)["input_ids"]
+            c = tokenizer(ex["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            ids, mask = p + c, [0] * len(p) + [1] * len(c)
+        out.append({"input_ids": ids, "completion_mask": mask})
+    return out
+
+
 def example_lengths(examples: list[dict], tokenizer, second: str = "completion") -> list[int]:
     """Tokens of prompt + ``second`` for each TRL example (conversational or text; text gets an EOS)."""
     out = []
     for ex in examples:
-        if isinstance(ex["prompt"], list):
+        if "input_ids" in ex:
+            out.append(len(ex["input_ids"]))
+        elif isinstance(ex["prompt"], list):
             text = apply_chat(tokenizer, ex["prompt"] + ex[second], generation_prompt=False)
             out.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
         else:
