@@ -146,3 +146,12 @@ def test_bad_environment_is_one_line(spec, needle):
     with pytest.raises(EnvError, match=None) as e:
         load_env(EnvConfig(factory=spec))
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_environment_whose_reset_raises_is_one_line():
+    from rlkit.env.environments import EnvError
+
+    tok = tokenizer("embedded")
+    with pytest.raises(EnvError) as e:
+        episode(tok, ["x"], {"factory": "trl_env:FailsLater"})
+    assert str(e.value) == "env.factory: FailsLater: building it or its reset(**row) raised KeyError: 'start'"

@@ -113,6 +113,7 @@ def test_trl_environment_class_trains_unchanged(cli, tmp_path):
     assert r.exit_code == 0, r.output
     steps = [m for m in _metrics(tmp_path / "o") if "reward/total" in m]
     assert "reward/CounterEnv" in steps[0] and "env/turns" in steps[0]
+    assert all(m["reward/CounterEnv/failures"] == 0 for m in steps), steps
 
 
 @pytest.mark.parametrize("sets, needle", [
@@ -158,3 +159,26 @@ def test_sample_keeps_verified_episodes_and_sft_trains_on_their_assistant_turns(
     r = cli("sft", "--dataset", str(out / "data.jsonl"), "--output-dir", str(tmp_path / "sft"),
             "--set", "train.max_steps=2", "--set", "eval.task=null")
     assert r.exit_code == 0, r.output
+
+
+def test_the_same_class_runs_in_trls_grpo_trainer(tmp_path):
+    """The environment class rlkit trains with is a valid TRL environment_factory as it is: TRL's GRPOTrainer
+    builds it, exposes its tool and logs its get_reward under the class name."""
+    from pathlib import Path
+
+    import trl
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from trl_env import CounterEnv
+
+    tok = load_tokenizer("embedded")
+    tok.chat_template = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text()
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": "Count to 3."}], "start": 0, "target": 3}] * 4)
+    args = GRPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, num_generations=4,
+                      max_completion_length=8, use_cpu=True, report_to="none", logging_steps=1, save_strategy="no")
+    trainer = GRPOTrainer(model=load_causal_lm("embedded", "float32"), args=args, train_dataset=data,
+                          processing_class=tok, environment_factory=CounterEnv)
+    assert [t.__name__ for t in trainer.tools] == ["increment"]
+    trainer.train()
+    assert any("rewards/CounterEnv/mean" in h for h in trainer.state.log_history)

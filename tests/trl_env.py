@@ -50,3 +50,12 @@ class Broken:
 
     def reset(self, **kwargs):
         return None
+
+
+class FailsLater:
+    """Builds fine (the probe before training), then its reset raises on a row it cannot handle."""
+
+    def reset(self, **kwargs):
+        if kwargs.get("answer") is not None:
+            raise KeyError("start")
+        return None

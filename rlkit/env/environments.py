@@ -103,6 +103,9 @@ def load_env(cfg) -> EnvSource:
                      cfg.tool_timeout)
 
 
-def env_reward(environments: list, **_) -> list[float | None]:
-    """The environments' own scores (``get_reward()``), as a reward function (TRL passes ``environments``)."""
+def env_reward(completions: list, environments: list | None = None, **_) -> list[float | None]:
+    """The environments' own scores (``get_reward()``), as a reward function (TRL passes ``environments``);
+    not applicable (None) to completions without an episode (``rlkit rewards check``'s probes)."""
+    if environments is None:
+        return [None] * len(completions)
     return [e.get_reward() if e is not None and hasattr(e, "get_reward") else None for e in environments]

@@ -95,8 +95,7 @@ def run_episodes(engine, tokenizer, source: EnvSource, env_cfg, rows: list[dict]
         rendered.append(text)
         base = tokenizer(text, add_special_tokens=False)["input_ids"]
         for _ in range(params.n):
-            env = source.new()
-            obs = env.reset(**row) if env is not None else None
+            env, obs = _start(source, row)
             ids, own = base, None
             if obs is not None:  # TRL: the observation is appended to the last user message
                 changed = messages[:-1] + [{**messages[-1], "content": messages[-1]["content"] + str(obs)}]
@@ -122,6 +121,20 @@ def run_episodes(engine, tokenizer, source: EnvSource, env_cfg, rows: list[dict]
                               episode=e))
     n = params.n
     return rendered, [samples[r * n : (r + 1) * n] for r in range(len(rows))]
+
+
+def _start(source: EnvSource, row: dict):
+    """A fresh environment and its first observation; an environment that fails to build or reset ends the run
+    in one line (its bug, not the model's)."""
+    from rlkit.env.environments import EnvError
+    from rlkit.errors import first_line
+
+    try:
+        env = source.new()
+        return env, (env.reset(**row) if env is not None else None)
+    except (Exception, SystemExit) as e:
+        raise EnvError(f"env.factory: {source.name}: building it or its reset(**row) raised {type(e).__name__}: "
+                       f"{first_line(e)}") from None
 
 
 def _model_turn(e: Episode, s: Sample, tokenizer, source: EnvSource, env_cfg, budget: int, last_turn: bool) -> None:
@@ -153,7 +166,11 @@ def _model_turn(e: Episode, s: Sample, tokenizer, source: EnvSource, env_cfg, bu
             replies.append({"role": "tool", "name": call.name or "unknown", "content": obs})
     else:
         respond = getattr(e.env, "respond", None)
-        reply = respond(text) if callable(respond) and not last_turn else None
+        try:
+            reply = respond(text) if callable(respond) and not last_turn else None
+        except (Exception, SystemExit):  # the environment's fault: the episode ends there, counted
+            e.tool_errors += 1
+            reply = None
         if reply is None:
             e.done = True
             return

@@ -305,8 +305,10 @@ class RLRun:
         self.logger.log(self.step, row)
         self.progress.update(self.step, row)
         if self.rl.log_completions and (self.step % self.t.logging_steps == 0 or self.step == 1):
-            self.progress.note(f"[dim]step {self.step} sample (reward {batch.info.rewards[0]:.2f}):[/] "
-                               f"{batch.samples[0].text[:200]!r}")
+            first = batch.samples[0]
+            shown = (" | ".join(f"{m['role']}: {m['content']}" for m in first.episode.messages)
+                     if first.episode is not None else first.text)  # an episode: every turn, the tools' too
+            self.progress.note(f"[dim]step {self.step} sample (reward {batch.info.rewards[0]:.2f}):[/] {shown[:300]!r}")
 
     def checkpoint(self) -> None:
         """Save every ``train.save_steps``, at the end, and when a signal asked to stop (then stop)."""
