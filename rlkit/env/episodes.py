@@ -152,7 +152,8 @@ def _model_turn(e: Episode, s: Sample, tokenizer, source: EnvSource, env_cfg, bu
     if not finished:
         e.done, e.truncated, e.finish_reason = True, True, "length"
         return
-    calls = parse_tool_calls(text)
+    # read calls from the text with special tokens kept: some tokenizers mark <tool_call> itself as special
+    calls = parse_tool_calls(tokenizer.decode(ids, skip_special_tokens=False))
     if calls:
         if last_turn:
             e.done, e.truncated = True, True
