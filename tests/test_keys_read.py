@@ -209,9 +209,17 @@ def test_grpo_and_eval_with_an_environment_read_its_keys(cli, tmp_path, recorder
     assert r.exit_code == 0, r.output
     assert unread(recorder) == [], unread(recorder)
     recorder.reset()
-    recipe = {"kind": "eval", "model": MODEL, "data": {"template": "chat"}, "eval": {"task": "calculator", "limit": 2},
-              "env": env}
+    recipe = {"kind": "eval", "model": MODEL, "data": {"template": "chat"},
+              "eval": {"task": "calculator", "limit": 2, "num_samples": 2}, "env": env}
     r = cli("eval", "--recipe", _write(tmp_path, "eval_env", recipe))
+    assert r.exit_code == 0, r.output
+    assert unread(recorder) == [], unread(recorder)
+    recorder.reset()
+    recipe = {"kind": "sample", "model": MODEL, "output_dir": str(tmp_path / "sample_env"),
+              "data": {"train": "embedded:calculator", "template": "chat"}, "env": env,
+              "sample": {"num_samples": 2, "max_prompts": 4, "thresholds": {"accuracy": 0.0}},
+              "rewards": [{"name": "accuracy"}]}
+    r = cli("sample", "--recipe", _write(tmp_path, "sample_env", recipe))
     assert r.exit_code == 0, r.output
     assert unread(recorder) == [], unread(recorder)
 

@@ -314,6 +314,14 @@ def test_server_mode_learns_and_a_dead_server_fails_in_one_line(tmp_path, cli, r
                                f"rollout.server_url={url}", "--set", f"rollout.sync_dir={tmp_path}"),
                            "rollout.sync_dir: rlkit eval pushes no weights")
 
+        # multi-turn episodes through the server: each turn's request is token ids, the tool's reply appended
+        r = cli("eval", "--recipe", "calculator", "--engine", "vllm", "--limit", 8, "--num-samples", 2,
+                "--set", "rollout.mode=server", "--set", f"rollout.server_url={url}",
+                "--output", str(tmp_path / "calc.json"))
+        assert r.exit_code == 0, r.output
+        report = json.loads((tmp_path / "calc.json").read_text())
+        assert report["engine"] == "vllm" and "tool_calls" in report["metrics"] and "pass@2" in report["metrics"]
+
         # two trainer processes share the server: the main process pushes the weights, both sample from them
         out_ddp = tmp_path / "server_ddp"
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",

@@ -8,6 +8,8 @@ the tool answers with what it printed, its error, or that it ran out of time.
 
 from __future__ import annotations
 
+import signal
+
 from rlkit.sandbox import run_python
 
 _LIMIT = 2000  # characters of output the model reads back
@@ -20,7 +22,8 @@ def python(code: str) -> str:
         code: A Python program (standard library only); print what you want to see.
     """
     result = run_python(code, timeout=5.0)
-    if result.timed_out:
+    # the wall-clock kill, or the CPU-time limit's (SIGXCPU, then SIGKILL) on a busy machine
+    if result.timed_out or result.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
         return "error: the program did not finish within 5 s"
     out = result.stdout.strip()
     if result.returncode != 0:
