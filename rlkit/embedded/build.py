@@ -11,7 +11,10 @@ something to amplify:
 
 Documents use the R1-Zero template (plain text) or the ChatML chat template. Greedy decoding follows the
 most frequent mode (rough), so greedy accuracy starts low; sampling finds the careful mode often enough
-that GRPO can learn to prefer it. Test-split questions never appear in the corpus.
+that GRPO can learn to prefer it. A quarter of the documents (``CALCULATOR_SHARE``) are chat conversations
+that offer a calculator tool on sums of 3- to 4-digit numbers (the ``calculator`` task), used rarely or
+badly (``TOOL_MODES``): room for ``--recipe calculator`` to teach the tool. Test-split questions never
+appear in the corpus.
 
 The tokenizer is a byte-level BPE trained on the same corpus with digits split one per token and the
 R1 tags as single tokens. Everything is seeded: the same command gives the same model on the same machine.
@@ -64,7 +67,7 @@ CHAT_TEMPLATE = (
 # the system turn the template renders for the calculator tool (rlkit.env.calculator), as the corpus writes it
 CALCULATOR_SYSTEM = "<|im_start|>system\ntools : calculator(expression)<|im_end|>\n"
 
-DEFAULT_STEPS = 1200
+DEFAULT_STEPS = 1600  # 1200 before the calculator share (issue 20): R1-Zero then reached only 95.8%
 
 MODES = (("careful", 0.35), ("rough", 0.50), ("sloppy", 0.15))
 # Calculator documents (a share of the corpus): questions of 3 to 4 digits with the calculator tool offered.
