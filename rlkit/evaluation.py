@@ -195,6 +195,10 @@ def run_eval(model_path: str, cfg: EvalConfig, template: str, data: str | None =
         model = load_causal_lm(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
         model = model.to("cuda") if torch.cuda.is_available() else model
     tokenizer = load_tokenizer(model_path, trust_remote_code)
+    if env is not None:
+        from rlkit.env.episodes import check_template
+
+        check_template(tokenizer, env[0])
     budget = env_cfg.budget(cfg.max_new_tokens) if env_cfg is not None else cfg.max_new_tokens
     tools = env[0].schemas if env is not None else None
     check_eval_rows(rows, spec, template, tokenizer, model_path, budget, tools)

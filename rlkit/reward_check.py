@@ -140,13 +140,18 @@ def run_reward_check_cli(cfg) -> RewardCheckReport:
     rendered with the run's template and tokenizer."""
     from rlkit.models import load_tokenizer
 
-    rewards = RewardSet(cfg.rewards)
+    env = None
+    if getattr(cfg, "env", None) is not None:  # its get_reward is a reward: not applicable to probes (no episode)
+        from rlkit.env.environments import load_env
+
+        env = load_env(cfg.env)
+    rewards = RewardSet(cfg.rewards, env=env)
     row = next((r for r in rl_rows(cfg.data) if r.get("answer") is not None), None)
     if row is None:
         raise DataError(f"{cfg.data.train}: no row has an 'answer' column; the reward check needs a gold answer "
                         "to build its probes")
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-    prompt = render_prompt(row["prompt"], cfg.data.template, tokenizer)
+    prompt = render_prompt(row["prompt"], cfg.data.template, tokenizer, env.schemas if env is not None else None)
     return run_reward_check(rewards, row, prompt, cfg.data.template, tokenizer)
 
 

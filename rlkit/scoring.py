@@ -71,7 +71,8 @@ def score_groups(rewards: "RewardSet", rows: list[dict], prompts: list[str], gro
     keys = {k for r in rows for k in r}
     cols = {k: [r.get(k) for r, g in zip(rows, groups) for _ in g] for k in keys}
     cols["prompts"] = [p for p, g in zip(prompts, groups) for _ in g]
-    cols["completion_lengths"] = [len(s.token_ids) for s in flat]
+    # the model's tokens (a multi-turn episode's tool and environment tokens are not its length)
+    cols["completion_lengths"] = [len(s.token_ids) if s.mask is None else sum(s.mask) for s in flat]
     if any(s.episode is not None for s in flat):  # multi-turn: TRL's environments, and the turns after the prompt
         cols["environments"] = [getattr(s.episode, "env", None) for s in flat]
         cols["completion_messages"] = [getattr(s.episode, "messages", None) for s in flat]

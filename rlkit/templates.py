@@ -107,11 +107,6 @@ def render_rows(prompts: list, template: str, tokenizer, spec: str, tools: list[
 
 
 
-def is_multi_turn(messages: list[dict]) -> bool:
-    """A conversation with tool turns or more than one assistant turn (SFT trains on every assistant turn)."""
-    return any(m.get("role") == "tool" for m in messages) or sum(m.get("role") == "assistant" for m in messages) > 1
-
-
 def conversation_tokens(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
     """A whole conversation's token ids and a mask that is 1 on the assistant turns' tokens only (their text and
     end-of-turn token as the chat template writes them; never a user, system or tool turn, nor the role headers).

@@ -115,6 +115,7 @@ def test_turn_limit_and_token_budget_truncate():
     _, _, [[s]] = episode(tok, [CALL], {"tools": ["rlkit.env.calculator:calculator"], "max_turns": 3},
                           max_new_tokens=128)
     assert (s.episode.turns, s.episode.tool_calls, s.episode.truncated) == (3, 2, True)
+    assert not s.finished  # cut by a limit: rl.overlong_filter and rollout/truncated_frac see it
     assert s.mask[-1] == 1  # it ends on the model's last call, unanswered
     _, _, [[s]] = episode(tok, [CALL], {"tools": ["rlkit.env.calculator:calculator"], "max_tokens": 40})
     assert s.episode.truncated and len(s.token_ids) <= 40
@@ -155,3 +156,28 @@ def test_an_environment_whose_reset_raises_is_one_line():
     with pytest.raises(EnvError) as e:
         episode(tok, ["x"], {"factory": "trl_env:FailsLater"})
     assert str(e.value) == "env.factory: FailsLater: building it or its reset(**row) raised KeyError: 'start'"
+
+
+@pytest.mark.parametrize("template, needle", [("gemma", "cannot render a tool turn"),
+                                              ("phi3", "drops the text of a tool turn")])
+def test_a_template_that_cannot_render_tool_replies_is_one_line(template, needle):
+    """Checked before any rollout (rlkit grpo/eval/sample call check_template after loading the tokenizer)."""
+    from rlkit.env.episodes import check_template
+    from rlkit.templates import TemplateError
+
+    tok = tokenizer(template)
+    with pytest.raises(TemplateError) as e:
+        check_template(tok, load_env(EnvConfig(tools=["rlkit.env.calculator:calculator"])))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    check_template(tokenizer("qwen2_5"), load_env(EnvConfig(tools=["rlkit.env.calculator:calculator"])))
+
+
+def test_plain_multi_turn_chat_sft_rows_keep_training_on_the_last_turn():
+    """Only conversations with tool turns (or tools) are tokenised whole; a plain chat with two assistant turns is
+    TRL's conversational prompt/completion as before, even under Qwen3's history-rewriting template."""
+    from rlkit.trainers.sft import to_sft_examples
+
+    row = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "<think>\nx\n</think>\n\nb"},
+                        {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}
+    [ex] = to_sft_examples([row], "chat", tokenizer("qwen3"), "data.jsonl")
+    assert ex["completion"] == [{"role": "assistant", "content": "d"}] and len(ex["prompt"]) == 3

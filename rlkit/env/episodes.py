@@ -44,14 +44,22 @@ class Episode:
     ids: list[int] = field(default_factory=list)
     mask: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    sampler_logprobs: bool = True            # every model turn came with the sampler's log-probs
     done: bool = False
     last_text: str = ""
     finish_reason: str = "stop"
+    prompt_messages: list[dict] = field(default_factory=list)  # the prompt as the model saw it (after reset)
 
     def add(self, ids: list[int], model: bool, logprobs: list[float] | None = None) -> None:
         self.ids += ids
         self.mask += [1 if model else 0] * len(ids)
         self.logprobs += list(logprobs) if logprobs is not None else [0.0] * len(ids)
+        if model and logprobs is None:
+            self.sampler_logprobs = False
+
+    def cut(self) -> None:
+        """A limit ended the episode: counted as truncated, and as cut off at the length limit."""
+        self.done, self.truncated, self.finish_reason = True, True, "length"
 
 
 def _render(tokenizer, messages: list[dict], tools: list[dict] | None, generation_prompt: bool) -> str:
@@ -64,10 +72,35 @@ def reply_text(tokenizer, messages: list[dict], tools: list[dict] | None, stop_t
     text), for the reply ``messages`` and the next generation prompt."""
     dummy = [{"role": "user", "content": _USER_MARK}, {"role": "assistant", "content": _MODEL_MARK}]
     full = _render(tokenizer, dummy + messages, tools, True)
+    if _MODEL_MARK not in full:
+        raise ValueError("the template does not render the assistant turn's text")
     after = full[full.rindex(_MODEL_MARK) + len(_MODEL_MARK):]
     if stop_text and after.startswith(stop_text):  # the sampler wrote the template's end-of-turn token itself
         after = after[len(stop_text):]
     return after
+
+
+def check_template(tokenizer, source: EnvSource) -> None:
+    """Before any rollout: the chat template must render a tool's reply (and a user message, for an environment
+    with ``respond``) after a model turn, with the reply's text in it; else one TemplateError line. Gemma's refuses
+    a tool turn, Phi-3's drops its text, GPT-OSS's wants the call as structured ``tool_calls``."""
+    from rlkit.errors import first_line
+    from rlkit.templates import TemplateError
+
+    name = getattr(tokenizer, "name_or_path", "") or "the model"
+    probes = [[{"role": "tool", "name": "probe", "content": "rlkit-tool-reply"}]]
+    if source.factory is not None and callable(getattr(source.factory, "respond", None)):
+        probes.append([{"role": "user", "content": "rlkit-tool-reply"}])
+    for reply in probes:
+        try:
+            text = reply_text(tokenizer, reply, source.schemas, None)
+        except Exception as e:  # jinja2's TemplateError from the template's raise_exception(), a missing marker
+            raise TemplateError(f"env: the chat template of {name} cannot render a {reply[0]['role']} turn after the "
+                                f"model's ({first_line(e)}); multi-turn episodes need one that can (Qwen2.5's, "
+                                "the embedded model's)") from None
+        if "rlkit-tool-reply" not in text:
+            raise TemplateError(f"env: the chat template of {name} drops the text of a {reply[0]['role']} turn; "
+                                "multi-turn episodes need one that renders it (Qwen2.5's, the embedded model's)")
 
 
 def messages_of(prompt: str | list[dict]) -> list[dict]:
@@ -96,12 +129,12 @@ def run_episodes(engine, tokenizer, source: EnvSource, env_cfg, rows: list[dict]
         base = tokenizer(text, add_special_tokens=False)["input_ids"]
         for _ in range(params.n):
             env, obs = _start(source, row)
-            ids, own = base, None
+            ids, own, seen = base, None, messages
             if obs is not None:  # TRL: the observation is appended to the last user message
-                changed = messages[:-1] + [{**messages[-1], "content": messages[-1]["content"] + str(obs)}]
-                ids = own = tokenizer(render_prompt_messages(tokenizer, changed, source.schemas),
+                seen = messages[:-1] + [{**messages[-1], "content": messages[-1]["content"] + str(obs)}]
+                ids = own = tokenizer(render_prompt_messages(tokenizer, seen, source.schemas),
                                       add_special_tokens=False)["input_ids"]
-            episodes.append(Episode(env))
+            episodes.append(Episode(env, prompt_messages=seen))
             starts.append(ids)
             own_prompt.append(own)
     turn_params = dataclasses.replace(params, n=1)
@@ -111,14 +144,20 @@ def run_episodes(engine, tokenizer, source: EnvSource, env_cfg, rows: list[dict]
             break
         if params.seed is not None:
             turn_params = dataclasses.replace(turn_params, seed=params.seed + turn)
-        outs = engine.generate([starts[i] + episodes[i].ids for i in active], turn_params,
-                               progress=progress if turn == 0 else None)
-        for i, [s] in zip(active, outs):
-            _model_turn(episodes[i], s, tokenizer, source, env_cfg, budget, last_turn=turn == env_cfg.max_turns - 1)
+        # each episode generates at most the room its budget has left (one generate call per distinct room)
+        rooms: dict[int, list[int]] = {}
+        for i in active:
+            rooms.setdefault(min(params.max_new_tokens, budget - len(episodes[i].ids)), []).append(i)
+        for room, group in sorted(rooms.items(), reverse=True):
+            outs = engine.generate([starts[i] + episodes[i].ids for i in group],
+                                   dataclasses.replace(turn_params, max_new_tokens=room),
+                                   progress=progress if turn == 0 else None)
+            for i, [s] in zip(group, outs):
+                _model_turn(episodes[i], s, tokenizer, source, budget, last_turn=turn == env_cfg.max_turns - 1)
     samples = []
     for k, e in enumerate(episodes):
-        samples.append(Sample(e.last_text, e.ids, e.logprobs, e.finish_reason, mask=e.mask, prompt_ids=own_prompt[k],
-                              episode=e))
+        samples.append(Sample(e.last_text, e.ids, e.logprobs if e.sampler_logprobs else None, e.finish_reason,
+                              mask=e.mask, prompt_ids=own_prompt[k], episode=e))
     n = params.n
     return rendered, [samples[r * n : (r + 1) * n] for r in range(len(rows))]
 
@@ -137,7 +176,7 @@ def _start(source: EnvSource, row: dict):
                        f"{first_line(e)}") from None
 
 
-def _model_turn(e: Episode, s: Sample, tokenizer, source: EnvSource, env_cfg, budget: int, last_turn: bool) -> None:
+def _model_turn(e: Episode, s: Sample, tokenizer, source: EnvSource, budget: int, last_turn: bool) -> None:
     ids, lps = list(s.token_ids), s.logprobs
     room = budget - len(e.ids)
     finished = s.finished
@@ -146,17 +185,18 @@ def _model_turn(e: Episode, s: Sample, tokenizer, source: EnvSource, env_cfg, bu
         lps = lps[:room] if lps is not None else None
     e.add(ids, True, lps)
     e.turns += 1
-    text = tokenizer.decode(ids, skip_special_tokens=True)
+    # the turn's text with special tokens kept (some tokenizers mark <tool_call> itself as special), without
+    # the end-of-turn token the sampler stopped on (the chat template writes that itself)
+    text = tokenizer.decode(ids[:-1] if finished and ids else ids, skip_special_tokens=False)
     e.last_text = text
     e.messages.append({"role": "assistant", "content": text})
     if not finished:
-        e.done, e.truncated, e.finish_reason = True, True, "length"
+        e.cut()
         return
-    # read calls from the text with special tokens kept: some tokenizers mark <tool_call> itself as special
-    calls = parse_tool_calls(tokenizer.decode(ids, skip_special_tokens=False))
+    calls = parse_tool_calls(text)
     if calls:
         if last_turn:
-            e.done, e.truncated = True, True
+            e.cut()
             return
         tools = source.tools_of(e.env)
         replies = []
@@ -180,7 +220,7 @@ def _model_turn(e: Episode, s: Sample, tokenizer, source: EnvSource, env_cfg, bu
     reply_ids = tokenizer(reply_text(tokenizer, replies, source.schemas, stop_text),
                           add_special_tokens=False)["input_ids"]
     if len(e.ids) + len(reply_ids) >= budget:  # no room for the reply and a turn after it
-        e.done, e.truncated = True, True
+        e.cut()
         return
     e.add(reply_ids, False)
     e.messages.extend(replies)

@@ -26,7 +26,7 @@ from rlkit.config import RunConfig
 from rlkit.outputs import write_dataset_card
 from rlkit.data import DataError, check_lengths, rl_rows, sft_rows
 from rlkit.env.environments import load_env
-from rlkit.env.episodes import messages_of, run_episodes
+from rlkit.env.episodes import check_template, run_episodes
 from rlkit.models import context_length, load_causal_lm, load_tokenizer
 from rlkit.rollout import SamplingParams, engine_spec, make_engine
 from rlkit.scoring import RewardSet, score_groups
@@ -46,6 +46,9 @@ def _run_sample(cfg: RunConfig) -> dict:
     out = Path(cfg.output_dir)
     env = load_env(cfg.env) if cfg.env is not None else None  # an environment or tool that does not load: now
     rewards = RewardSet(cfg.rewards, env=env)
+    unknown = [k for k in sc.thresholds if k not in rewards.names]  # an environment's get_reward is one by name
+    if unknown:
+        raise DataError(f"sample.thresholds: '{unknown[0]}' is not one of the rewards ({', '.join(rewards.names)})")
     budget = cfg.env.budget(sc.max_new_tokens) if cfg.env is not None else sc.max_new_tokens
     rows = rl_rows(cfg.data)
     rewards.check_routes(rows)  # a route a reward lists is some row's (before max_prompts cuts whole sources)
@@ -55,6 +58,8 @@ def _run_sample(cfg: RunConfig) -> dict:
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    if env is not None:
+        check_template(tokenizer, env)
     template = cfg.data.template
     tools = env.schemas if env is not None else None
     texts_all = render_rows([r["prompt"] for r in rows], template, tokenizer, cfg.data.train, tools)
@@ -171,7 +176,7 @@ def _sft_row(row: dict, completion: str, template: str, source: str, scores: dic
     if row.get("answer") is not None:
         meta["answer"] = row["answer"]
     if episode is not None:  # a multi-turn conversation with its tool turns, and the tools (TRL's SFT format)
-        return {"messages": messages_of(row["prompt"]) + episode.messages, "tools": tools, **meta}
+        return {"messages": episode.prompt_messages + episode.messages, "tools": tools, **meta}
     if template == "chat":
         return {"messages": [{"role": "user", "content": row["prompt"]},
                              {"role": "assistant", "content": completion.strip()}], **meta}

@@ -26,7 +26,7 @@ from rlkit.config import RunConfig
 from rlkit.data import DataError, check_lengths, sft_rows
 from rlkit.models import context_length, load_causal_lm, load_tokenizer, lora_targets
 from rlkit.outputs import finish_run
-from rlkit.templates import apply_chat, completion_text, is_multi_turn, render_prompt
+from rlkit.templates import apply_chat, completion_text, render_prompt
 from rlkit.tracking import MetricsLogger, available
 from rlkit.trainers import hf_trainer
 from rlkit.trainers.hf_trainer import checkpointing_arg, jsonl_callback, last_trainer_checkpoint, quiet_progress
@@ -34,12 +34,14 @@ from rlkit.trainers.hf_trainer import checkpointing_arg, jsonl_callback, last_tr
 
 def to_sft_examples(rows: list[dict], template: str, tokenizer, spec: str) -> list[dict]:
     """Rows -> TRL prompt/completion examples (conversational when a chat template applies). When some
-    conversation has tool turns or several assistant turns (``rlkit sample`` with an environment writes such),
-    every row becomes token ids with a ``completion_mask`` that is 1 on assistant turns only
-    (``templates.conversation_tokens``; a row's ``tools`` column goes to the chat template)."""
+    conversation has tool turns or a ``tools`` column (``rlkit sample`` with an environment writes such), every row
+    becomes token ids with a ``completion_mask`` that is 1 on the assistant turns only (all of them, in those
+    conversations: ``templates.conversation_tokens``; the ``tools`` go to the chat template). Other conversations
+    train on their last assistant turn, as TRL's prompt/completion form does."""
     has_chat = bool(getattr(tokenizer, "chat_template", None))
-    if has_chat and any("messages" in r and is_multi_turn(r["messages"]) for r in rows):
-        return _tokenized(to_sft_examples([{k: v for k, v in r.items() if k != "messages"} | _split(r) for r in rows],
+    if has_chat and any(has_tool_turns(r) for r in rows):
+        return _tokenized(to_sft_examples([{k: v for k, v in r.items() if k not in ("messages", "tools")} | _split(r)
+                                           for r in rows],
                                           template, tokenizer, spec), rows, tokenizer, spec)
     out = []
     for i, r in enumerate(rows, 1):
@@ -65,6 +67,11 @@ def to_sft_examples(rows: list[dict], template: str, tokenizer, spec: str) -> li
     return out
 
 
+def has_tool_turns(row: dict) -> bool:
+    """A conversation with tool turns, or rows that carry the tools they were sampled with."""
+    return bool(row.get("tools")) or ("messages" in row and any(m.get("role") == "tool" for m in row["messages"]))
+
+
 def _split(row: dict) -> dict:
     """A conversational row as prompt/completion (multi-turn rows are tokenised whole by ``_tokenized``)."""
     if "messages" not in row:
@@ -80,15 +87,21 @@ def _tokenized(examples: list[dict], rows: list[dict], tokenizer, spec: str) -> 
 
     out = []
     for i, (ex, row) in enumerate(zip(examples, rows), 1):
-        if isinstance(ex["prompt"], list):
+        if isinstance(ex["prompt"], list) and has_tool_turns(row):
             msgs = [{k: m[k] for k in ("role", "content", "name") if k in m} for m in row.get("messages") or
                     ex["prompt"] + ex["completion"]]
             try:
                 ids, mask = conversation_tokens(tokenizer, msgs, row.get("tools"))
             except TemplateError as e:
                 raise DataError(f"{spec}: row {i}: {e}") from None
-        else:
-            p = tokenizer(ex["prompt"], add_special_tokens=False)["input_ids"]
+        elif isinstance(ex["prompt"], list):  # the last assistant turn, as TRL masks a conversational completion
+            before = apply_chat(tokenizer, ex["prompt"], generation_prompt=True)
+            full = apply_chat(tokenizer, ex["prompt"] + ex["completion"], generation_prompt=False)
+            p = tokenizer(before, add_special_tokens=False)["input_ids"]
+            ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+            mask = [0] * len(p) + [1] * (len(ids) - len(p))
+        else:  # text: the prompt as TRL tokenises it (special tokens added), the completion and EOS
+            p = tokenizer(ex["prompt"])["input_ids"]
             c = tokenizer(ex["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             ids, mask = p + c, [0] * len(p) + [1] * len(c)
         out.append({"input_ids": ids, "completion_mask": mask})
