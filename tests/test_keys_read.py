@@ -224,6 +224,19 @@ def test_grpo_and_eval_with_an_environment_read_its_keys(cli, tmp_path, recorder
     assert unread(recorder) == [], unread(recorder)
 
 
+@pytest.mark.parametrize("loss", [{"name": "gspo", "epsilon": 1e-3, "epsilon_high": 2e-3},
+                                  {"name": "cispo", "epsilon_max": 4.0},
+                                  {"name": "sapo", "temperature_pos": 0.9, "temperature_neg": 1.2}])
+def test_the_ratio_losses_read_their_keys(cli, tmp_path, recorder, loss):
+    cfg = _base("grpo", tmp_path / loss["name"], report_to=["jsonl"], model=MODEL,
+                data={"train": "embedded:arithmetic", "template": "r1_zero", "max_samples": 8},
+                train={**RL_TRAIN, "max_steps": 1}, rl={**RL, "policy_loss": loss}, eval={"task": None},
+                rewards=[{"name": "accuracy"}])
+    r = cli("grpo", "--recipe", _write(tmp_path, loss["name"], cfg))
+    assert r.exit_code == 0, r.output
+    assert unread(recorder) == [], unread(recorder)
+
+
 def test_ppo_reads_every_key(cli, tmp_path, recorder, reward_model):
     cfg = _base("ppo", tmp_path / "ppo", report_to=["jsonl"], model=MODEL,
                 data={"train": "embedded:arithmetic", "max_samples": 16}, train=RL_TRAIN,
@@ -258,7 +271,8 @@ def test_vllm_colocated_reads_its_keys(cli, tmp_path, recorder):
     cap; the GPU-only keys are refused on a machine without one."""
     cfg = _base("grpo", tmp_path / "vllm", report_to=["jsonl"],
                 data={"max_samples": 8}, train={"max_steps": 1},
-                rl={"prompts_per_step": 2, "num_generations": 2, "max_new_tokens": 16, "tis_cap": 3.0},
+                rl={"prompts_per_step": 2, "num_generations": 2, "max_new_tokens": 16, "tis_cap": 3.0,
+                    "is_mode": "mask", "is_level": "sequence"},
                 eval={"task": None}, rewards=[{"name": "accuracy"}],
                 rollout={"engine": "vllm", "mode": "colocate", "kv_cache_gib": 0.2, "max_model_len": 200,
                          "enforce_eager": True})
@@ -298,6 +312,8 @@ def test_every_key_of_every_command_was_set_by_some_run():
     (["rl.kl_target=0.1"], "rl.kl_target (rl.kl.target): only used by the adaptive KL controller"),
     (["train.batch_size=4"], "train.batch_size: rlkit grpo does not use this key (it is read by rlkit sft, rlkit rm)"),
     (["rl.tis_cap=3"], "rl.tis_cap: only used when another engine samples"),
+    (["rl.is_mode=mask"], "rl.is_mode: only used when another engine samples"),
+    (["rollout.engine=vllm", "rl.is_mode=mask", "rl.tis_cap=1"], "rl.tis_cap: 1.0 with rl.is_mode mask"),
 ])
 def test_keys_that_would_do_nothing_are_refused_in_one_line(cli, sets, message):
     args = [x for s in sets for x in ("--set", s)]

@@ -8,10 +8,11 @@ Registries (``REG[name]`` returns the entry; an unknown name raises ``ValueError
 - ``ADVANTAGE_SCHEMAS``   their configs: ``GRPOAdvantage``, ``DrGRPOAdvantage``, ``RLOOAdvantage``,
                           ``ReinforcePPAdvantage``, ``GAEAdvantage`` (union ``Advantage``, tagged by ``name``); class
                           flags ``needs_values`` (gae: a critic; ``NEEDS_VALUES`` lists them), ``compares_group``
-- ``POLICY_LOSSES``       policy losses: ppo_clip, reinforce
+- ``POLICY_LOSSES``       policy losses: ppo_clip, reinforce (policy_loss.py); gspo, cispo, sapo (ratio_losses.py)
                           ``fn(logp, old_logp, advantages, mask, *, cfg, is_weights=None, aggregation="token_mean",
                           constant=None, global_count=None) -> (loss, metrics)``
-- ``POLICY_LOSS_SCHEMAS`` their configs: ``PPOClipLoss``, ``ReinforceLoss`` (union ``PolicyLoss``); class flag
+- ``POLICY_LOSS_SCHEMAS`` their configs: ``PPOClipLoss``, ``ReinforceLoss``, ``GSPOLoss``, ``CISPOLoss``,
+                          ``SAPOLoss`` (union ``PolicyLoss``); class flag
                           ``single_update_only`` (reinforce)
 - ``AGGREGATIONS``        per-token loss -> scalar: token_mean, seq_mean_token_mean, seq_mean_token_sum,
                           seq_mean_token_sum_norm; ``entry(loss_mat, mask, *, constant=None, global_count=None)``,
@@ -23,7 +24,8 @@ as ``global_count`` to ``aggregate``, the policy losses and ``value_loss`` makes
 the mini-batch's (verl's ``agg_loss``).
 
 Also ``KLConfig`` (the ``kl:`` section) with ``make_kl_controller(kl_cfg)`` -> ``FixedKL`` / ``AdaptiveKL`` and
-``compute_kl``; ``value_loss``, ``explained_variance``, ``entropy_from_logits``, ``truncated_is_weights``,
+``compute_kl``; ``value_loss``, ``explained_variance``, ``entropy_from_logits``, ``truncated_is_weights`` and
+``rollout_is_weights`` (truncated or masked, per token or sequence: rlkit.algos.correction),
 ``group_stats`` and the masked reductions ``masked_sum``, ``masked_mean``, ``masked_var``, ``masked_whiten``.
 Every estimator and loss takes its own schema as ``cfg`` (default: that schema's defaults);
 ``compute_advantages(schema, ...)`` and ``compute_policy_loss(schema, ...)`` dispatch on the schema's ``name``.
@@ -64,7 +66,6 @@ from rlkit.algos.policy_loss import (
     LOG_RATIO_CLAMP,
     POLICY_LOSS_SCHEMAS,
     POLICY_LOSSES,
-    PolicyLoss,
     PPOClipLoss,
     ReinforceLoss,
     compute_policy_loss,
@@ -73,6 +74,8 @@ from rlkit.algos.policy_loss import (
     reinforce,
     truncated_is_weights,
 )
+from rlkit.algos.correction import IS_LEVELS, IS_MODES, masked_fraction, rollout_is_weights
+from rlkit.algos.ratio_losses import CISPOLoss, GSPOLoss, PolicyLoss, SAPOLoss, cispo, gspo, sapo
 from rlkit.algos.returns import group_stats
 from rlkit.algos.utils import (
     Registry,
@@ -105,6 +108,16 @@ __all__ = [
     "KLConfig",
     "PPOClipLoss",
     "PolicyLoss",
+    "rollout_is_weights",
+    "masked_fraction",
+    "IS_MODES",
+    "IS_LEVELS",
+    "GSPOLoss",
+    "CISPOLoss",
+    "SAPOLoss",
+    "gspo",
+    "cispo",
+    "sapo",
     "RLOOAdvantage",
     "Registry",
     "ReinforceLoss",

@@ -40,7 +40,7 @@ per-position entropy of the softmax.
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal, Protocol
+from typing import ClassVar, Literal, Protocol
 
 import torch
 from pydantic import Field, model_validator
@@ -95,7 +95,7 @@ def _ratio_metrics(log_ratio: Tensor, ratio: Tensor, mask: Tensor) -> dict[str, 
 class PPOClipLoss(Section):
     """PPO's clipped surrogate, with DAPO's clip-higher and the dual clip."""
 
-    name: Literal["ppo_clip"] = Field("ppo_clip", description="Policy loss: ppo_clip or reinforce.")
+    name: Literal["ppo_clip"] = Field("ppo_clip", description="Policy loss: ppo_clip, reinforce, gspo, cispo or sapo.")
     epsilon: float = Field(0.2, gt=0, lt=1, description="Lower clip range of the importance ratio.")
     epsilon_high: float | None = Field(None, gt=0, allow_inf_nan=True,
                                        description="Upper clip range (DAPO clip-higher; .inf: none); default: epsilon.")
@@ -189,7 +189,7 @@ def ppo_clip(
 class ReinforceLoss(Section):
     """The on-policy policy gradient ``-A * logp``: no knobs."""
 
-    name: Literal["reinforce"] = Field("reinforce", description="Policy loss: ppo_clip or reinforce.")
+    name: Literal["reinforce"] = Field("reinforce", description="Policy loss: ppo_clip, reinforce, gspo, cispo or sapo.")
     # REINFORCE is only correct with one update per rollout batch (one epoch, one mini-batch)
     single_update_only: ClassVar[bool] = True
 
@@ -242,12 +242,12 @@ def reinforce(
     return loss, metrics
 
 
-# One ``policy_loss:`` section: ``{name: ppo_clip, epsilon: 0.2}``; the schema of a name: POLICY_LOSS_SCHEMAS[name]
-PolicyLoss = Annotated[PPOClipLoss | ReinforceLoss, Field(discriminator="name")]
+# The ``policy_loss:`` union of every schema (``PolicyLoss``) is in rlkit.algos.ratio_losses, which adds gspo,
+# cispo and sapo to these registries.
 
 
 def compute_policy_loss(
-    name: str | PPOClipLoss | ReinforceLoss,
+    name: str | Section,
     logp: Tensor,
     old_logp: Tensor,
     advantages: Tensor,

@@ -3,6 +3,8 @@ KL term) have their schemas next to their registry entries in :mod:`rlkit.algos`
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator, model_validator
 
 from rlkit.algos import (
@@ -43,7 +45,7 @@ class RLConfig(Section):
         "reinforce_pp, or gae (with a critic: the default of rlkit ppo). A bare name (rl.advantage=rloo) is that "
         "estimator with its defaults.")
     policy_loss: PolicyLoss = Field(
-        default_factory=PPOClipLoss, description="Policy loss with its knobs: ppo_clip or reinforce.")
+        default_factory=PPOClipLoss, description="Policy loss with its knobs: ppo_clip, reinforce, gspo, cispo or sapo.")
     loss_aggregation: str = Field(
         "token_mean",
         description="token_mean (DAPO), seq_mean_token_mean (GRPO), seq_mean_token_sum, seq_mean_token_sum_norm (Dr. GRPO).")
@@ -54,6 +56,12 @@ class RLConfig(Section):
         2.0, gt=0, description="When another engine samples (vllm): truncated importance sampling cap C; each token's "
         "policy loss is weighted by min(pi_trainer / pi_sampler, C). null: no correction (old log-probs are still "
         "recomputed).")
+    is_mode: Literal["truncate", "mask"] = Field(
+        "truncate", description="When another engine samples: truncate weights each token by min(rho, tis_cap); mask "
+        "keeps tokens with 1/tis_cap <= rho <= tis_cap at weight 1 and drops the others (IcePop / MIS).")
+    is_level: Literal["token", "sequence"] = Field(
+        "token", description="The ratio rho = pi_trainer / pi_sampler per token, or per sequence (the geometric mean "
+        "over its tokens: the whole sequence is truncated or masked together).")
     num_iterations: int = Field(1, gt=0, description="Optimisation passes over each rollout batch (mu).")
     mini_batch_size: int | None = Field(None, gt=0, description="Samples per optimizer step (per process); default: the whole batch.")
     micro_batch_size: int = Field(32, gt=0, description="Samples per forward/backward (gradient accumulation inside a mini-batch).")

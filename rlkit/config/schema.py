@@ -158,6 +158,15 @@ class RLRun(_Run):
     def _check(self) -> RLRun:
         from rlkit.rollout import engine_spec
 
+        for key in ("is_mode", "is_level"):
+            if engine_spec(self.rollout).samples_itself and given(self.rl, key):
+                raise ValueError(f"rl.{key}: only used when another engine samples (rollout.engine vllm); the "
+                                 f"{self.rollout.engine} engine samples the policy itself, so there is nothing to correct")
+        if self.rl.is_mode == "mask" and self.rl.tis_cap is not None and self.rl.tis_cap <= 1:
+            raise ValueError(f"rl.tis_cap: {self.rl.tis_cap} with rl.is_mode mask keeps ratios in [1/cap, cap]; it must "
+                             "be > 1")
+        if self.rl.tis_cap is None and (given(self.rl, "is_mode") or given(self.rl, "is_level")):
+            raise ValueError("rl.is_mode / rl.is_level: rl.tis_cap is null (no correction); give it a cap")
         if engine_spec(self.rollout).samples_itself and given(self.rl, "tis_cap"):
             raise ValueError("rl.tis_cap: only used when another engine samples (rollout.engine vllm); the "
                              f"{self.rollout.engine} engine samples the policy itself, so there is nothing to correct")
@@ -189,7 +198,8 @@ class SampleRun(_Run):
             raise ValueError("rewards: rejection sampling needs the rewards to filter by")
         names = {r.alias or r.name for r in self.rewards}
         for key in self.sample.thresholds:
-            if key not in names:
+            # an environment's get_reward is a reward too, named after its class: checked when it is loaded
+            if key not in names and not (self.env is not None and self.env.factory is not None):
                 raise ValueError(f"sample.thresholds: '{key}' is not one of the listed rewards ({', '.join(sorted(names))})")
         return self
 

@@ -23,11 +23,11 @@ from rlkit.algos import (
     compute_advantages,
     compute_kl,
     make_kl_controller,
-    truncated_is_weights,
+    rollout_is_weights,
 )
 from rlkit.config import RunConfig
 from rlkit.env.environments import EnvSource, load_env
-from rlkit.env.episodes import run_episodes
+from rlkit.env.episodes import check_template, run_episodes
 from rlkit.errors import Diverged
 from rlkit.evaluation import evaluate_model
 from rlkit.models import load_tokenizer
@@ -74,8 +74,10 @@ class RLRun:
 
         # data: everything checked before a model loads
         self.tokenizer = tok = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+        if env is not None:
+            check_template(tok, env)  # the chat template renders a tool's reply (Gemma's, Phi-3's do not)
         prompts = setup.load_prompts(cfg, tok, rewards, env)
-        if self.rl.reward_check and self.main:
+        if self.rl.reward_check and self.main and rewards.names != [getattr(env, "name", None)]:
             check_before_training(rewards, prompts.rows, cfg.data.template, tok)
         self.evals = setup.load_eval(cfg, tok, env)
 
@@ -225,7 +227,8 @@ class RLRun:
                     batch.old_logp = chunked_logprobs(self.unwrapped, batch, rl)
                 if (self.plan.off_policy and batch.old_logp is not None and batch.sampler_logp is not None
                         and tis_cap is not None):
-                    batch.is_weights = truncated_is_weights(batch.old_logp, batch.sampler_logp, tis_cap)
+                    batch.is_weights = rollout_is_weights(batch.old_logp, batch.sampler_logp, batch.loss_mask, tis_cap,
+                                                          rl.is_mode, rl.is_level)
             with self.timer("reference"):
                 if self.plan.reference_logprobs:
                     if self.ref_model is not None:
@@ -271,7 +274,7 @@ class RLRun:
         controller reads the mean KL."""
         plan, info = self.plan, batch.info
         with self.timer("log"):
-            series = {**metrics.sample_series(batch, self.world, plan.off_policy),
+            series = {**metrics.sample_series(batch, self.world, plan.off_policy, self.rl.is_mode),
                       **{k: [v] for k, v in stats.metrics().items()}}
             reduced = dist.means(self.acc, series)
             maxima = {**stats.max_metrics(), **metrics.sample_maxes(batch, plan.off_policy)}

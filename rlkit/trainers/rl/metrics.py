@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from rlkit.algos import masked_fraction
 from rlkit.trainers.batch import RolloutBatch
 
 # the progress bar: (metric, label, format); reward, KL and length always shown (0 until known)
@@ -20,7 +21,7 @@ PROGRESS_REQUIRED = ("reward/total", "kl/mean", "rollout/completion_len")
 PLOT_KEYS = ["reward/total", "reward/accuracy", "eval/pass@1", "kl/mean", "rollout/completion_len"]
 
 
-def sample_series(batch: RolloutBatch, world: int, off_policy: bool) -> dict[str, list[float]]:
+def sample_series(batch: RolloutBatch, world: int, off_policy: bool, is_mode: str = "truncate") -> dict[str, list[float]]:
     """Per-sample values to average over every process's samples (``dist.means``). Every process passes the
     same keys: the reward names and failure counts are the configured rewards', on every process."""
     samples = batch.samples
@@ -30,7 +31,7 @@ def sample_series(batch: RolloutBatch, world: int, off_policy: bool) -> dict[str
         # a count per process: the mean over processes times their number is the sum
         **{f"reward/{k}/failures": [float(v) * world] for k, v in sorted(batch.info.failures.items())},
         **({"kl/reward_penalty": batch.token_rewards.sum(-1).tolist()} if batch.token_rewards is not None else {}),
-        **(sampler_series(batch) if off_policy else {}),
+        **(sampler_series(batch, is_mode) if off_policy else {}),
         # the model's own tokens (a multi-turn sample's tool and environment tokens are not its length)
         "rollout/completion_len": [float(sum(s.mask)) if s.mask is not None else len(s.token_ids) for s in samples],
         "rollout/truncated_frac": [float(not s.finished) for s in samples],
@@ -49,9 +50,10 @@ def episode_series(samples: list) -> dict[str, list[float]]:
             "env/env_tokens": [float(len(s.token_ids) - sum(s.mask)) for s in samples]}
 
 
-def sampler_series(batch: RolloutBatch) -> dict[str, list[float]]:
+def sampler_series(batch: RolloutBatch, is_mode: str = "truncate") -> dict[str, list[float]]:
     """How far the sampler's log-probs are from the trainer's (``rollout/logprob_diff``, mean |difference|
-    per loss token) and what the truncated importance weights did (mean, share of tokens at the cap)."""
+    per loss token) and what the importance weights did: their mean, the share of tokens at the cap (truncate)
+    and the share dropped (``rollout/is_masked_frac``, mask; 0 when truncating)."""
     if batch.sampler_logp is None or batch.old_logp is None:
         return {}
     mask = batch.loss_mask
@@ -60,7 +62,9 @@ def sampler_series(batch: RolloutBatch) -> dict[str, list[float]]:
     if batch.is_weights is not None:
         raw = torch.exp((batch.old_logp - batch.sampler_logp).clamp(max=20.0))
         out["rollout/is_weight_mean"] = [float((batch.is_weights * mask).sum()) / max(n, 1.0)]
-        out["rollout/is_clipped_frac"] = [float(((raw > batch.is_weights) * mask).sum()) / max(n, 1.0)]
+        clipped = float(((raw > batch.is_weights) * mask).sum()) / max(n, 1.0) if is_mode == "truncate" else 0.0
+        out["rollout/is_clipped_frac"] = [clipped]
+        out["rollout/is_masked_frac"] = [masked_fraction(batch.is_weights, mask)]
     return out
 
 

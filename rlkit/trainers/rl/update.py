@@ -22,7 +22,7 @@ from rlkit.algos import (
     compute_kl,
     compute_policy_loss,
     loss_count,
-    truncated_is_weights,
+    rollout_is_weights,
     value_loss,
 )
 from rlkit.trainers.batch import RolloutBatch, completion_logprobs
@@ -218,7 +218,8 @@ def policy_step(ctx: _Context, policy, batch: RolloutBatch, idx: torch.Tensor, m
             old = logp.detach()
             batch.old_logp[idx] = old
             if ctx.tis_cap is not None:
-                is_w = batch.is_weights[idx] = truncated_is_weights(old, mb.sampler_logp, ctx.tis_cap)
+                is_w = batch.is_weights[idx] = rollout_is_weights(old, mb.sampler_logp, mask, ctx.tis_cap,
+                                                                  rl.is_mode, rl.is_level)
         else:
             old = mb.old_logp if mb.old_logp is not None else logp.detach()
         world, agg, const = acc.num_processes, rl.loss_aggregation, float(rl.max_new_tokens)
@@ -286,7 +287,8 @@ def run_update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta:
 
     One pass in one mini-batch over a batch with sampler log-probs and no old ones (another sampler, no
     dropout): the old log-probs are this forward's (the weights have not moved yet); they and the importance
-    weights ``min(pi_old / pi_sampler, tis_cap)`` are written into ``batch`` for the log phase."""
+    weights (``rollout_is_weights``: truncated at ``tis_cap`` or masked, rl.is_mode) are written into ``batch``
+    for the log phase."""
     B = batch.input_ids.shape[0]
     device = batch.input_ids.device
     mini = rl.mini_batch_size or B
