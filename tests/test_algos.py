@@ -207,7 +207,7 @@ def test_unknown_names_list_known_ones():
         ADVANTAGES["grpoo"]
     with pytest.raises(ValueError, match=r"unknown KL estimator 'k4'; known: k1, k2, k3"):
         KL_ESTIMATORS["k4"]
-    with pytest.raises(ValueError, match=r"known: ppo_clip, reinforce"):
+    with pytest.raises(ValueError, match=r"known: cispo, gspo, ppo_clip, reinforce, sapo"):
         POLICY_LOSSES["ppo"]
     with pytest.raises(ValueError, match=r"known: seq_mean_token_mean, seq_mean_token_sum, seq_mean_token_sum_norm, token_mean"):
         aggregate(torch.ones(1, 1), torch.ones(1, 1), "mean")
@@ -215,7 +215,7 @@ def test_unknown_names_list_known_ones():
         KLConfig(coef=0.1, controller="pid")
     with pytest.raises(ValueError, match=r"unknown advantage estimator 'ppo'; known: dr_grpo, gae, grpo, reinforce_pp, rloo"):
         ADVANTAGE_SCHEMAS["ppo"]
-    with pytest.raises(ValueError, match=r"unknown policy loss 'ppo'; known: ppo_clip, reinforce"):
+    with pytest.raises(ValueError, match=r"unknown policy loss 'ppo'; known: cispo, gspo, ppo_clip, reinforce, sapo"):
         POLICY_LOSS_SCHEMAS["ppo"]
     with pytest.raises(ValueError, match=r"unknown loss aggregation 'sum'"):
         loss_count("sum", torch.ones(1, 1))
@@ -282,6 +282,9 @@ def test_policy_loss_schemas():
     assert {n: tuple(POLICY_LOSS_SCHEMAS[n].model_fields) for n in POLICY_LOSS_SCHEMAS} == {
         "ppo_clip": ("name", "epsilon", "epsilon_high", "dual_clip"),
         "reinforce": ("name",),
+        "gspo": ("name", "epsilon", "epsilon_high"),
+        "cispo": ("name", "epsilon_max"),
+        "sapo": ("name", "temperature_pos", "temperature_neg"),
     }
     assert list(POLICY_LOSS_SCHEMAS) == list(POLICY_LOSSES)
     assert ReinforceLoss.single_update_only and not PPOClipLoss.single_update_only

@@ -98,13 +98,33 @@ def build_batch(prompt_ids: list[list[int]], samples: list[Sample], group_ids: l
                         torch.tensor(rewards, dtype=torch.float32), sampler_logp=sampler if has_sampler else None)
 
 
+def sampled_log_softmax(logits: torch.Tensor, targets: torch.Tensor, top_p: float = 1.0) -> torch.Tensor:
+    """Log-probs [...] of ``targets`` under the distribution a sampler draws from with nucleus ``top_p``: the
+    smallest set of most likely tokens whose probability reaches ``top_p`` (vLLM's and transformers' rule: at
+    least one token), renormalised. The target itself always stays in the set, so its log-prob is finite even
+    when the weights moved since it was sampled. ``top_p`` 1: the plain log-softmax."""
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum <= (1 - top_p)
+        drop_sorted[..., -1] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        drop.scatter_(-1, targets.unsqueeze(-1), False)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1), logits
+
+
 def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, with_entropy: bool = False,
-                        chunk_tokens: int | None = None, with_aux: bool = False, router_logits: bool = False) -> tuple:
+                        chunk_tokens: int | None = None, with_aux: bool = False, router_logits: bool = False,
+                        top_p: float = 1.0) -> tuple:
     """Log-probs [B, T] of the response window's tokens (T = ``batch.completion_len``) under ``model``
     (logits divided by the sampling temperature, as the sampler saw them), and optionally the per-token
     entropy [B, T]. With ``with_aux`` a third value: the MoE router's load-balancing loss (a scalar) when the
     model computes one (its config's ``output_router_logits``, or ``router_logits`` asks for it in this
     forward), else None.
+
+    With ``top_p`` < 1 the log-probs are those of the nucleus the sampler drew from (``sampled_log_softmax``),
+    as vLLM reports them (``processed_logprobs``), and the entropy is that distribution's.
 
     Position ids follow the attention mask, so left padding gives the same positions as generation.
     Only the last T+1 positions go through the LM head. With ``chunk_tokens``, the LM head runs over
@@ -119,7 +139,7 @@ def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, wi
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
                     use_cache=False, logits_to_keep=T + 1, **extra)
         logits = out.logits[:, -(T + 1) : -1, :].float() / temperature
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        logp, logits = sampled_log_softmax(logits, targets, top_p)
         ent = entropy_from_logits(logits.detach()) if with_entropy else None
         return (logp, ent, getattr(out, "aux_loss", None)) if with_aux else (logp, ent)
     # The forward still goes through the (possibly DDP-wrapped) module; it computes logits for one position.
@@ -133,7 +153,7 @@ def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, wi
     for i in range(0, B * T, chunk_tokens):
         h, tg = flat_h[i : i + chunk_tokens], flat_t[i : i + chunk_tokens]
         lp, en = torch.utils.checkpoint.checkpoint(_head_logprobs, h, tg, head.weight, head.bias, temperature,
-                                                   with_entropy, use_reentrant=False)
+                                                   with_entropy, top_p, use_reentrant=False)
         lps.append(lp)
         ents.append(en)
     logp = torch.cat(lps).view(B, T)
@@ -141,12 +161,12 @@ def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, wi
     return (logp, ent, getattr(out, "aux_loss", None)) if with_aux else (logp, ent)
 
 
-def _head_logprobs(h, targets, weight, bias, temperature: float, with_entropy: bool):
+def _head_logprobs(h, targets, weight, bias, temperature: float, with_entropy: bool, top_p: float = 1.0):
     # the hidden states may be float32 (mixed precision: a norm's output) while the head is bfloat16
     logits = torch.nn.functional.linear(h.to(weight.dtype), weight, bias).float() / temperature
-    lp = torch.log_softmax(logits, dim=-1)
-    ent = -(lp.exp() * lp).sum(-1) if with_entropy else torch.zeros_like(targets, dtype=lp.dtype)
-    return lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), ent
+    lp, logits = sampled_log_softmax(logits, targets, top_p)
+    ent = entropy_from_logits(logits) if with_entropy else torch.zeros_like(targets, dtype=lp.dtype)
+    return lp, ent
 
 
 def _unwrap(model):

@@ -372,7 +372,7 @@ def in_chunks(batch: RolloutBatch, size: int, fn) -> torch.Tensor:
 
 def chunked_logprobs(model, batch: RolloutBatch, rl) -> torch.Tensor:
     return in_chunks(batch, rl.micro_batch_size, lambda mb: completion_logprobs(
-        model, mb, rl.temperature, chunk_tokens=rl.logprob_chunk)[0])
+        model, mb, rl.temperature, chunk_tokens=rl.logprob_chunk, top_p=rl.top_p)[0])
 
 
 _LAST_GOOD = ("the last good checkpoint is kept; lower train.learning_rate (or raise rl.kl.coef) and run again "
