@@ -275,7 +275,7 @@ def test_vllm_colocated_reads_its_keys(cli, tmp_path, recorder):
                     "is_mode": "mask", "is_level": "sequence"},
                 eval={"task": None}, rewards=[{"name": "accuracy"}],
                 rollout={"engine": "vllm", "mode": "colocate", "kv_cache_gib": 0.2, "max_model_len": 200,
-                         "enforce_eager": True})
+                         "enforce_eager": True, "max_staleness": 1})
     r = cli("grpo", "--recipe", _write(tmp_path, "vllm", cfg))
     assert r.exit_code == 0, r.output
     assert unread(recorder) == [], unread(recorder)
@@ -291,7 +291,9 @@ ELSEWHERE = {"kind", "rollout.mode", "rollout.server_url", "rollout.server_timeo
              "rollout.sync_dir", "rollout.gpu_memory_utilization", "rollout.sleep"}
 # the colocated engine's keys are read by the engine every command builds from its `rollout:` section
 # (rlkit.rollout.make_engine); the grpo run above records them
-ENGINE_KEYS = {"rollout.engine", "rollout.kv_cache_gib", "rollout.max_model_len", "rollout.enforce_eager"}
+ENGINE_KEYS = {"rollout.engine", "rollout.kv_cache_gib", "rollout.max_model_len", "rollout.enforce_eager",
+               # refused when set for eval, sample and sft (test_staleness_is_refused_...); read by grpo and ppo
+               "rollout.max_staleness"}
 
 
 def test_every_key_of_every_command_was_set_by_some_run():
@@ -325,3 +327,10 @@ def test_keys_that_would_do_nothing_are_refused_in_one_line(cli, sets, message):
 def test_keys_a_command_does_not_read_are_refused(cli, tmp_path, command, key):
     args = ["embedded"] if command == "eval" else []
     assert_clean_error(cli(command, *args, "--set", key), f"rlkit {command} does not use this key")
+
+
+@pytest.mark.parametrize("command", ["eval", "sample", "sft"])
+def test_staleness_is_refused_where_nothing_trains_beside_the_engine(cli, command):
+    args = ["embedded"] if command == "eval" else []
+    assert_clean_error(cli(command, *args, "--set", "rollout.engine=vllm", "--set", "rollout.max_staleness=1"),
+                       f"rollout.max_staleness: rlkit {command} has no update to overlap the generation with")

@@ -73,6 +73,13 @@ def _check_eval_data(data: Section, eval: EvalSettings) -> None:
                          "(eval.task auto); remove one of them")
 
 
+def _check_trains(kind: str, rollout: Section) -> None:
+    """rollout.max_staleness overlaps generation with training: only rlkit grpo and ppo train with an engine."""
+    if "max_staleness" in type(rollout).model_fields and given(rollout, "max_staleness"):
+        raise ValueError(f"rollout.max_staleness: rlkit {kind} has no update to overlap the generation with; "
+                         "remove it")
+
+
 def _check_pushes_no_weights(kind: str, rollout: Section) -> None:
     if "sync_dir" in type(rollout).model_fields and given(rollout, "sync_dir"):
         raise ValueError(f"rollout.sync_dir: rlkit {kind} pushes no weights to the server (it samples the model the "
@@ -110,6 +117,7 @@ class SFTRun(_Run):
     @model_validator(mode="after")
     def _check(self) -> SFTRun:
         _check_eval_data(self.data, self.eval)
+        _check_trains("sft", self.rollout)
         return self
 
 
@@ -193,6 +201,7 @@ class SampleRun(_Run):
     @model_validator(mode="after")
     def _check(self) -> SampleRun:
         _check_pushes_no_weights("sample", self.rollout)
+        _check_trains("sample", self.rollout)
         _check_env(self.env, self.data.template)
         if not self.rewards and not (self.env is not None and self.env.factory is not None):
             raise ValueError("rewards: rejection sampling needs the rewards to filter by")
@@ -217,6 +226,7 @@ class EvalRun(RunConfig):
     @model_validator(mode="after")
     def _check(self) -> EvalRun:
         _check_pushes_no_weights("eval", self.rollout)
+        _check_trains("eval", self.rollout)
         _check_eval_data(self.data, self.eval)
         _check_env(self.env, self.data.template)
         _check_chat_turns(self.data, None)

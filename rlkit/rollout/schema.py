@@ -31,6 +31,12 @@ class HFRollout(Section):
         "dynamic", description="hf: KV cache; static pre-allocates it (and compiles the decode step on CUDA).")
 
 
+# rlkit grpo/ppo: generate the next batch while the trainer updates (rlkit.trainers.rl.overlap)
+_STALENESS = Field(0, description="vllm, rlkit grpo/ppo: 1 generates the next batch while the trainer updates on "
+                   "this one (one-step off-policy: samples one update old, corrected by importance sampling); 0 "
+                   "waits. One batch is generated ahead, so staleness is at most 1.")
+
+
 class VLLMColocateRollout(Section):
     engine: Literal["vllm"] = Field(..., description=HFRollout.model_fields["engine"].description)
     mode: Literal["colocate"] = Field(
@@ -47,6 +53,7 @@ class VLLMColocateRollout(Section):
         None, description="vllm colocate: no CUDA graphs; default: eager on CPU, graphs on a GPU.")
     sleep: bool = Field(True, description="vllm colocate on a GPU: put the engine to sleep during the update "
                         "(weights to host memory, KV cache freed) so the optimizer gets the memory.")
+    max_staleness: int = Field(_STALENESS.default, ge=0, le=1, description=_STALENESS.description)
 
 
 class VLLMServerRollout(Section):
@@ -61,6 +68,7 @@ class VLLMServerRollout(Section):
         None, description="vllm server mode: where the trainer writes its weights (safetensors) for the server to "
         "reload after every update; default: a temporary directory (server on the same machine). For a server on "
         "another machine, a path both see (a shared filesystem).")
+    max_staleness: int = Field(_STALENESS.default, ge=0, le=1, description=_STALENESS.description)
 
     @field_validator("server_url")
     @classmethod

@@ -18,6 +18,7 @@ class RolloutInfo:
     groups_kept_frac: float   # share of prompt groups kept (1.0 without dynamic sampling)
     failures: dict[str, int] = field(default_factory=dict)  # reward name -> calls that raised or timed out
     rewards: list[float] = field(default_factory=list)      # B scaled and clipped total rewards, as trained on
+    stream_pos: int = 0       # the prompt stream's position after this batch's prompts (asynchronous resume)
 
 
 @dataclass

@@ -21,9 +21,10 @@ def _strip(state: dict, prefix: str) -> dict:
     return {k.removeprefix(prefix): v for k, v in state.items()}
 
 
-def loop_state(step: int, stream, kl_ctl, history: dict, max_steps: int, ptx) -> dict:
-    """The loop's own part of ``rlkit_state/``: what resume needs beyond the models and optimizers."""
-    return {"step": step, "data_pos": stream.pos, "kl_controller": kl_ctl.state_dict(), "history": history,
+def loop_state(step: int, data_pos: int, kl_ctl, history: dict, max_steps: int, ptx) -> dict:
+    """The loop's own part of ``rlkit_state/``: what resume needs beyond the models and optimizers
+    (``data_pos``: the prompt stream's position after the last batch trained on)."""
+    return {"step": step, "data_pos": data_pos, "kl_controller": kl_ctl.state_dict(), "history": history,
             "max_steps": max_steps, "ptx_pos": ptx.pos if ptx else 0}
 
 

@@ -8,6 +8,7 @@ The set-up (``setup.py``) builds the models and a frozen ``Plan`` of the derived
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -40,7 +41,7 @@ from rlkit.trainers import sharding
 from rlkit.weights import gathered
 from rlkit.trainers.batch import RolloutBatch, ScoredGroup, batch_from_groups, completion_logprobs
 from rlkit.trainers.critic import critic_values
-from rlkit.trainers.rl import dist, export, metrics, setup
+from rlkit.trainers.rl import dist, export, metrics, overlap, setup
 from rlkit.trainers.rl.update import KL_CLAMP, UpdateStats, run_update
 
 
@@ -101,7 +102,7 @@ class RLRun:
         self.stream = setup.PromptStream(prompts.rows, cfg.train.seed)
 
         # resume, or seed a fresh run
-        self.step, self.history = 0, {}
+        self.step, self.history, self.data_pos = 0, {}, 0
         if resume_from is not None:
             self._restore(resume_from)
         else:
@@ -120,6 +121,7 @@ class RLRun:
         self.logger = MetricsLogger(self.out, cfg.report_to, run_name=cfg.name,
                                     config=cfg.model_dump(mode="json")) if self.main else None
         self.timer = PhaseTimer()
+        self.ahead: overlap.RolloutAhead | None = None  # asynchronous rollouts, while fit runs
 
     def _restore(self, resume_from) -> None:
         lr = self.t.learning_rate
@@ -128,6 +130,7 @@ class RLRun:
                                critic_lr=(self.rl.advantage.value_learning_rate or lr) if self.critic else lr,
                                sharded=self.fsdp is not None)
         self.step, self.stream.pos, self.history = state["step"], state["data_pos"], state.get("history", {})
+        self.data_pos = self.stream.pos
         if self.ptx is not None:
             self.ptx.pos = state.get("ptx_pos", 0)
         self.kl_ctl.load_state_dict(state["kl_controller"])
@@ -143,23 +146,36 @@ class RLRun:
         self.progress = (StepProgress(self.plan.max_steps, self.step, self.cfg.kind, metrics.PROGRESS_FIELDS,
                                       metrics.PROGRESS_REQUIRED) if self.main else None)
         self.policy.train()
+        # rollout.max_staleness 1: the next batch is generated while this one trains (overlap.py)
+        self.ahead = ahead = overlap.RolloutAhead(self.collect, self.step) if self.plan.async_rollouts else None
         try:
+            if ahead is not None:
+                ahead.start(self.step)
             while self.step < self.plan.max_steps:
                 step_t0 = time.time()
-                batch = self.collect()           # rollout + reward (+ dynamic sampling)
-                self.engine.sleep()              # the update gets the engine's memory
+                if ahead is None:
+                    batch = self.collect(version=self.step)  # rollout + reward (+ dynamic sampling)
+                    self.engine.sleep()          # the update gets the engine's memory
+                else:                            # generated during the last update; the next one starts now
+                    batch = ahead.take()
+                    self.data_pos = batch.info.stream_pos
+                    if self.step + 1 < self.plan.max_steps:
+                        ahead.start(self.step)
                 self.logprobs(batch)             # old (when needed) and reference log-probs
                 self.values(batch)               # critic values (when the advantage estimator reads them)
                 self.advantages(batch)
                 stats = self.update(batch)
                 check_finite(self.acc, stats, self.policy, self.step + 1)
-                self.sync()                      # the engine samples from the new weights
+                with ahead.idle() if ahead is not None else contextlib.nullcontext():
+                    self.sync()                  # the engine samples from the new weights
                 self.step += 1
                 row = self.log(batch, stats, step_t0)
                 row.update(self.periodic_eval())
                 self.write(row, batch)
                 self.checkpoint()
         finally:
+            if ahead is not None:
+                ahead.close()
             if self.progress is not None:
                 self.progress.close()
         return self.finish()
@@ -171,10 +187,14 @@ class RLRun:
 
     # --------------------------------------------------------------------------------- the phases
 
-    def collect(self) -> RolloutBatch:
+    def collect(self, index: int | None = None, version: int | None = None) -> RolloutBatch:
         """Roll out ``per_process`` prompts × G samples, score them, and (dynamic sampling) refill the batch
-        with fresh prompts while groups whose rewards are all equal are dropped."""
+        with fresh prompts while groups whose rewards are all equal are dropped. Asynchronous (``index``: the
+        batch's number, ``version``: the weights it samples from): seeded from the run's seed and the index."""
         rl, tok, n = self.rl, self.tokenizer, self.plan.per_process
+        version = self.step if version is None else version
+        params = self.params if index is None else dataclasses.replace(
+            self.params, seed=(self.t.seed * 1_000_003 + index * 10_007) % 2**31)
         kept: list[ScoredGroup] = []
         dropped: list[ScoredGroup] = []
         rounds = 0
@@ -189,11 +209,11 @@ class RLRun:
             with self.timer("rollout"), (gathered(self.policy) if self.plan.gather_weights
                                          else contextlib.nullcontext()):
                 if self.env is None:
-                    groups = generate(self.engine, prompt_ids, self.params, self.step + 1)
+                    groups = generate(self.engine, prompt_ids, params, self.step + 1)
                 else:  # multi-turn: the engine generates every turn from token ids
-                    texts, groups = generate(self.engine, None, self.params, self.step + 1,
+                    texts, groups = generate(self.engine, None, params, self.step + 1,
                                              lambda: run_episodes(self.engine, tok, self.env, self.cfg.env, rows,
-                                                                  self.params))
+                                                                  params))
                     prompt_ids = tok(texts, add_special_tokens=False)["input_ids"]
             with self.timer("reward"):
                 scored = score_groups(self.rewards, rows, texts, groups)
@@ -212,6 +232,8 @@ class RLRun:
                                   rl.overlong_filter)
         batch.info.rounds, batch.info.failures = rounds, failures
         batch.info.groups_kept_frac = len(kept) / max(1, len(kept) + len(dropped)) if dynamic else 1.0
+        batch.info.stream_pos = self.stream.pos  # where the next batch's prompts start (saved for resume)
+        batch.policy_version = torch.full((len(batch.samples),), version, dtype=torch.long)
         return batch.to(self.acc.device)
 
     def logprobs(self, batch: RolloutBatch) -> None:
@@ -274,10 +296,11 @@ class RLRun:
         controller reads the mean KL."""
         plan, info = self.plan, batch.info
         with self.timer("log"):
-            series = {**metrics.sample_series(batch, self.world, plan.off_policy, self.rl.is_mode),
+            trained = self.step - 1  # the weights the update started from (log runs after the step count moved)
+            series = {**metrics.sample_series(batch, self.world, plan.off_policy, self.rl.is_mode, trained),
                       **{k: [v] for k, v in stats.metrics().items()}}
             reduced = dist.means(self.acc, series)
-            maxima = {**stats.max_metrics(), **metrics.sample_maxes(batch, plan.off_policy)}
+            maxima = {**stats.max_metrics(), **metrics.sample_maxes(batch, plan.off_policy, trained)}
             reduced.update(dist.maxes(self.acc, maxima))
             self.kl_ctl.update(reduced.get("kl/mean", 0.0), plan.batch_size * self.world)
             tokens = sum(len(s.token_ids) for s in batch.samples) * self.world
@@ -290,6 +313,8 @@ class RLRun:
                 "rollout/tokens_per_s": tokens / max(self.timer.times.get("rollout", 1e-9), 1e-9),
                 "optim/lr": self.scheduler.get_last_lr()[0],
                 "time/step": time.time() - step_t0,
+                # asynchronous: what the trainer waited for the batch generated during the last update
+                **({"time/rollout_wait": self.ahead.pop_waited()} if self.ahead is not None else {}),
             }
 
     def periodic_eval(self) -> dict:
@@ -318,7 +343,8 @@ class RLRun:
         stopping = dist.any_process(self.acc, self.stop.requested is not None)
         step = self.step
         if step % self.t.save_steps == 0 or step == self.plan.max_steps or stopping:
-            state = export.loop_state(step, self.stream, self.kl_ctl, self.history, self.plan.max_steps, self.ptx)
+            pos = self.data_pos if self.plan.async_rollouts else self.stream.pos  # not the batch in flight's
+            state = export.loop_state(step, pos, self.kl_ctl, self.history, self.plan.max_steps, self.ptx)
             export.save_checkpoint(self.acc, self.out, step, self.unwrapped, self.tokenizer, self.optimizer,
                                    self.scheduler, state, self.t.save_total_limit, self.extra_state,
                                    self.acc.unwrap_model(self.critic.model) if self.critic is not None else None,

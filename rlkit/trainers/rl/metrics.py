@@ -21,7 +21,8 @@ PROGRESS_REQUIRED = ("reward/total", "kl/mean", "rollout/completion_len")
 PLOT_KEYS = ["reward/total", "reward/accuracy", "eval/pass@1", "kl/mean", "rollout/completion_len"]
 
 
-def sample_series(batch: RolloutBatch, world: int, off_policy: bool, is_mode: str = "truncate") -> dict[str, list[float]]:
+def sample_series(batch: RolloutBatch, world: int, off_policy: bool, is_mode: str = "truncate",
+                  step: int | None = None) -> dict[str, list[float]]:
     """Per-sample values to average over every process's samples (``dist.means``). Every process passes the
     same keys: the reward names and failure counts are the configured rewards', on every process."""
     samples = batch.samples
@@ -35,6 +36,9 @@ def sample_series(batch: RolloutBatch, world: int, off_policy: bool, is_mode: st
         # the model's own tokens (a multi-turn sample's tool and environment tokens are not its length)
         "rollout/completion_len": [float(sum(s.mask)) if s.mask is not None else len(s.token_ids) for s in samples],
         "rollout/truncated_frac": [float(not s.finished) for s in samples],
+        # updates between the weights that sampled and those trained on (asynchronous rollouts: 1)
+        **({"rollout/staleness": [float(step - v) for v in batch.policy_version.tolist()]}
+           if batch.policy_version is not None and step is not None else {}),
         **episode_series(samples),
     }
 
@@ -68,11 +72,14 @@ def sampler_series(batch: RolloutBatch, is_mode: str = "truncate") -> dict[str, 
     return out
 
 
-def sample_maxes(batch: RolloutBatch, off_policy: bool) -> dict[str, float]:
+def sample_maxes(batch: RolloutBatch, off_policy: bool, step: int | None = None) -> dict[str, float]:
     """Per-process maxima to combine by the max over processes (``dist.maxes``)."""
+    out = {}
     if off_policy and batch.is_weights is not None:
-        return {"rollout/is_weight_max": masked_max(batch.is_weights, batch.loss_mask)}
-    return {}
+        out["rollout/is_weight_max"] = masked_max(batch.is_weights, batch.loss_mask)
+    if batch.policy_version is not None and step is not None and len(batch.policy_version):
+        out["rollout/staleness_max"] = float(step - int(batch.policy_version.min()))
+    return out
 
 
 def masked_max(x: torch.Tensor, mask: torch.Tensor) -> float:

@@ -53,9 +53,13 @@ def build_accelerator(cfg: RunConfig):
 
 
 def check_world(cfg: RunConfig, world: int) -> None:
-    """A prompt count the processes cannot share is refused before anything loads."""
+    """A prompt count the processes cannot share, or asynchronous rollouts on several processes (their
+    collectives would interleave with the update's), are refused before anything loads."""
     if cfg.rl.prompts_per_step % world:
         raise DataError(f"rl.prompts_per_step ({cfg.rl.prompts_per_step}) must be divisible by the {world} processes")
+    if world > 1 and getattr(cfg.rollout, "max_staleness", 0) > 0:
+        raise DataError(f"rollout.max_staleness: asynchronous rollouts run on one process for now, not {world}; "
+                        "set it to 0, or launch one process")
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -156,6 +160,7 @@ class Plan:
     longest_prompt: int     # training prompts
     engine_max_len: int     # prompt + generation, training and evaluation alike
     engine_max_prompt_len: int
+    async_rollouts: bool    # rollout.max_staleness 1: the next batch is generated during the update (overlap.py)
 
 
 def needs_reference_copy(cfg: RunConfig) -> bool:
@@ -189,7 +194,8 @@ def make_plan(cfg: RunConfig, world: int, prompts: PromptData, evals: EvalData |
                 shared_server=engine.shared_across_processes,
                 reference_logprobs=rl.kl is not None, reference_copy=needs_reference_copy(cfg),
                 critic=rl.advantage.needs_values, old_logprobs_pass=old_pass,
-                longest_prompt=prompts.longest_prompt, engine_max_len=max_len, engine_max_prompt_len=max_prompt)
+                longest_prompt=prompts.longest_prompt, engine_max_len=max_len, engine_max_prompt_len=max_prompt,
+                async_rollouts=getattr(cfg.rollout, "max_staleness", 0) > 0)
 
 
 # ---------------------------------------------------------------------------------------- models
