@@ -8,7 +8,6 @@ The set-up (``setup.py``) builds the models and a frozen ``Plan`` of the derived
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import random
 import time
@@ -28,20 +27,19 @@ from rlkit.algos import (
 )
 from rlkit.config import RunConfig
 from rlkit.env.environments import EnvSource, load_env
-from rlkit.env.episodes import check_template, run_episodes
+from rlkit.env.episodes import check_template
 from rlkit.errors import Diverged
 from rlkit.evaluation import evaluate_model
 from rlkit.models import load_tokenizer
 from rlkit.reward_check import check_before_training
 from rlkit.rollout import SamplingParams
-from rlkit.scoring import RewardSet, score_groups
-from rlkit.templates import render_prompt
+from rlkit.scoring import RewardSet
 from rlkit.tracking import MetricsLogger, PhaseTimer, StepProgress, console
 from rlkit.trainers import sharding
 from rlkit.weights import gathered
-from rlkit.trainers.batch import RolloutBatch, ScoredGroup, batch_from_groups, completion_logprobs
+from rlkit.trainers.batch import RolloutBatch, completion_logprobs
 from rlkit.trainers.critic import critic_values
-from rlkit.trainers.rl import dist, export, metrics, overlap, setup
+from rlkit.trainers.rl import collect, dist, export, metrics, overlap, setup
 from rlkit.trainers.rl.update import KL_CLAMP, UpdateStats, run_update
 
 
@@ -188,54 +186,8 @@ class RLRun:
     # --------------------------------------------------------------------------------- the phases
 
     def collect(self, index: int | None = None, version: int | None = None) -> RolloutBatch:
-        """Roll out ``per_process`` prompts × G samples, score them, and (dynamic sampling) refill the batch
-        with fresh prompts while groups whose rewards are all equal are dropped. Asynchronous (``index``: the
-        batch's number, ``version``: the weights it samples from): seeded from the run's seed and the index."""
-        rl, tok, n = self.rl, self.tokenizer, self.plan.per_process
-        version = self.step if version is None else version
-        params = self.params if index is None else dataclasses.replace(
-            self.params, seed=(self.t.seed * 1_000_003 + index * 10_007) % 2**31)
-        kept: list[ScoredGroup] = []
-        dropped: list[ScoredGroup] = []
-        rounds = 0
-        failures: dict[str, int] = {}
-        dynamic = rl.dynamic_sampling is not None
-        max_rounds = rl.dynamic_sampling.max_rounds if dynamic else 0
-        while True:
-            rows = self.stream.take(rl.prompts_per_step)[self.rank * n : (self.rank + 1) * n]
-            if self.env is None:
-                texts = [render_prompt(r["prompt"], self.cfg.data.template, tok) for r in rows]
-                prompt_ids = tok(texts, add_special_tokens=False)["input_ids"]
-            with self.timer("rollout"), (gathered(self.policy) if self.plan.gather_weights
-                                         else contextlib.nullcontext()):
-                if self.env is None:
-                    groups = generate(self.engine, prompt_ids, params, self.step + 1)
-                else:  # multi-turn: the engine generates every turn from token ids
-                    texts, groups = generate(self.engine, None, params, self.step + 1,
-                                             lambda: run_episodes(self.engine, tok, self.env, self.cfg.env, rows,
-                                                                  params))
-                    prompt_ids = tok(texts, add_special_tokens=False)["input_ids"]
-            with self.timer("reward"):
-                scored = score_groups(self.rewards, rows, texts, groups)
-            G = rl.num_generations
-            for gi, g in enumerate(groups):
-                sl = slice(gi * G, (gi + 1) * G)
-                group = ScoredGroup(prompt_ids[gi], g, scored.total[sl],
-                                    {k: v[sl] for k, v in scored.per_reward.items()}, rows[gi].get("route"))
-                (dropped if dynamic and len(set(group.totals)) <= 1 else kept).append(group)
-            for k, v in scored.failures.items():
-                failures[k] = failures.get(k, 0) + v
-            rounds += 1
-            if rounds > max_rounds or not dist.any_process(self.acc, dynamic and len(kept) < n):
-                break
-        batch = batch_from_groups((kept + dropped)[:n], tok.pad_token_id, rl.reward_scale, rl.reward_clip,
-                                  rl.overlong_filter)
-        batch.info.rounds, batch.info.failures = rounds, failures
-        batch.info.groups_kept_frac = len(kept) / max(1, len(kept) + len(dropped)) if dynamic else 1.0
-        batch.info.stream_pos = self.stream.pos  # where the next batch's prompts start (saved for resume)
-        batch.policy_version = torch.full((len(batch.samples),), version, dtype=torch.long)
-        return batch.to(self.acc.device)
-
+        """Roll out and score one batch (``collect.collect``; ``index``/``version``: asynchronous rollouts)."""
+        return collect.collect(self, index, version)
     def logprobs(self, batch: RolloutBatch) -> None:
         """The trainer's log-probs of the sampled tokens before this step's updates, when the update needs them
         before its own forward, and the truncated importance weights that correct for another sampler (else the
@@ -401,20 +353,7 @@ def chunked_logprobs(model, batch: RolloutBatch, rl) -> torch.Tensor:
         model, mb, rl.temperature, chunk_tokens=rl.logprob_chunk, top_p=rl.top_p)[0])
 
 
-_LAST_GOOD = ("the last good checkpoint is kept; lower train.learning_rate (or raise rl.kl.coef) and run again "
-              "with --resume-anyway to continue from it, or --overwrite to start over")
-
-
-def generate(engine, prompt_ids: list[list[int]] | None, params: SamplingParams, step: int, episodes=None):
-    """Roll out (``episodes()``: multi-turn episodes instead); sampling from a model whose logits went non-finite
-    means training diverged."""
-    try:
-        return episodes() if episodes is not None else engine.generate(prompt_ids, params)
-    except RuntimeError as e:
-        if "inf" in str(e) or "nan" in str(e):
-            raise Diverged(f"step {step}: training diverged: the policy's probabilities are not finite "
-                           f"({str(e).splitlines()[0]}); {_LAST_GOOD}") from None
-        raise
+_LAST_GOOD = collect.LAST_GOOD
 
 
 def check_finite(acc, stats: UpdateStats, policy, step: int) -> None:
