@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -190,10 +191,12 @@ def progress_bar(description: str, total: int) -> Iterator:
 
 
 class PhaseTimer:
-    """``with timer("rollout"):`` accumulates wall time per named phase; ``pop()`` gives ``time/<phase>``."""
+    """``with timer("rollout"):`` accumulates wall time per named phase; ``pop()`` gives ``time/<phase>``.
+    Thread-safe: asynchronous rollouts time their phases on a thread of their own."""
 
     def __init__(self):
         self.times: dict[str, float] = defaultdict(float)
+        self._lock = threading.Lock()
 
     @contextlib.contextmanager
     def __call__(self, name: str):
@@ -201,11 +204,13 @@ class PhaseTimer:
         try:
             yield
         finally:
-            self.times[name] += time.perf_counter() - t0
+            with self._lock:
+                self.times[name] += time.perf_counter() - t0
 
     def pop(self) -> dict[str, float]:
-        out = {f"time/{k}": v for k, v in self.times.items()}
-        self.times.clear()
+        with self._lock:
+            out = {f"time/{k}": v for k, v in self.times.items()}
+            self.times.clear()
         return out
 
 

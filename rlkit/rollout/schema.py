@@ -31,7 +31,7 @@ class HFRollout(Section):
         "dynamic", description="hf: KV cache; static pre-allocates it (and compiles the decode step on CUDA).")
 
 
-# rlkit grpo/ppo: generate the next batch while the trainer updates (rlkit.trainers.rl.overlap)
+# rlkit grpo/ppo: generate the next batch while the trainer updates (the RL loop's overlap.py)
 _STALENESS = Field(0, description="vllm, rlkit grpo/ppo: 1 generates the next batch while the trainer updates on "
                    "this one (one-step off-policy: samples one update old, corrected by importance sampling); 0 "
                    "waits. One batch is generated ahead, so staleness is at most 1.")
