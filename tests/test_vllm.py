@@ -367,6 +367,15 @@ def test_server_mode_learns_and_a_dead_server_fails_in_one_line(tmp_path, cli, r
                                f"rollout.server_url={url}", "--set", f"rollout.sync_dir={tmp_path}"),
                            "rollout.sync_dir: rlkit eval pushes no weights")
 
+        # asynchronous rollouts against the server: it generates the next batch while the trainer updates, and the
+        # weights go over between batches
+        out_async = tmp_path / "server_async"
+        _rlkit(*grpo(out_async, "--max-steps", 3, "--set", "eval.limit=16", "--set", "rollout.max_staleness=1"),
+               check=True)
+        rows = [r for r in _metrics(out_async) if "reward/total" in r]
+        assert [r["rollout/staleness"] for r in rows] == [0.0, 1.0, 1.0], rows
+        assert all(0.9 < r["rollout/is_weight_mean"] < 1.1 for r in rows)
+
         # multi-turn episodes through the server: each turn's request is token ids, the tool's reply appended
         r = cli("eval", "--recipe", "calculator", "--engine", "vllm", "--limit", 8, "--num-samples", 2,
                 "--set", "rollout.mode=server", "--set", f"rollout.server_url={url}",
