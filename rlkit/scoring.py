@@ -181,32 +181,18 @@ class RewardSet:
     def __init__(self, specs: list, warn_all_failed: bool = True, env=None):
         """``env``: the run's environment source (rlkit.env.environments.EnvSource); an environment with
         ``get_reward`` is a reward of weight 1 named after its class (TRL's convention)."""
-        specs = list(specs)
-        if env is not None and env.has_reward:
-            from rlkit.config.parts import RewardSpec
-            from rlkit.env.environments import env_reward
-
-            if any((s.alias or s.name) == env.name for s in specs):
-                raise RewardError(f"reward '{env.name}' is listed and is also the environment's get_reward; give the "
-                                  "listed one an 'alias'")
-            specs.append(RewardSpec(name=env.name))
-            self._env_reward = (env.name, env_reward)
-        else:
-            self._env_reward = None
-        if not specs:
+        env_scores = env is not None and env.has_reward
+        if not specs and not env_scores:
             raise RewardError("no rewards configured; list at least one under 'rewards:'" if env is None else
                               f"no rewards configured, and {env.name or 'the environment'} has no get_reward(); list "
                               "at least one under 'rewards:'")
-        self.specs = specs
+        self.specs = list(specs)
         self.fns = {}
         self.plugin: dict[str, bool] = {}
         for s in specs:
             key = s.alias or s.name
             if key in self.fns:
                 raise RewardError(f"reward '{key}' is listed twice; give one an 'alias'")
-            if self._env_reward is not None and s is specs[-1]:
-                self.fns[key], self.plugin[key] = self._env_reward[1], False
-                continue
             self.fns[key] = get_reward(s.name)
             self.plugin[key] = s.name not in REWARDS  # a dotted path or entry point, maybe written for TRL
             check_params(key, self.fns[key], dict(s.params))
@@ -218,6 +204,15 @@ class RewardSet:
                     raise
                 except (Exception, SystemExit) as e:  # a plug-in's own check, or a parameter it needs and lacks
                     raise RewardError(f"reward '{key}': its params were refused ({_describe(e)})") from None
+        if env_scores:
+            from rlkit.config.parts import RewardSpec
+            from rlkit.env.environments import env_reward
+
+            if env.name in self.fns:
+                raise RewardError(f"reward '{env.name}' is listed and is also the environment's get_reward; give the "
+                                  "listed one an 'alias'")
+            self.specs.append(RewardSpec(name=env.name))
+            self.fns[env.name], self.plugin[env.name] = env_reward, False
         self.warn_all_failed = warn_all_failed
         self.first_errors: dict[str, str] = {}  # reward -> its first failure, "sample 3: ValueError: ..."
 

@@ -86,6 +86,11 @@ def _check_pushes_no_weights(kind: str, rollout: Section) -> None:
                          "server was started with); remove it")
 
 
+def _env_scores(env: EnvConfig | None) -> bool:
+    """An environment class may score episodes itself (get_reward), so ``rewards:`` may be empty."""
+    return env is not None and env.factory is not None
+
+
 def _check_env(env: EnvConfig | None, template: str, eval_template: str | None = None) -> None:
     if env is None:
         return
@@ -180,7 +185,7 @@ class RLRun(_Run):
                              f"{self.rollout.engine} engine samples the policy itself, so there is nothing to correct")
         _check_eval_data(self.data, self.eval)
         _check_env(self.env, self.data.template, self.eval.template)
-        if not self.rewards and not (self.env is not None and self.env.factory is not None):  # get_reward may score
+        if not self.rewards and not _env_scores(self.env):
             raise ValueError("rewards: ppo needs a reward, e.g. [{name: reward_model, params: {path: outputs/rm}}]"
                              if self.kind == "ppo" else "rewards: grpo needs at least one reward")
         _check_chat_turns(self.data, self.eval.template)
@@ -203,12 +208,12 @@ class SampleRun(_Run):
         _check_pushes_no_weights("sample", self.rollout)
         _check_trains("sample", self.rollout)
         _check_env(self.env, self.data.template)
-        if not self.rewards and not (self.env is not None and self.env.factory is not None):
+        if not self.rewards and not _env_scores(self.env):
             raise ValueError("rewards: rejection sampling needs the rewards to filter by")
         names = {r.alias or r.name for r in self.rewards}
         for key in self.sample.thresholds:
             # an environment's get_reward is a reward too, named after its class: checked when it is loaded
-            if key not in names and not (self.env is not None and self.env.factory is not None):
+            if key not in names and not _env_scores(self.env):
                 raise ValueError(f"sample.thresholds: '{key}' is not one of the listed rewards ({', '.join(sorted(names))})")
         return self
 

@@ -62,16 +62,11 @@ class Episode:
         self.done, self.truncated, self.finish_reason = True, True, "length"
 
 
-def _render(tokenizer, messages: list[dict], tools: list[dict] | None, generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
-                                         add_generation_prompt=generation_prompt)
-
-
 def reply_text(tokenizer, messages: list[dict], tools: list[dict] | None, stop_text: str | None) -> str:
     """What the chat template writes after a model turn that ended on ``stop_text`` (its end-of-turn token, as
     text), for the reply ``messages`` and the next generation prompt."""
     dummy = [{"role": "user", "content": _USER_MARK}, {"role": "assistant", "content": _MODEL_MARK}]
-    full = _render(tokenizer, dummy + messages, tools, True)
+    full = apply_chat(tokenizer, dummy + messages, tools=tools)
     if _MODEL_MARK not in full:
         raise ValueError("the template does not render the assistant turn's text")
     after = full[full.rindex(_MODEL_MARK) + len(_MODEL_MARK):]
@@ -108,10 +103,6 @@ def messages_of(prompt: str | list[dict]) -> list[dict]:
     return [dict(m) for m in prompt] if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
 
 
-def render_prompt_messages(tokenizer, messages: list[dict], tools: list[dict] | None) -> str:
-    return apply_chat(tokenizer, messages, tools=tools)
-
-
 def run_episodes(engine, tokenizer, source: EnvSource, env_cfg, rows: list[dict], params: SamplingParams,
                  progress=None) -> tuple[list[str], list[list[Sample]]]:
     """``params.n`` episodes for each row (``{prompt, ...}``; the columns go to ``reset``): the rendered prompt of
@@ -124,7 +115,7 @@ def run_episodes(engine, tokenizer, source: EnvSource, env_cfg, rows: list[dict]
     rendered: list[str] = []
     for row in rows:
         messages = messages_of(row["prompt"])
-        text = render_prompt_messages(tokenizer, messages, source.schemas)
+        text = apply_chat(tokenizer, messages, tools=source.schemas)
         rendered.append(text)
         base = tokenizer(text, add_special_tokens=False)["input_ids"]
         for _ in range(params.n):
@@ -132,7 +123,7 @@ def run_episodes(engine, tokenizer, source: EnvSource, env_cfg, rows: list[dict]
             ids, own, seen = base, None, messages
             if obs is not None:  # TRL: the observation is appended to the last user message
                 seen = messages[:-1] + [{**messages[-1], "content": messages[-1]["content"] + str(obs)}]
-                ids = own = tokenizer(render_prompt_messages(tokenizer, seen, source.schemas),
+                ids = own = tokenizer(apply_chat(tokenizer, seen, tools=source.schemas),
                                       add_special_tokens=False)["input_ids"]
             episodes.append(Episode(env, prompt_messages=seen))
             starts.append(ids)
