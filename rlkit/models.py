@@ -280,14 +280,25 @@ def weights_problem(e: BaseException) -> str:
     return text
 
 
-def context_length(path: str, trust_remote_code: bool = False) -> int | None:
-    """The model's context in tokens (``max_position_embeddings``), or None when its config does not say."""
+def _text_config(path: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelError(f"{path}: could not load a model config ({first_line(e)})") from None
-    config = getattr(config, "text_config", None) or config
+    return getattr(config, "text_config", None) or config
+
+
+def context_length(path: str, trust_remote_code: bool = False) -> int | None:
+    """The model's context in tokens (``max_position_embeddings``), or None when its config does not say."""
+    config = _text_config(path, trust_remote_code)
     n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(n) if n else None
+
+
+def hidden_size(path: str, trust_remote_code: bool = False) -> int | None:
+    """The model's hidden size (``hidden_size``, ``n_embd``, ``d_model``), or None when its config does not say."""
+    config = _text_config(path, trust_remote_code)
+    n = next((getattr(config, k) for k in ("hidden_size", "n_embd", "d_model") if getattr(config, k, None)), None)
     return int(n) if n else None

@@ -19,7 +19,19 @@ def finish_run(out: Path, cfg: RunConfig, logger, metrics: dict, plot_keys: list
     (out / "rlkit_result.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 
+def _precision_line(cfg: RunConfig) -> str:
+    from rlkit.precision import describe, for_model
+
+    try:
+        resolved = for_model(cfg.train.precision, cfg.model.path, cfg.model.trust_remote_code)
+    except Exception:  # the card is written at the end: a base model that went away is not worth a failure
+        resolved = cfg.train.precision
+    return describe(cfg.train.precision, resolved)
+
+
 def write_model_card(out: Path, cfg: RunConfig, metrics: dict, stage: str) -> None:
+    from rlkit.models import pick_dtype
+
     base = cfg.model.path if cfg.model.path != "embedded" else "rlkit/embedded-tiny-llama"
     try:
         base_path = resolve_model_path(cfg.model.path)
@@ -41,6 +53,8 @@ def write_model_card(out: Path, cfg: RunConfig, metrics: dict, stage: str) -> No
         f"Trained with [rlkit](https://pypi.org/project/rlkit/) `{stage}` (recipe `{cfg.name}`) from `{base_path}`"
         f" on `{cfg.data.train}` with the `{cfg.data.template}` prompt template.",
         "",
+        *([f"Precision: {_precision_line(cfg)}; weights saved as "
+           f"{str(pick_dtype(cfg.model.dtype)).removeprefix('torch.')} (`model.dtype` {cfg.model.dtype}).", ""] if hasattr(cfg.train, "precision") else []),
         "## Results",
         "",
         "| metric | value |",

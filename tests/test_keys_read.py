@@ -76,7 +76,7 @@ EVAL = {"task": "arithmetic", "split": "train", "template": "chat", "num_samples
         "top_p": 0.9, "max_new_tokens": 8, "batch_size": 4, "limit": 4}
 RL_TRAIN = {"learning_rate": 1e-3, "max_steps": 2, "warmup_ratio": 0.1, "lr_scheduler": "linear",
             "weight_decay": 0.01, "seed": 3, "logging_steps": 1, "save_steps": 1, "save_total_limit": 1,
-            "gradient_checkpointing": True, "bf16": True}
+            "gradient_checkpointing": True, "precision": "bf16"}
 
 
 def test_sft_and_rm_read_every_key(cli, tmp_path, recorder, files):

@@ -146,6 +146,8 @@ def test_two_processes_give_the_one_process_gradient(world, tmp_path):
     for aggregation in AGGREGATIONS:
         one, stats = _step(model, batch, micro_batch_size=6, loss_aggregation=aggregation)
         for k in one:
-            torch.testing.assert_close(two[f"{aggregation}/{k}"], one[k], rtol=1e-4, atol=1e-6,
-                                       msg=f"{aggregation}: {k}")
+            # atol 5e-6: the tied LM head's gradient is one matmul over each micro-batch's loss tokens
+            # (rl.logprob_chunk), summed in another order for 6 samples than for 1 (seen: 2.3e-6 on 3 of 61,184)
+            torch.testing.assert_close(two[f"{aggregation}/{k}"], one[k], rtol=1e-4, atol=5e-6,
+                                       msg=lambda m, a=aggregation, k=k: f"{a}: {k}: {m}")
         assert float(two[f"{aggregation}/loss"]) == pytest.approx(stats["policy/loss"], rel=1e-4, abs=1e-7)

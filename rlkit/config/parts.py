@@ -140,7 +140,10 @@ class RLTrain(SampleTrain):
     save_steps: int = Field(100, gt=0, description="Checkpoint every N steps (for resume).")
     save_total_limit: int = Field(2, gt=0, description="Keep this many checkpoints.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
-    bf16: bool | None = Field(None, description="Mixed precision bf16; default: on where supported (CUDA).")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Compute precision: bf16 (autocast; fp32 master weights, loss and log-softmax) or fp32; "
+        "auto: bf16 where the hardware has it natively (a CUDA GPU, a CPU with AVX-512 BF16 or AMX), else fp32. "
+        "model.dtype is the load and export dtype.")
 
 
 class TrainConfig(RLTrain):

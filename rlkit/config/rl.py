@@ -67,7 +67,9 @@ class RLConfig(Section):
     micro_batch_size: int = Field(32, gt=0, description="Samples per forward/backward (gradient accumulation inside a mini-batch).")
     max_grad_norm: float = Field(1.0, gt=0, allow_inf_nan=True, description="Gradient clipping (.inf: none).")
     logprob_chunk: int | None = Field(
-        None, gt=0, description="Compute log-probs over chunks of this many tokens (full-vocabulary logits one chunk at a time).")
+        4096, gt=0, description="Log-probs of the loss's tokens only, through the LM head in chunks of this many "
+        "tokens (full-vocabulary fp32 logits one chunk at a time); null: the whole response window at once (what "
+        "FSDP2 gets unless this is set).")
     reward_scale: float = Field(1.0, description="Multiply summed rewards by this.")
     reward_clip: float | None = Field(None, gt=0, description="Clip summed rewards to [-c, c].")
     dynamic_sampling: DynamicSampling | None = Field(

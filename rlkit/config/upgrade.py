@@ -18,6 +18,7 @@ working (``--set rl.beta=0.04``, ``rl.kl_in=reward``, ``rl.advantage=rloo``, ``r
     rl.dynamic_sampling: true / false, rl.max_resample_rounds -> rl.dynamic_sampling: {max_rounds} / null
     rl.engine, rl.hf_cache  -> rollout.engine, rollout.hf_cache
     rollout.tis_cap         -> rl.tis_cap (a correction in the loss, for engines that are not the trainer)
+    train.bf16: true / false / null -> train.precision: bf16 / fp32 / auto
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ def upgrade_layer(layer: dict, source: str = "config", *, dump: bool = False) ->
                 out[new_sec] = {}
             out[new_sec].setdefault(new_key, value)
             aliases[f"{new_sec}.{new_key}"] = f"{sec}.{key}"
+    if isinstance(out.get("train"), dict) and "bf16" in out["train"]:
+        old = out["train"].pop("bf16")
+        out["train"].setdefault("precision", {True: "bf16", False: "fp32", None: "auto"}.get(old, old)
+                                if isinstance(old, (bool, type(None))) else old)
+        aliases["train.precision"] = "train.bf16"
     if isinstance(out.get("rl"), dict):
         out["rl"] = _upgrade_rl(out["rl"], source, dump, aliases)
     return out, aliases

@@ -128,9 +128,10 @@ def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, wi
     as vLLM reports them (``processed_logprobs``), and the entropy is that distribution's.
 
     Position ids follow the attention mask, so left padding gives the same positions as generation.
-    Only the last T+1 positions go through the LM head. With ``chunk_tokens``, the LM head runs over
-    chunks of that many window tokens under activation checkpointing, so full-vocabulary logits
-    exist for one chunk at a time, in the forward and in the backward pass.
+    Only the last T+1 positions go through the LM head. With ``chunk_tokens``, only the positions whose token
+    enters the loss (``loss_mask``; padding, prompt and tool tokens get log-prob 0) go through the LM head, in
+    chunks of that many tokens under activation checkpointing, so full-vocabulary logits exist for one chunk
+    at a time, in the forward and in the backward pass, and always in fp32 (the head's matmul may be bf16).
     """
     T = batch.completion_len
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -148,17 +149,22 @@ def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, wi
                 use_cache=False, logits_to_keep=1, output_hidden_states=True, **extra)
     hidden = out.hidden_states[-1][:, -(T + 1) : -1, :]
     head = _unwrap(model).get_output_embeddings()
-    B, H = hidden.shape[0], hidden.shape[-1]
-    flat_h, flat_t = hidden.reshape(B * T, H), targets.reshape(B * T)
+    keep = batch.loss_mask > 0                       # [B, T]: the tokens whose log-probs are read
+    flat_h, flat_t = hidden[keep], targets[keep]     # [N, H], [N]
     lps, ents = [], []
-    for i in range(0, B * T, chunk_tokens):
+    for i in range(0, flat_t.shape[0], chunk_tokens):
         h, tg = flat_h[i : i + chunk_tokens], flat_t[i : i + chunk_tokens]
-        lp, en = torch.utils.checkpoint.checkpoint(_head_logprobs, h, tg, head.weight, head.bias, temperature,
-                                                   with_entropy, top_p, use_reentrant=False)
+        if torch.is_grad_enabled():
+            lp, en = torch.utils.checkpoint.checkpoint(_head_logprobs, h, tg, head.weight, head.bias, temperature,
+                                                       with_entropy, top_p, use_reentrant=False)
+        else:  # nothing to recompute for a backward
+            lp, en = _head_logprobs(h, tg, head.weight, head.bias, temperature, with_entropy, top_p)
         lps.append(lp)
         ents.append(en)
-    logp = torch.cat(lps).view(B, T)
-    ent = torch.cat(ents).view(B, T).detach() if with_entropy else None
+    zeros = hidden.new_zeros(keep.shape, dtype=torch.float32)
+    # logp: 0 where nothing was read, with the gradient flowing only into the kept tokens
+    logp = zeros.masked_scatter(keep, torch.cat(lps)) if lps else zeros + 0.0 * hidden.sum()
+    ent = (zeros.masked_scatter(keep, torch.cat(ents).detach()) if lps else zeros) if with_entropy else None
     return (logp, ent, getattr(out, "aux_loss", None)) if with_aux else (logp, ent)
 
 

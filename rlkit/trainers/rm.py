@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from rlkit import runs
+from rlkit import precision, runs
 from rlkit.config import RunConfig
 from rlkit.data import DataError, check_lengths, preference_rows
-from rlkit.models import load_reward_model, load_tokenizer
+from rlkit.models import load_reward_model, load_tokenizer, pick_dtype
 from rlkit.outputs import finish_run
 from rlkit.templates import completion_text, render_prompt
 from rlkit.tracking import MetricsLogger, available
@@ -106,11 +106,11 @@ def _run_rm(cfg: RunConfig, stop: runs.GracefulStop) -> dict:
     from transformers import set_seed
 
     set_seed(t.seed)  # the fresh score head: the same seed gives the same reward model
-    model = load_reward_model(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code, init=True)
-    model.config.pad_token_id = tokenizer.pad_token_id
+    model = load_reward_model(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code, init=True).float()
+    model.config.pad_token_id = tokenizer.pad_token_id  # fp32 master weights; bf16 compute is autocast's
 
     cuda = torch.cuda.is_available()
-    bf16 = t.bf16 if t.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+    bf16 = precision.for_model(t.precision, cfg.model.path, cfg.model.trust_remote_code) == "bf16"
     args = RewardConfig(
         output_dir=str(out), max_steps=t.max_steps or -1, num_train_epochs=t.epochs,
         per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
@@ -156,6 +156,7 @@ def _run_rm(cfg: RunConfig, stop: runs.GracefulStop) -> dict:
         metrics.update({"eval/pair_accuracy": ev.get("eval_accuracy"), "eval/margin": ev.get("eval_margin"),
                         "eval/loss": ev.get("eval_loss")})
         logger.log(trainer.state.global_step, {k: v for k, v in metrics.items() if k.startswith("eval/")})
+    trainer.model.to(pick_dtype(cfg.model.dtype))  # model.dtype: the export dtype
     trainer.save_model(str(out))
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(str(out))

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from rlkit import runs
+from rlkit import precision, runs
 from rlkit.config import RunConfig
 from rlkit.data import DataError, check_lengths, sft_rows
-from rlkit.models import context_length, load_causal_lm, load_tokenizer, lora_targets
+from rlkit.models import context_length, load_causal_lm, load_tokenizer, lora_targets, pick_dtype
 from rlkit.outputs import finish_run
 from rlkit.templates import apply_chat, completion_text, render_prompt
 from rlkit.tracking import MetricsLogger, available
@@ -157,7 +157,10 @@ def _run_sft(cfg: RunConfig, stop: runs.GracefulStop) -> dict:
     if eval_at:
         eval_at, eval_data = eval_rows(cfg.eval, eval_at, cfg.data)
         check_eval_rows(eval_data, eval_at, template, tokenizer, cfg.model.path, cfg.eval.max_new_tokens)
-    model = load_causal_lm(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code)
+    bf16 = precision.for_model(cfg.train.precision, cfg.model.path, cfg.model.trust_remote_code) == "bf16"
+    # fp32 master weights (bf16 compute is autocast's); a frozen base under LoRA in bf16 when computing in it
+    model = load_causal_lm(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code).to(
+        torch.bfloat16 if bf16 and cfg.model.lora is not None else torch.float32)
 
     peft_config = None
     if cfg.model.lora is not None:
@@ -169,7 +172,6 @@ def _run_sft(cfg: RunConfig, stop: runs.GracefulStop) -> dict:
 
     t = cfg.train
     cuda = torch.cuda.is_available()
-    bf16 = t.bf16 if t.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
     args = SFTConfig(
         output_dir=str(out),
         max_steps=t.max_steps or -1,
@@ -222,7 +224,7 @@ def _run_sft(cfg: RunConfig, stop: runs.GracefulStop) -> dict:
     if peft_config is not None:
         final.save_pretrained(str(out / "adapter"))
         final = final.merge_and_unload()
-    final.save_pretrained(str(out))
+    final.to(pick_dtype(cfg.model.dtype)).save_pretrained(str(out))  # model.dtype: the export dtype
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(str(out))
 

@@ -42,7 +42,7 @@ def collect(run, index: int | None = None, version: int | None = None) -> Rollou
             texts = [render_prompt(r["prompt"], run.cfg.data.template, tok) for r in rows]
             prompt_ids = tok(texts, add_special_tokens=False)["input_ids"]
         with run.timer("rollout"), (gathered(run.policy) if run.plan.gather_weights
-                                     else contextlib.nullcontext()):
+                                     else contextlib.nullcontext()), run.sampling_precision():
             if run.env is None:
                 groups = generate(run.engine, prompt_ids, params, run.step + 1)
             else:  # multi-turn: the engine generates every turn from token ids

@@ -17,6 +17,10 @@ from rlkit.tracking import read_metrics, truncate_metrics
 from rlkit.trainers import sharding
 
 
+def _cast(state: dict, dtype) -> dict:
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
 def _strip(state: dict, prefix: str) -> dict:
     return {k.removeprefix(prefix): v for k, v in state.items()}
 
@@ -69,10 +73,14 @@ def restore(resume_from: Path, out: Path, acc, optimizer, scheduler, extra: dict
 
 
 def export_final(acc, out: Path, cfg, policy, unwrapped, tokenizer, critic=None, sharded: bool = False) -> None:
-    """The final Hugging Face directory (merged with LoRA, the adapter beside it) and the critic. Sharded: the
-    full models are gathered onto the main process (a collective), which writes them."""
+    """The final Hugging Face directory (merged with LoRA, the adapter beside it) and the critic, in
+    model.dtype (the weights trained in fp32). Sharded: the full models are gathered onto the main process (a
+    collective), which writes them."""
+    from rlkit.models import pick_dtype
+
+    dtype = pick_dtype(cfg.model.dtype)
     if sharded:
-        full_policy = sharding.full_state_dict(policy)
+        full_policy = _cast(sharding.full_state_dict(policy), dtype)
         full_critic = sharding.full_state_dict(critic.model) if critic is not None else None
     if not acc.is_main_process:
         return
@@ -84,7 +92,7 @@ def export_final(acc, out: Path, cfg, policy, unwrapped, tokenizer, critic=None,
         if cfg.model.lora is not None:
             unwrapped.save_pretrained(str(out / "adapter"))  # the adapter first: merging folds it away
         final = unwrapped.merge_and_unload() if cfg.model.lora is not None else unwrapped
-        final.save_pretrained(str(out))
+        final.to(dtype).save_pretrained(str(out))  # the run is over: the trained weights are not needed in fp32
         if critic is not None:
             acc.unwrap_model(critic.model).model.save_pretrained(str(out / "critic"))
     tokenizer.save_pretrained(str(out))

@@ -34,6 +34,7 @@ from rlkit.models import load_tokenizer
 from rlkit.reward_check import check_before_training
 from rlkit.rollout import SamplingParams
 from rlkit.scoring import RewardSet
+from rlkit import precision
 from rlkit.tracking import MetricsLogger, PhaseTimer, StepProgress, console
 from rlkit.trainers import sharding
 from rlkit.weights import gathered
@@ -65,7 +66,7 @@ class RLRun:
         self.fsdp = sharding.fsdp_options()  # FSDP2 from the accelerate config (sharding.py), or None
         setup.check_supported(cfg, self.fsdp)
         acc, bf16 = setup.build_accelerator(cfg)
-        self.acc = acc
+        self.acc, self.precision = acc, "bf16" if bf16 else "fp32"
         self.rank, self.world, self.main = acc.process_index, acc.num_processes, acc.is_main_process
         setup.check_world(cfg, self.world)
         self.out = Path(cfg.output_dir)
@@ -84,7 +85,8 @@ class RLRun:
         set_seed(cfg.train.seed)
         resume_from = ckpt.last_checkpoint(self.out)
         policy, ref = setup.build_policy(cfg, resume_from, reference=setup.needs_reference_copy(cfg))
-        self.plan = plan = setup.make_plan(cfg, self.world, prompts, self.evals, setup.has_dropout(policy))
+        self.plan = plan = setup.make_plan(cfg, self.world, prompts, self.evals, setup.has_dropout(policy),
+                                                 sharded)
         self.policy, self.optimizer, self.scheduler = setup.prepare(
             acc, policy, cfg.train.learning_rate, cfg.train, plan.optimizer_steps, self.fsdp, bf16)
         self.unwrapped = acc.unwrap_model(self.policy)
@@ -185,6 +187,11 @@ class RLRun:
 
     # --------------------------------------------------------------------------------- the phases
 
+    def sampling_precision(self):
+        """Around generation on the training model (hf): one autocast for the whole generate call, so each
+        weight is cast to bf16 once, not at every decoding step (accelerate autocasts each forward)."""
+        return precision.autocast(self.precision if not self.plan.off_policy else "fp32", self.acc.device)
+
     def collect(self, index: int | None = None, version: int | None = None) -> RolloutBatch:
         """Roll out and score one batch (``collect.collect``; ``index``/``version``: asynchronous rollouts)."""
         return collect.collect(self, index, version)
@@ -195,10 +202,10 @@ class RLRun:
         (beta > 0)."""
         rl, tis_cap = self.rl, self.plan.tis_cap
         self.policy.eval()
-        with torch.no_grad():
+        with torch.no_grad(), precision.autocast(self.precision, self.acc.device):
             with self.timer("old_logprobs"):
                 if self.plan.old_logprobs_pass:
-                    batch.old_logp = chunked_logprobs(self.unwrapped, batch, rl)
+                    batch.old_logp = chunked_logprobs(self.unwrapped, batch, rl, self.plan.logprob_chunk)
                 if (self.plan.off_policy and batch.old_logp is not None and batch.sampler_logp is not None
                         and tis_cap is not None):
                     batch.is_weights = rollout_is_weights(batch.old_logp, batch.sampler_logp, batch.loss_mask, tis_cap,
@@ -206,16 +213,16 @@ class RLRun:
             with self.timer("reference"):
                 if self.plan.reference_logprobs:
                     if self.ref_model is not None:
-                        batch.ref_logp = chunked_logprobs(self.ref_model, batch, rl)
+                        batch.ref_logp = chunked_logprobs(self.ref_model, batch, rl, self.plan.logprob_chunk)
                     else:
                         with self.unwrapped.disable_adapter():
-                            batch.ref_logp = chunked_logprobs(self.unwrapped, batch, rl)
+                            batch.ref_logp = chunked_logprobs(self.unwrapped, batch, rl, self.plan.logprob_chunk)
         self.policy.train()
 
     def values(self, batch: RolloutBatch) -> None:
         if self.critic is None:
             return
-        with self.timer("values"), torch.no_grad():
+        with self.timer("values"), torch.no_grad(), precision.autocast(self.precision, self.acc.device):
             batch.values = in_chunks(batch, self.rl.micro_batch_size, lambda mb: critic_values(self.critic.model, mb))
 
     def advantages(self, batch: RolloutBatch) -> None:
@@ -231,7 +238,8 @@ class RLRun:
     def update(self, batch: RolloutBatch) -> UpdateStats:
         with self.timer("update"):
             return run_update(self.policy, self.optimizer, self.scheduler, self.acc, batch, self.rl,
-                              self.kl_ctl.value, critic=self.critic, ptx=self.ptx, tis_cap=self.plan.tis_cap)
+                              self.kl_ctl.value, critic=self.critic, ptx=self.ptx, tis_cap=self.plan.tis_cap,
+                              logprob_chunk=self.plan.logprob_chunk)
 
     def sync(self) -> None:
         with self.timer("sync"):
@@ -314,11 +322,12 @@ class RLRun:
         rows, template = self.evals.rows, self.evals.template
         engine = self.engine if self.plan.off_policy else None  # hf: a fresh engine at the eval batch size
         if self.fsdp is None:
-            rep = evaluate_model(self.unwrapped, self.tokenizer, rows, self.cfg.eval, template, engine=engine,
-                                 env=self.env_eval)
+            with self.sampling_precision():
+                rep = evaluate_model(self.unwrapped, self.tokenizer, rows, self.cfg.eval, template, engine=engine,
+                                     env=self.env_eval)
             return {f"eval/{k}": v for k, v in rep.metrics.items() if k not in ("n_prompts",)}
         share = rows[self.rank :: self.world]
-        with gathered(self.policy) if self.plan.gather_weights else contextlib.nullcontext():
+        with gathered(self.policy) if self.plan.gather_weights else contextlib.nullcontext(), self.sampling_precision():
             rep = evaluate_model(self.unwrapped, self.tokenizer, share or rows[:1], self.cfg.eval, template,
                                  engine=engine, env=self.env_eval)
         combined = dist.combine_shares(self.acc, rep.metrics, len(share))
@@ -348,9 +357,9 @@ def in_chunks(batch: RolloutBatch, size: int, fn) -> torch.Tensor:
                       for i in range(0, B, size)])
 
 
-def chunked_logprobs(model, batch: RolloutBatch, rl) -> torch.Tensor:
+def chunked_logprobs(model, batch: RolloutBatch, rl, chunk: int | None) -> torch.Tensor:
     return in_chunks(batch, rl.micro_batch_size, lambda mb: completion_logprobs(
-        model, mb, rl.temperature, chunk_tokens=rl.logprob_chunk, top_p=rl.top_p)[0])
+        model, mb, rl.temperature, chunk_tokens=chunk, top_p=rl.top_p)[0])
 
 
 _LAST_GOOD = collect.LAST_GOOD

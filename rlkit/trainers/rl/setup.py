@@ -16,12 +16,14 @@ from pathlib import Path
 
 import torch
 
+from rlkit import precision
 from rlkit.config import ConfigError, RunConfig
 from rlkit.data import DataError, check_lengths, rl_rows
 from rlkit.evaluation import check_eval_rows, eval_rows, eval_spec
 from rlkit.models import context_length, load_causal_lm, lora_targets
 from rlkit.rollout import engine_spec, make_engine
 from rlkit.scoring import RewardSet
+from rlkit.sections import given
 from rlkit.templates import apply_chat, full_text, render_prompt, render_rows
 from rlkit.trainers import sharding
 from rlkit.trainers.critic import load_critic
@@ -34,18 +36,19 @@ def check_supported(cfg: RunConfig, fsdp) -> None:
     if fsdp is not None and cfg.model.lora is not None:
         raise ConfigError("model.lora: LoRA under FSDP is not supported by the RL loop yet; use the ddp config "
                           "(the adapter is small) or full fine-tuning under fsdp2")
-    if fsdp is not None and cfg.rl.logprob_chunk is not None:
+    if fsdp is not None and cfg.rl.logprob_chunk is not None and given(cfg.rl, "logprob_chunk"):
         raise ConfigError("rl.logprob_chunk: not supported under FSDP (it reads the LM head's weight outside the "
                           "forward, where FSDP2 holds only a shard); leave it unset")
 
 
 def build_accelerator(cfg: RunConfig):
-    """The Accelerator (CPU without CUDA; bf16 where train.bf16 says, else where the GPU supports it), bf16."""
+    """The Accelerator (CPU without CUDA; bf16 autocast when train.precision resolves to bf16:
+    ``rlkit.precision``), and whether it is bf16."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     cuda = torch.cuda.is_available()
-    bf16 = cfg.train.bf16 if cfg.train.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+    bf16 = precision.for_model(cfg.train.precision, cfg.model.path, cfg.model.trust_remote_code) == "bf16"
     # An earlier stage in this process (a pipeline's SFT or reward model) may have left another precision in
     # accelerate's process-wide state; the process group (PartialState) stays.
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -161,6 +164,7 @@ class Plan:
     engine_max_len: int     # prompt + generation, training and evaluation alike
     engine_max_prompt_len: int
     async_rollouts: bool    # rollout.max_staleness 1: the next batch is generated during the update (overlap.py)
+    logprob_chunk: int | None  # rl.logprob_chunk; None under FSDP2 (the LM head is sharded outside the forward)
 
 
 def needs_reference_copy(cfg: RunConfig) -> bool:
@@ -168,7 +172,8 @@ def needs_reference_copy(cfg: RunConfig) -> bool:
     return cfg.rl.kl is not None and cfg.model.lora is None
 
 
-def make_plan(cfg: RunConfig, world: int, prompts: PromptData, evals: EvalData | None, policy_dropout: bool) -> Plan:
+def make_plan(cfg: RunConfig, world: int, prompts: PromptData, evals: EvalData | None, policy_dropout: bool,
+              sharded: bool = False) -> Plan:
     rl, t = cfg.rl, cfg.train
     per_process = rl.prompts_per_step // world
     B = per_process * rl.num_generations
@@ -195,7 +200,8 @@ def make_plan(cfg: RunConfig, world: int, prompts: PromptData, evals: EvalData |
                 reference_logprobs=rl.kl is not None, reference_copy=needs_reference_copy(cfg),
                 critic=rl.advantage.needs_values, old_logprobs_pass=old_pass,
                 longest_prompt=prompts.longest_prompt, engine_max_len=max_len, engine_max_prompt_len=max_prompt,
-                async_rollouts=getattr(cfg.rollout, "max_staleness", 0) > 0)
+                async_rollouts=getattr(cfg.rollout, "max_staleness", 0) > 0,
+                logprob_chunk=None if sharded else rl.logprob_chunk)
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -203,8 +209,12 @@ def make_plan(cfg: RunConfig, world: int, prompts: PromptData, evals: EvalData |
 
 def build_policy(cfg: RunConfig, resume_from: Path | None, reference: bool) -> tuple[torch.nn.Module, object]:
     """The policy (with a LoRA adapter when model.lora is set; the resumed weights when ``resume_from``) and,
-    when ``reference``, a frozen copy of the base model."""
+    when ``reference``, a frozen copy of the base model. Trained weights are fp32 (master weights, whatever
+    model.dtype loads; bf16 compute is autocast's); a frozen base under LoRA and the frozen reference are
+    held in bf16 when the run computes in bf16, else in fp32."""
+    bf16 = precision.for_model(cfg.train.precision, cfg.model.path, cfg.model.trust_remote_code) == "bf16"
     policy = load_causal_lm(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code)
+    policy = policy.to(torch.bfloat16 if bf16 and cfg.model.lora is not None else torch.float32)
     ref = None
     if cfg.model.lora is not None:
         from peft import LoraConfig, PeftModel, get_peft_model
@@ -218,9 +228,9 @@ def build_policy(cfg: RunConfig, resume_from: Path | None, reference: bool) -> t
                                                        task_type="CAUSAL_LM"))
     else:
         if reference:
-            ref = copy.deepcopy(policy).eval().requires_grad_(False)
+            ref = copy.deepcopy(policy).eval().requires_grad_(False).to(torch.bfloat16 if bf16 else torch.float32)
         if resume_from is not None:
-            policy = load_causal_lm(str(resume_from), cfg.model.dtype, cfg.model.trust_remote_code)
+            policy = load_causal_lm(str(resume_from), cfg.model.dtype, cfg.model.trust_remote_code).float()
     if cfg.train.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     policy.config.use_cache = True
@@ -267,7 +277,7 @@ def build_critic(cfg: RunConfig, acc, resume_from: Path | None, pad_token_id: in
     """The value model (rl.advantage.value_model, or the checkpoint's critic on resume) with its optimizer."""
     gae = cfg.rl.advantage
     critic = load_critic(str(resume_from / "critic") if resume_from is not None else gae.value_model,
-                         cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code)
+                         cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code).float()  # fp32 masters
     critic.model.config.pad_token_id = pad_token_id
     model, opt, sched = prepare(acc, critic, gae.value_learning_rate or cfg.train.learning_rate, cfg.train,
                                 opt_steps, fsdp, bf16)

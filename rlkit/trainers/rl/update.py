@@ -194,6 +194,7 @@ class _Context:
     router: bool           # ask the forward for router logits
     fill_old: bool         # the old log-probs (and importance weights) come from this forward
     tis_cap: float | None
+    logprob_chunk: int | None  # the LM head over the loss's tokens in chunks (completion_logprobs); None: at once
 
 
 def ptx_step(acc, policy, ptx, coef: float, sums: _Sums) -> None:
@@ -211,7 +212,7 @@ def policy_step(ctx: _Context, policy, batch: RolloutBatch, idx: torch.Tensor, m
     mask = mb.loss_mask
     with dist.no_sync(acc, policy, last):
         logp, ent, router_aux = completion_logprobs(policy, mb, rl.temperature, with_entropy=True,
-                                                    chunk_tokens=rl.logprob_chunk, with_aux=True,
+                                                    chunk_tokens=ctx.logprob_chunk, with_aux=True,
                                                     router_logits=ctx.router, top_p=rl.top_p)
         is_w = mb.is_weights
         if ctx.fill_old:  # the weights have not moved yet: this forward's log-probs are the old ones
@@ -280,7 +281,8 @@ def _optimizer_step(acc, model, optimizer, scheduler, max_grad_norm: float) -> t
 
 
 def run_update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta: float,
-               critic: Critic | None = None, ptx=None, tis_cap: float | None = None) -> UpdateStats:
+               critic: Critic | None = None, ptx=None, tis_cap: float | None = None,
+               logprob_chunk: int | None | str = "rl") -> UpdateStats:
     """num_iterations passes over the batch in mini-batches; each mini-batch is one optimizer step made of
     micro-batches whose losses are weighted so that they add up to the mini-batch loss. ``batch.is_weights``
     (truncated importance sampling against the sampler) weights the policy loss per token.
@@ -288,7 +290,7 @@ def run_update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta:
     One pass in one mini-batch over a batch with sampler log-probs and no old ones (another sampler, no
     dropout): the old log-probs are this forward's (the weights have not moved yet); they and the importance
     weights (``rollout_is_weights``: truncated at ``tis_cap`` or masked, rl.is_mode) are written into ``batch``
-    for the log phase."""
+    for the log phase. ``logprob_chunk``: the LM head's chunk (the plan's; by default ``rl.logprob_chunk``)."""
     B = batch.input_ids.shape[0]
     device = batch.input_ids.device
     mini = rl.mini_batch_size or B
@@ -302,7 +304,8 @@ def run_update(policy, optimizer, scheduler, acc, batch: RolloutBatch, rl, beta:
         batch.old_logp = torch.zeros_like(batch.loss_mask)
         if tis_cap is not None:
             batch.is_weights = torch.ones_like(batch.loss_mask)
-    ctx = _Context(acc, rl, beta, aux_coef, router, fill_old, tis_cap)
+    ctx = _Context(acc, rl, beta, aux_coef, router, fill_old, tis_cap,
+                   rl.logprob_chunk if logprob_chunk == "rl" else logprob_chunk)
     pol, crit, lm = _Sums(), _Sums(), _Sums()
     count = 0
     for _ in range(rl.num_iterations):
