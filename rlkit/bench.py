@@ -212,7 +212,8 @@ def bench_rollout(model_path: str, engines: list[str], batch_sizes: list[int], p
 
 
 def bench_rlkit_step(model_path: str, prompts: int, generations: int, gen_len: int, steps: int, engine: str,
-                     workdir: Path, staleness: int = 0) -> dict:
+                     workdir: Path, staleness: int = 0, shape: dict | None = None, peaks: dict | None = None) -> dict:
+    from rlkit import precision, roofline
     from rlkit.config import build_config
     from rlkit.tracking import read_metrics
     from rlkit.trainers.rl import run_rl
@@ -225,29 +226,58 @@ def bench_rlkit_step(model_path: str, prompts: int, generations: int, gen_len: i
         "kind": "grpo", "name": "bench", "output_dir": str(out), "report_to": ["jsonl"],
         "model": {"path": model_path}, "data": {"train": "embedded:arithmetic", "template": "r1_zero"},
         "train": {"max_steps": steps, "save_steps": 10_000, "learning_rate": 1e-6},
-        "rl": {"prompts_per_step": prompts, "num_generations": generations, "max_new_tokens": gen_len, "kl": {"coef": 0.04},
-               "log_completions": 0, "eval_steps": 10_000, "micro_batch_size": 32, "reward_check": False},
+        "rl": {"prompts_per_step": prompts, "num_generations": generations, "max_new_tokens": gen_len,
+               "kl": {"coef": 0.04}, "log_completions": 0, "eval_steps": 10_000, "micro_batch_size": 32,
+               "reward_check": False},
         "rollout": rollout, "eval": {"task": None}, "rewards": [{"name": "think_format"}]})])
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    run_rl(cfg)
+    with roofline.PeakMemory() as mem:
+        run_rl(cfg)
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "time/step" in r]
     timed = rows[1:] or rows  # the first step warms up
-    step_s = sum(r["time/step"] for r in timed) / len(timed)
-    tokens = sum(r["rollout/completion_len"] for r in timed) / len(timed) * prompts * generations
-    phases = {k.removeprefix("time/"): round(sum(r.get(k, 0) for r in timed) / len(timed), 3)
-              for k in timed[0] if k.startswith("time/") and k != "time/step"}
+
+    def mean(key: str) -> float:
+        return sum(r.get(key, 0.0) for r in timed) / len(timed)
+
+    step_s = mean("time/step")
+    tokens = mean("rollout/completion_len") * prompts * generations
+    phases = {k.removeprefix("time/"): round(mean(k), 3) for k in timed[0] if k.startswith("time/") and k != "time/step"}
     seen = [r["rollout/staleness"] for r in timed if "rollout/staleness" in r]
-    return {"trainer": f"rlkit ({label})", "engine": engine, "staleness": staleness,
-            "staleness_seen": round(sum(seen) / len(seen), 3) if seen else 0.0, "step_seconds": round(step_s, 3),
-            "completion_tokens_per_s": round(tokens / step_s, 1), "phases": phases, "peak_gib": _peak_gib()}
+    prec = precision.for_model(cfg.train.precision, model_path)
+    row = {"trainer": f"rlkit ({label})", "engine": engine, "staleness": staleness, "precision": prec,
+           "staleness_seen": round(sum(seen) / len(seen), 3) if seen else 0.0, "step_seconds": round(step_s, 3),
+           "completion_tokens_per_s": round(tokens / step_s, 1), "phases": phases, "peak_gib": mem.gib}
+    if shape and peaks:
+        row["roofline"] = step_roofline(shape, peaks[prec], mean("batch/tokens") * prompts * generations,
+                                        mean("batch/row_len"), prompts * generations, phases)
+    return row
 
 
-def bench_trl_step(model_path: str, prompts: int, generations: int, gen_len: int, steps: int, workdir: Path) -> dict:
+def step_roofline(shape: dict, peak: float, tokens: float, row_len: float, rows: int, phases: dict) -> dict:
+    """The update's and the reference pass's achieved GFLOP/s (parameters x real tokens) and their share of
+    the matmul ``peak`` measured in the precision they ran in; attention's FLOPs apart."""
+    from rlkit import roofline
+
+    out = {"tokens": round(tokens), "row_len": round(row_len, 1), "padding_frac": round(1 - tokens / (row_len * rows), 3),
+           "matmul_peak_gflops": round(peak, 1)}
+    for phase, flops, passes in (("update", roofline.update_flops(shape["trainable"], tokens), 3),
+                                 ("reference", roofline.forward_flops(shape["params"], tokens), 1)):
+        seconds = phases.get(phase, 0.0)
+        if seconds > 0:
+            gflops = flops / seconds / 1e9
+            attention = roofline.attention_flops(shape["layers"], shape["attention_width"], row_len, rows, passes)
+            out[phase] = {"gflops": round(gflops, 1), "of_peak": round(gflops / peak, 3),
+                          "attention_gflops": round(attention / seconds / 1e9, 1)}
+    return out
+
+
+def bench_trl_step(model_path: str, prompts: int, generations: int, gen_len: int, steps: int, workdir: Path,
+                   bf16: bool | None = None) -> dict:
+    """TRL's GRPOTrainer at the same settings; ``bf16``: its mixed precision (default: on where CUDA is)."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from rlkit import roofline
     from rlkit.models import load_tokenizer
     from rlkit.rewards.format import think_answer_format
 
@@ -272,26 +302,40 @@ def bench_trl_step(model_path: str, prompts: int, generations: int, gen_len: int
         return think_answer_format(completions)
 
     cuda = torch.cuda.is_available()
-    args = GRPOConfig(output_dir=str(workdir / "trl_grpo"), per_device_train_batch_size=prompts * generations,
-                      num_generations=generations, max_completion_length=gen_len, beta=0.04, max_steps=steps,
-                      learning_rate=1e-6, logging_steps=1, report_to="none", save_strategy="no", use_cpu=not cuda,
-                      bf16=cuda, temperature=1.0, disable_tqdm=True)
+    bf16 = cuda if bf16 is None else bf16
+    args = GRPOConfig(output_dir=str(workdir / f"trl_grpo_{'bf16' if bf16 else 'fp32'}"),
+                      per_device_train_batch_size=prompts * generations, num_generations=generations,
+                      max_completion_length=gen_len, beta=0.04, max_steps=steps, learning_rate=1e-6, logging_steps=1,
+                      report_to="none", save_strategy="no", use_cpu=not cuda, bf16=bf16, temperature=1.0,
+                      disable_tqdm=True)
     data = Dataset.from_list([{"prompt": p} for p in _prompts(prompts * steps * 4, 10_000, tok)])
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    trainer = GRPOTrainer(model=model_path, reward_funcs=[reward], args=args, train_dataset=data,
-                          processing_class=tok, callbacks=[Timer()])
-    trainer.train()
+    with roofline.PeakMemory() as mem:
+        trainer = GRPOTrainer(model=model_path, reward_funcs=[reward], args=args, train_dataset=data,
+                              processing_class=tok, callbacks=[Timer()])
+        trainer.train()
     timed = times[1:] or times
     step_s = sum(timed) / len(timed)
     mean_len = (sum(lengths[1:]) / len(lengths[1:])) if len(lengths) > 1 else (lengths[0] if lengths else gen_len)
-    return {"trainer": f"TRL {__import__('trl').__version__} GRPOTrainer (hf generate)", "step_seconds": round(step_s, 3),
+    return {"trainer": f"TRL {__import__('trl').__version__} GRPOTrainer (hf generate, {'bf16' if bf16 else 'fp32'})",
+            "precision": "bf16" if bf16 else "fp32", "step_seconds": round(step_s, 3),
             "completion_tokens_per_s": round(mean_len * prompts * generations / step_s, 1), "phases": {},
-            "peak_gib": _peak_gib()}
+            "peak_gib": mem.gib}
 
 
-def _peak_gib() -> float | None:
-    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+def _cpu_bf16() -> bool:
+    from rlkit.precision import cpu_has_bf16
+
+    return cpu_has_bf16()
+
+
+def machine_peaks() -> dict[str, float]:
+    """The matmul peak (GFLOP/s) in fp32, and in bf16 where the device has it, measured now."""
+    from rlkit.roofline import matmul_peak
+
+    peaks = {"fp32": matmul_peak(torch.float32)}
+    if torch.cuda.is_available() or _cpu_bf16():
+        peaks["bf16"] = matmul_peak(torch.bfloat16)
+    return peaks
 
 
 def run_bench(model: str = "embedded", engines: list[str] | None = None, batch_sizes: list[int] | None = None,
@@ -309,11 +353,24 @@ def run_bench(model: str = "embedded", engines: list[str] | None = None, batch_s
                         "settings": {"prompt_len": prompt_len, "gen_len": gen_len, "prompts": prompts,
                                      "generations": generations, "steps": steps, "staleness": staleness or [0]},
                         "rollout": bench_rollout(path, engines, batch_sizes, prompt_len, gen_len), "step": []}
+        shape, peaks = None, None
+        if step_engines:
+            from rlkit import roofline
+            from rlkit.models import load_causal_lm
+
+            shape = roofline.model_shape(load_causal_lm(path, "float32"))
+            peaks = machine_peaks()
+            report["machine"] = {"matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
+                                 "matmul": "4096 x 4096, best of 3", "model": shape}
         for engine in step_engines:
             for s in (staleness or [0]) if engine == "vllm" else [0]:
-                report["step"].append(bench_rlkit_step(path, prompts, generations, gen_len, steps, engine, work, s))
+                report["step"].append(bench_rlkit_step(path, prompts, generations, gen_len, steps, engine, work, s,
+                                                       shape, peaks))
         if trl:
-            report["step"].append(bench_trl_step(path, prompts, generations, gen_len, steps, work))
+            # TRL at its own default (bf16 on CUDA); on a CPU with bf16 instructions also with bf16=True
+            settings = [True] if torch.cuda.is_available() else [False] + ([True] if _cpu_bf16() else [])
+            for bf16 in settings:
+                report["step"].append(bench_trl_step(path, prompts, generations, gen_len, steps, work, bf16))
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(report, indent=2) + "\n")

@@ -200,11 +200,17 @@ def bench(
     for row in r["rollout"]:
         t.add_row(row["engine"], str(row["sequences"]), f"{row['tokens_per_s']:,.0f}")
     c.print(t)
-    t = Table("GRPO step", "s/step", "completion tokens/s", "peak GiB", "phases (s)")
+    if "machine" in r:
+        c.print("matmul peak (4096², GFLOP/s): " + ", ".join(f"{k} {v:,.0f}" for k, v in
+                                                              r["machine"]["matmul_peak_gflops"].items()))
+    t = Table("GRPO step", "s/step", "completion tokens/s", "peak GiB", "update GFLOP/s (of peak)", "phases (s)")
     for row in r["step"]:
-        phases = ", ".join(f"{k} {v:.2f}" for k, v in row["phases"].items())
-        t.add_row(row["trainer"], f"{row['step_seconds']:.2f}", f"{row['completion_tokens_per_s']:,.0f}",
-                  "-" if row["peak_gib"] is None else f"{row['peak_gib']:.1f}", phases)
+        phases = ", ".join(f"{k} {v:.2f}" for k, v in row["phases"].items() if v >= 0.005)
+        upd = row.get("roofline", {}).get("update")
+        t.add_row(row["trainer"] + (f" [{row['precision']}]" if "precision" in row else ""),
+                  f"{row['step_seconds']:.2f}", f"{row['completion_tokens_per_s']:,.0f}",
+                  "-" if row["peak_gib"] is None else f"{row['peak_gib']:.1f}",
+                  f"{upd['gflops']:,.0f} ({upd['of_peak']:.0%})" if upd else "-", phases)
     c.print(t)
     if output:
         typer.echo(f"wrote {output}")

@@ -2,7 +2,7 @@
 test_update world's batch and runs the update phase with micro-batches of one sample; the main process
 writes the parameter change (minus the gradient: SGD, lr 1, no clipping) per aggregation to OUT.
 
-    accelerate launch --multi_gpu --num_processes 2 tests/dist_update.py OUT [fsdp2]
+    accelerate launch --multi_gpu --num_processes 2 [--mixed_precision bf16] tests/dist_update.py OUT [fp32|bf16]
 """
 
 import sys
@@ -20,9 +20,9 @@ from rlkit.config import RLConfig  # noqa: E402
 from rlkit.trainers.rl import run_update  # noqa: E402
 
 
-def main(out: Path) -> None:
+def main(out: Path, precision: str = "fp32") -> None:
     torch.set_num_threads(1)
-    acc = Accelerator(cpu=True)
+    acc = Accelerator(cpu=True, mixed_precision="bf16" if precision == "bf16" else "no")
     model, batch = build_world()
     half = batch.input_ids.shape[0] // acc.num_processes
     mine = batch.select(torch.arange(acc.process_index * half, (acc.process_index + 1) * half))
@@ -46,4 +46,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), *sys.argv[2:3])

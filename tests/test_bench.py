@@ -9,9 +9,19 @@ def test_bench_runs_on_cpu_side_by_side_with_trl(cli, tmp_path):
     report = json.loads(out.read_text())
     assert [row["engine"] for row in report["rollout"]] == ["hf", "hf_static", "vllm", "vllm_raw"]
     assert all(row["tokens"] == 2 * 6 and row["tokens_per_s"] > 0 for row in report["rollout"])
-    ours_hf, ours_vllm, ours_async, trl = report["step"]
+    ours_hf, ours_vllm, ours_async, *trl = report["step"]
     assert [ours_hf["engine"], ours_vllm["engine"], ours_async["engine"]] == ["hf", "vllm", "vllm"]
-    assert trl["trainer"].startswith("TRL")
+    # TRL in fp32 and, on a CPU with bf16 instructions (this one), with bf16=True
+    assert [t["precision"] for t in trl] == ["fp32", "bf16"] and all(t["trainer"].startswith("TRL") for t in trl)
+    # the roofline: this machine's matmul peaks, measured in the run; the update's achieved FLOP/s against the
+    # peak of the precision it ran in (the embedded model: fp32, too small for bf16 to pay on a CPU)
+    peaks = report["machine"]["matmul_peak_gflops"]
+    assert peaks["bf16"] > peaks["fp32"] > 1
+    for ours in (ours_hf, ours_vllm, ours_async):
+        roof = ours["roofline"]
+        assert ours["precision"] == "fp32" and roof["matmul_peak_gflops"] == peaks["fp32"]
+        assert 0 < roof["update"]["of_peak"] < 1 and roof["update"]["gflops"] > 0 and 0 <= roof["padding_frac"] < 1
+        assert roof["tokens"] > 2 * 2 * 6 and ours["peak_gib"] > 0.1  # prompts + completions; RSS of the process
     # --staleness 0,1: the vllm step in sequence, then overlapped (after the fresh first batch, every batch
     # the timed steps train on was sampled one update earlier)
     assert [r["staleness"] for r in report["step"][:3]] == [0, 0, 1] and report["settings"]["staleness"] == [0, 1]
@@ -20,7 +30,7 @@ def test_bench_runs_on_cpu_side_by_side_with_trl(cli, tmp_path):
     for ours in (ours_hf, ours_vllm, ours_async):
         assert {"rollout", "reward", "reference", "advantage", "update", "sync"} <= set(ours["phases"])
         assert ours["completion_tokens_per_s"] > 0
-    assert trl["completion_tokens_per_s"] > 0
+    assert all(t["completion_tokens_per_s"] > 0 and t["peak_gib"] > 0.1 for t in trl)
     assert "GRPO step" in r.output
 
 

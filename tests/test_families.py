@@ -198,3 +198,42 @@ def test_vllm_engine(models, family, tmp_path):
     assert len(rows) == 2 and all(row["rollout/logprob_diff"] < bound for row in rows), rows
     assert all(0.9 < row["rollout/is_weight_mean"] <= 1.1 for row in rows)
     assert _changed(models[family], out)
+
+
+def _ragged_batch(vocab: int):
+    """Four sequences whose prompts and completions differ in length (two fit in one packed row)."""
+    from rlkit.rollout import Sample
+    from rlkit.trainers.batch import build_batch
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(4, vocab, (n,), generator=g).tolist() for n in (9, 3, 4, 12)]
+    samples = [Sample(text="", token_ids=torch.randint(4, vocab, (n,), generator=g).tolist()) for n in (10, 2, 3, 7)]
+    return build_batch(prompts, samples, [0, 0, 1, 1], [0.0, 1.0, 0.0, 1.0], pad_id=3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_forward_gives_the_padded_log_probs(models, family):
+    """rl.padding_free: the sequences packed without padding (position ids restarting, no attention mask) give
+    the log-probs, entropies and gradients of the padded batch, in fp32, for every family."""
+    from rlkit.trainers.batch import completion_logprobs
+    from rlkit.trainers.packing import pack
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(models[family], dtype=torch.float32)
+    model.config.output_router_logits = False  # the router's loss counts padding; log-probs are what is compared
+    batch = _ragged_batch(model.config.vocab_size)
+    assert pack(batch, 0).input_ids.numel() < batch.input_ids.numel()  # fewer positions: 3 rows of 19, not 4 x 22
+    mask = batch.loss_mask.bool()
+    results = []
+    for packed in (False, True):
+        model.zero_grad()
+        logp, ent = completion_logprobs(model, batch, 0.8, with_entropy=True, chunk_tokens=8, packed=packed)
+        (logp * batch.loss_mask).sum().backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        results.append((logp.detach(), ent, grads))
+    (lp_pad, ent_pad, g_pad), (lp_pk, ent_pk, g_pk) = results
+    torch.testing.assert_close(lp_pk[mask], lp_pad[mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent_pk[mask], ent_pad[mask], rtol=1e-5, atol=1e-5)
+    assert g_pad.keys() == g_pk.keys() and g_pad
+    for k in g_pad:
+        torch.testing.assert_close(g_pk[k], g_pad[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -53,7 +53,9 @@ def _update(model, batch, noise: torch.Tensor | None) -> dict[str, torch.Tensor]
         hook = m.get_output_embeddings().register_forward_hook(add)
     opt = torch.optim.SGD(m.parameters(), lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    cfg = RLConfig(max_grad_norm=1e9, max_new_tokens=64, kl={"coef": 0.1})
+    # logprob_chunk null: the whole window's logits are computed (the default reads only the loss's tokens
+    # through the head, so the tool's tokens never get logits at all), and the mask is what keeps them out
+    cfg = RLConfig(max_grad_norm=1e9, max_new_tokens=64, kl={"coef": 0.1}, logprob_chunk=None)
     run_update(m, opt, sched, Accelerator(cpu=True), copy.copy(batch), cfg, beta=0.1)
     if hook is not None:
         hook.remove()

@@ -70,6 +70,9 @@ class RLConfig(Section):
         4096, gt=0, description="Log-probs of the loss's tokens only, through the LM head in chunks of this many "
         "tokens (full-vocabulary fp32 logits one chunk at a time); null: the whole response window at once (what "
         "FSDP2 gets unless this is set).")
+    padding_free: bool = Field(
+        True, description="Forward passes over the batch's sequences packed side by side without padding (position "
+        "ids restarting per sequence, attention kept within each); with rl.logprob_chunk set. false: padded rows.")
     reward_scale: float = Field(1.0, description="Multiply summed rewards by this.")
     reward_clip: float | None = Field(None, gt=0, description="Clip summed rewards to [-c, c].")
     dynamic_sampling: DynamicSampling | None = Field(

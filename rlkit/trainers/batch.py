@@ -117,7 +117,7 @@ def sampled_log_softmax(logits: torch.Tensor, targets: torch.Tensor, top_p: floa
 
 def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, with_entropy: bool = False,
                         chunk_tokens: int | None = None, with_aux: bool = False, router_logits: bool = False,
-                        top_p: float = 1.0) -> tuple:
+                        top_p: float = 1.0, packed: bool = False) -> tuple:
     """Log-probs [B, T] of the response window's tokens (T = ``batch.completion_len``) under ``model``
     (logits divided by the sampling temperature, as the sampler saw them), and optionally the per-token
     entropy [B, T]. With ``with_aux`` a third value: the MoE router's load-balancing loss (a scalar) when the
@@ -132,6 +132,8 @@ def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, wi
     enters the loss (``loss_mask``; padding, prompt and tool tokens get log-prob 0) go through the LM head, in
     chunks of that many tokens under activation checkpointing, so full-vocabulary logits exist for one chunk
     at a time, in the forward and in the backward pass, and always in fp32 (the head's matmul may be bf16).
+    ``packed`` (with ``chunk_tokens``): the forward runs over the sequences packed without padding
+    (``rlkit.trainers.packing``); the log-probs are the padded forward's.
     """
     T = batch.completion_len
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -145,12 +147,21 @@ def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, wi
         ent = entropy_from_logits(logits.detach()) if with_entropy else None
         return (logp, ent, getattr(out, "aux_loss", None)) if with_aux else (logp, ent)
     # The forward still goes through the (possibly DDP-wrapped) module; it computes logits for one position.
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
-                use_cache=False, logits_to_keep=1, output_hidden_states=True, **extra)
-    hidden = out.hidden_states[-1][:, -(T + 1) : -1, :]
-    head = _unwrap(model).get_output_embeddings()
     keep = batch.loss_mask > 0                       # [B, T]: the tokens whose log-probs are read
-    flat_h, flat_t = hidden[keep], targets[keep]     # [N, H], [N]
+    if packed:
+        from rlkit.trainers.packing import pack
+
+        pk = pack(batch, pad_id=0)  # any real token id: padding after a row's last sequence is its own
+        out = model(input_ids=pk.input_ids, position_ids=pk.position_ids, use_cache=False, logits_to_keep=1,
+                    output_hidden_states=True, **extra)
+        hidden = out.hidden_states[-1]
+        flat_h, flat_t = hidden[pk.rows, pk.cols], pk.targets   # [N, H], [N] in the order of hidden[keep]
+    else:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
+                    use_cache=False, logits_to_keep=1, output_hidden_states=True, **extra)
+        hidden = out.hidden_states[-1][:, -(T + 1) : -1, :]
+        flat_h, flat_t = hidden[keep], targets[keep]     # [N, H], [N]
+    head = _unwrap(model).get_output_embeddings()
     lps, ents = [], []
     for i in range(0, flat_t.shape[0], chunk_tokens):
         h, tg = flat_h[i : i + chunk_tokens], flat_t[i : i + chunk_tokens]

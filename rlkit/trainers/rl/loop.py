@@ -359,7 +359,7 @@ def in_chunks(batch: RolloutBatch, size: int, fn) -> torch.Tensor:
 
 def chunked_logprobs(model, batch: RolloutBatch, rl, chunk: int | None) -> torch.Tensor:
     return in_chunks(batch, rl.micro_batch_size, lambda mb: completion_logprobs(
-        model, mb, rl.temperature, chunk_tokens=chunk, top_p=rl.top_p)[0])
+        model, mb, rl.temperature, chunk_tokens=chunk, top_p=rl.top_p, packed=rl.padding_free)[0])
 
 
 _LAST_GOOD = collect.LAST_GOOD

@@ -36,6 +36,10 @@ def sample_series(batch: RolloutBatch, world: int, off_policy: bool, is_mode: st
         # the model's own tokens (a multi-turn sample's tool and environment tokens are not its length)
         "rollout/completion_len": [float(sum(s.mask)) if s.mask is not None else len(s.token_ids) for s in samples],
         "rollout/truncated_frac": [float(not s.finished) for s in samples],
+        # the tokens each sample puts through every forward pass, and its padded row's length (rlkit bench's
+        # FLOP counts; the share of padding is 1 - tokens / row_len)
+        "batch/tokens": batch.attention_mask.sum(-1).float().tolist(),
+        "batch/row_len": [float(batch.attention_mask.shape[1])] * len(samples),
         # updates between the weights that sampled and those trained on (asynchronous rollouts: 1)
         **({"rollout/staleness": [float(step - v) for v in batch.policy_version.tolist()]}
            if batch.policy_version is not None and step is not None else {}),

@@ -213,7 +213,8 @@ def policy_step(ctx: _Context, policy, batch: RolloutBatch, idx: torch.Tensor, m
     with dist.no_sync(acc, policy, last):
         logp, ent, router_aux = completion_logprobs(policy, mb, rl.temperature, with_entropy=True,
                                                     chunk_tokens=ctx.logprob_chunk, with_aux=True,
-                                                    router_logits=ctx.router, top_p=rl.top_p)
+                                                    router_logits=ctx.router, top_p=rl.top_p,
+                                                    packed=rl.padding_free)
         is_w = mb.is_weights
         if ctx.fill_old:  # the weights have not moved yet: this forward's log-probs are the old ones
             old = logp.detach()
