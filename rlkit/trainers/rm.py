@@ -110,7 +110,9 @@ def _run_rm(cfg: RunConfig, stop: runs.GracefulStop) -> dict:
     model.config.pad_token_id = tokenizer.pad_token_id  # fp32 master weights; bf16 compute is autocast's
 
     cuda = torch.cuda.is_available()
-    bf16 = precision.for_model(t.precision, cfg.model.path, cfg.model.trust_remote_code) == "bf16"
+    resolved = precision.for_model(t.precision, cfg.model.path, cfg.model.trust_remote_code)
+    bf16 = resolved == "bf16"
+    precision.fp32_attention_on_cpu(model, resolved)
     args = RewardConfig(
         output_dir=str(out), max_steps=t.max_steps or -1, num_train_epochs=t.epochs,
         per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
