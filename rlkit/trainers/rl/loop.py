@@ -189,8 +189,10 @@ class RLRun:
 
     def sampling_precision(self):
         """Around generation on the training model (hf): one autocast for the whole generate call, so each
-        weight is cast to bf16 once, not at every decoding step (accelerate autocasts each forward)."""
-        return precision.autocast(self.precision if not self.plan.off_policy else "fp32", self.acc.device)
+        weight is cast to bf16 once, not at every decoding step (accelerate autocasts each forward). Not with
+        the static KV cache, which is allocated fp32 and refuses autocast's bf16 values."""
+        static = getattr(self.cfg.rollout, "hf_cache", None) == "static"
+        return precision.autocast(self.precision if not (self.plan.off_policy or static) else "fp32", self.acc.device)
 
     def collect(self, index: int | None = None, version: int | None = None) -> RolloutBatch:
         """Roll out and score one batch (``collect.collect``; ``index``/``version``: asynchronous rollouts)."""
