@@ -154,7 +154,7 @@ def reward_model(tmp_path_factory):
 
 RL = {"prompts_per_step": 4, "num_generations": 3, "max_new_tokens": 24, "temperature": 0.9, "top_p": 0.95,
       "num_iterations": 2, "mini_batch_size": 6, "micro_batch_size": 2, "max_grad_norm": 0.5, "logprob_chunk": 8,
-      "padding_free": True,
+      "padding_free": False,
       "reward_scale": 2.0, "reward_clip": 5.0, "overlong_filter": True, "eval_steps": 1, "log_completions": 2,
       "reward_check": False}
 
