@@ -333,18 +333,13 @@ def isolated(fn, *args):
         return pool.submit(fn, *args).result()
 
 
-def _cpu_bf16() -> bool:
-    from rlkit.precision import cpu_has_bf16
-
-    return cpu_has_bf16()
-
-
 def machine_peaks() -> dict[str, float]:
     """The matmul peak (GFLOP/s) in fp32, and in bf16 where the device has it, measured now."""
+    from rlkit.precision import cpu_has_bf16
     from rlkit.roofline import matmul_peak
 
     peaks = {"fp32": matmul_peak(torch.float32)}
-    if torch.cuda.is_available() or _cpu_bf16():
+    if torch.cuda.is_available() or cpu_has_bf16():
         peaks["bf16"] = matmul_peak(torch.bfloat16)
     return peaks
 
@@ -379,7 +374,9 @@ def run_bench(model: str = "embedded", engines: list[str] | None = None, batch_s
                                                engine, work, s, shape, peaks))
         if trl:
             # TRL at its own default (bf16 on CUDA); on a CPU with bf16 instructions also with bf16=True
-            settings = [True] if torch.cuda.is_available() else [False] + ([True] if _cpu_bf16() else [])
+            from rlkit.precision import cpu_has_bf16
+
+            settings = [True] if torch.cuda.is_available() else [False] + ([True] if cpu_has_bf16() else [])
             for bf16 in settings:
                 report["step"].append(isolated(bench_trl_step, path, prompts, generations, gen_len, steps, work,
                                                bf16))

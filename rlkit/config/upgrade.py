@@ -71,8 +71,8 @@ def upgrade_layer(layer: dict, source: str = "config", *, dump: bool = False) ->
             aliases[f"{new_sec}.{new_key}"] = f"{sec}.{key}"
     if isinstance(out.get("train"), dict) and "bf16" in out["train"]:
         old = out["train"].pop("bf16")
-        out["train"].setdefault("precision", {True: "bf16", False: "fp32", None: "auto"}.get(old, old)
-                                if isinstance(old, (bool, type(None))) else old)
+        new = {True: "bf16", False: "fp32", None: "auto"}[old] if isinstance(old, (bool, type(None))) else old
+        out["train"].setdefault("precision", new)  # any other value: refused as train.precision (alias below)
         aliases["train.precision"] = "train.bf16"
     if isinstance(out.get("rl"), dict):
         out["rl"] = _upgrade_rl(out["rl"], source, dump, aliases)

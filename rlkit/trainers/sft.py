@@ -159,9 +159,9 @@ def _run_sft(cfg: RunConfig, stop: runs.GracefulStop) -> dict:
         check_eval_rows(eval_data, eval_at, template, tokenizer, cfg.model.path, cfg.eval.max_new_tokens)
     resolved = precision.for_model(cfg.train.precision, cfg.model.path, cfg.model.trust_remote_code)
     bf16 = resolved == "bf16"
-    # fp32 master weights (bf16 compute is autocast's); a frozen base under LoRA in bf16 on a GPU computing in it
+    # fp32 master weights (bf16 compute is autocast's); a frozen base under LoRA: precision.frozen_dtype
     model = load_causal_lm(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code).to(
-        torch.bfloat16 if bf16 and cfg.model.lora is not None and torch.cuda.is_available() else torch.float32)
+        precision.frozen_dtype(resolved) if cfg.model.lora is not None else torch.float32)
     precision.fp32_attention_on_cpu(model, resolved)
 
     peft_config = None

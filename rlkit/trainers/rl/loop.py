@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from rlkit import checkpoint as ckpt
-from rlkit import runs
+from rlkit import precision, runs
 from rlkit.algos import (
     FixedKL,
     all_finite,
@@ -34,7 +34,6 @@ from rlkit.models import load_tokenizer
 from rlkit.reward_check import check_before_training
 from rlkit.rollout import SamplingParams
 from rlkit.scoring import RewardSet
-from rlkit import precision
 from rlkit.tracking import MetricsLogger, PhaseTimer, StepProgress, console
 from rlkit.trainers import sharding
 from rlkit.weights import gathered
@@ -84,9 +83,9 @@ class RLRun:
         # models and optimizers; the random draws from here on are the run's (LoRA and critic heads, dropout)
         set_seed(cfg.train.seed)
         resume_from = ckpt.last_checkpoint(self.out)
-        policy, ref = setup.build_policy(cfg, resume_from, reference=setup.needs_reference_copy(cfg))
-        self.plan = plan = setup.make_plan(cfg, self.world, prompts, self.evals, setup.has_dropout(policy),
-                                                 sharded)
+        policy, ref = setup.build_policy(cfg, resume_from, reference=setup.needs_reference_copy(cfg),
+                                         resolved=self.precision)
+        self.plan = plan = setup.make_plan(cfg, self.world, prompts, self.evals, setup.has_dropout(policy), sharded)
         self.policy, self.optimizer, self.scheduler = setup.prepare(
             acc, policy, cfg.train.learning_rate, cfg.train, plan.optimizer_steps, self.fsdp, bf16)
         self.unwrapped = acc.unwrap_model(self.policy)
@@ -197,6 +196,7 @@ class RLRun:
     def collect(self, index: int | None = None, version: int | None = None) -> RolloutBatch:
         """Roll out and score one batch (``collect.collect``; ``index``/``version``: asynchronous rollouts)."""
         return collect.collect(self, index, version)
+
     def logprobs(self, batch: RolloutBatch) -> None:
         """The trainer's log-probs of the sampled tokens before this step's updates, when the update needs them
         before its own forward, and the truncated importance weights that correct for another sampler (else the

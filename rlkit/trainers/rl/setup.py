@@ -207,16 +207,14 @@ def make_plan(cfg: RunConfig, world: int, prompts: PromptData, evals: EvalData |
 # ---------------------------------------------------------------------------------------- models
 
 
-def build_policy(cfg: RunConfig, resume_from: Path | None, reference: bool) -> tuple[torch.nn.Module, object]:
+def build_policy(cfg: RunConfig, resume_from: Path | None, reference: bool,
+                 resolved: str = "fp32") -> tuple[torch.nn.Module, object]:
     """The policy (with a LoRA adapter when model.lora is set; the resumed weights when ``resume_from``) and,
     when ``reference``, a frozen copy of the base model. Trained weights are fp32 (master weights, whatever
     model.dtype loads; bf16 compute is autocast's); a frozen base under LoRA and the frozen reference are
-    held in bf16 when the run computes in bf16 on a GPU, else in fp32."""
-    resolved = precision.for_model(cfg.train.precision, cfg.model.path, cfg.model.trust_remote_code)
-    bf16 = resolved == "bf16"
-    # frozen weights in bf16 on a GPU; on a CPU bf16-weight forwards ran slower than fp32 weights under
-    # autocast (SmolLM2 reference pass: 4.4 s against 2.2 s), so they stay fp32 there
-    frozen = torch.bfloat16 if bf16 and torch.cuda.is_available() else torch.float32
+    held in bf16 when the run computes in bf16 on a GPU, else in fp32. ``resolved``: the run's precision
+    (``build_accelerator``'s)."""
+    frozen = precision.frozen_dtype(resolved)
     policy = load_causal_lm(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code)
     policy = policy.to(frozen if cfg.model.lora is not None else torch.float32)
     precision.fp32_attention_on_cpu(policy, resolved)
@@ -285,6 +283,7 @@ def build_critic(cfg: RunConfig, acc, resume_from: Path | None, pad_token_id: in
     critic = load_critic(str(resume_from / "critic") if resume_from is not None else gae.value_model,
                          cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code).float()  # fp32 masters
     critic.model.config.pad_token_id = pad_token_id
+    precision.fp32_attention_on_cpu(critic.model, "bf16" if bf16 else "fp32")
     model, opt, sched = prepare(acc, critic, gae.value_learning_rate or cfg.train.learning_rate, cfg.train,
                                 opt_steps, fsdp, bf16)
     return Critic(model, opt, sched)
