@@ -227,7 +227,7 @@ def bench_rlkit_step(model_path: str, prompts: int, generations: int, gen_len: i
         "model": {"path": model_path}, "data": {"train": "embedded:arithmetic", "template": "r1_zero"},
         "train": {"max_steps": steps, "save_steps": 10_000, "learning_rate": 1e-6},
         "rl": {"prompts_per_step": prompts, "num_generations": generations, "max_new_tokens": gen_len,
-               "kl": {"coef": 0.04}, "log_completions": 0, "eval_steps": 10_000, "micro_batch_size": 32,
+               "kl": {"coef": 0.04}, "log_completions": 0, "eval_steps": 10_000, "micro_batch_size": 8,
                "reward_check": False},
         "rollout": rollout, "eval": {"task": None}, "rewards": [{"name": "think_format"}]})])
     with roofline.PeakMemory() as mem:

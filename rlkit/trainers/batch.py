@@ -8,6 +8,8 @@ import torch
 
 from rlkit.algos import entropy_from_logits
 from rlkit.rollout import Sample
+from rlkit.rollout.sampler import nucleus_drop
+from rlkit.trainers.head import linear_logprobs
 
 
 @dataclass
@@ -105,11 +107,7 @@ def sampled_log_softmax(logits: torch.Tensor, targets: torch.Tensor, top_p: floa
     least one token), renormalised. The target itself always stays in the set, so its log-prob is finite even
     when the weights moved since it was sampled. ``top_p`` 1: the plain log-softmax."""
     if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cum <= (1 - top_p)
-        drop_sorted[..., -1] = False
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        drop = nucleus_drop(logits, top_p)
         drop.scatter_(-1, targets.unsqueeze(-1), False)
         logits = logits.masked_fill(drop, float("-inf"))
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1), logits
@@ -130,8 +128,9 @@ def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, wi
     Position ids follow the attention mask, so left padding gives the same positions as generation.
     Only the last T+1 positions go through the LM head. With ``chunk_tokens``, only the positions whose token
     enters the loss (``loss_mask``; padding, prompt and tool tokens get log-prob 0) go through the LM head, in
-    chunks of that many tokens under activation checkpointing, so full-vocabulary logits exist for one chunk
-    at a time, in the forward and in the backward pass, and always in fp32 (the head's matmul may be bf16).
+    chunks of that many tokens (the head and the log-softmax fused, ``rlkit.trainers.head``; with ``top_p`` < 1
+    under activation checkpointing), so full-vocabulary logits exist for one chunk at a time, in the forward
+    and in the backward pass, and always in fp32 (the head's matmul may be bf16).
     ``packed`` (with ``chunk_tokens``): the forward runs over the sequences packed without padding
     (``rlkit.trainers.packing``); the log-probs are the padded forward's.
     """
@@ -165,7 +164,9 @@ def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, wi
     lps, ents = [], []
     for i in range(0, flat_t.shape[0], chunk_tokens):
         h, tg = flat_h[i : i + chunk_tokens], flat_t[i : i + chunk_tokens]
-        if torch.is_grad_enabled():
+        if top_p >= 1.0:  # the head and the log-softmax fused, the logits recomputed in the backward
+            lp, en = linear_logprobs(h, tg, head.weight, head.bias, temperature, with_entropy)
+        elif torch.is_grad_enabled():
             lp, en = torch.utils.checkpoint.checkpoint(_head_logprobs, h, tg, head.weight, head.bias, temperature,
                                                        with_entropy, top_p, use_reentrant=False)
         else:  # nothing to recompute for a backward

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from rlkit import precision
+from rlkit.allocator import keep_freed_memory
 from rlkit.config import ConfigError, RunConfig
 from rlkit.data import DataError, check_lengths, rl_rows
 from rlkit.evaluation import check_eval_rows, eval_rows, eval_spec
@@ -48,6 +49,7 @@ def build_accelerator(cfg: RunConfig):
     from accelerate.state import AcceleratorState
 
     cuda = torch.cuda.is_available()
+    keep_freed_memory()  # on a CPU: no page faults for every step's activations (rlkit.allocator)
     bf16 = precision.for_model(cfg.train.precision, cfg.model.path, cfg.model.trust_remote_code) == "bf16"
     # An earlier stage in this process (a pipeline's SFT or reward model) may have left another precision in
     # accelerate's process-wide state; the process group (PartialState) stays.
