@@ -65,9 +65,10 @@ def _step(model, batch, precision: str = "fp32", **rl) -> tuple[dict[str, torch.
 # How far a gradient made of other micro-batches (or processes) may be from the whole batch's, as
 # |a - b| / |b| per parameter: fp32 to rounding (seen: at most 3.7e-6); bf16 matmuls round their outputs to 8
 # bits of mantissa, and another micro-batching rounds other partial sums (seen: at most 1.7e-2 over micro-batches,
-# 5.9e-2 over two processes of one sample per micro-batch). The fp32 runs are the guards of the normaliser (a
-# per-process one would be ~10% off here); the bf16 ones show that mixed precision keeps them
-TOLERANCE = {"fp32": 2e-5, "bf16": 8e-2}
+# 5.9e-2 over two processes of one sample per micro-batch; 8.1e-2 once the LM head's matmuls ran in bf16 too).
+# The fp32 runs are the guards of the normaliser (a per-process one would be ~10% off here); the bf16 ones show
+# that mixed precision keeps them
+TOLERANCE = {"fp32": 2e-5, "bf16": 1.5e-1}
 
 
 def assert_near(a: torch.Tensor, b: torch.Tensor, rel: float, what: str) -> None:
@@ -176,5 +177,7 @@ def test_two_processes_give_the_one_process_gradient(world, tmp_path, precision)
         one, stats = _step(model, batch, precision, micro_batch_size=6, loss_aggregation=aggregation)
         for k in one:
             assert_near(two[f"{aggregation}/{k}"], one[k], TOLERANCE[precision], f"{aggregation}: {k}")
-        rel = 1e-4 if precision == "fp32" else 3e-2
+        # bf16: the loss is a sum of advantage-weighted ratios that nearly cancels, so the rounding of the
+        # bf16 LM head's logits in another micro-batching shows in it (seen 5.6e-2)
+        rel = 1e-4 if precision == "fp32" else 1e-1
         assert float(two[f"{aggregation}/loss"]) == pytest.approx(stats["policy/loss"], rel=rel, abs=1e-7)

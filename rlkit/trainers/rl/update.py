@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rlkit import precision
 from rlkit.algos import (
     aggregate,
     compute_kl,
@@ -211,10 +212,12 @@ def policy_step(ctx: _Context, policy, batch: RolloutBatch, idx: torch.Tensor, m
     acc, rl = ctx.acc, ctx.rl
     mask = mb.loss_mask
     with dist.no_sync(acc, policy, last):
-        logp, ent, router_aux = completion_logprobs(policy, mb, rl.temperature, with_entropy=True,
-                                                    chunk_tokens=ctx.logprob_chunk, with_aux=True,
-                                                    router_logits=ctx.router, top_p=rl.top_p,
-                                                    packed=rl.padding_free)
+        # the LM head runs outside the prepared model's forward (the chunked head): autocast it too
+        with precision.autocast("bf16" if acc.mixed_precision == "bf16" else "fp32", acc.device):
+            logp, ent, router_aux = completion_logprobs(policy, mb, rl.temperature, with_entropy=True,
+                                                        chunk_tokens=ctx.logprob_chunk, with_aux=True,
+                                                        router_logits=ctx.router, top_p=rl.top_p,
+                                                        packed=rl.padding_free)
         is_w = mb.is_weights
         if ctx.fill_old:  # the weights have not moved yet: this forward's log-probs are the old ones
             old = logp.detach()
