@@ -69,10 +69,24 @@ def autocast(precision: str, device) -> contextlib.AbstractContextManager:
 
 
 def frozen_dtype(resolved: str) -> torch.dtype:
-    """The dtype of weights nothing updates (the RL reference, a LoRA base): bf16 under bf16 on a GPU; fp32 on a
-    CPU, where bf16-weight forwards ran slower than fp32 weights under autocast (SmolLM2 reference pass: 4.4 s
-    against 2.2 s)."""
+    """The dtype of a LoRA base (frozen weights the backward passes through): bf16 under bf16 on a GPU; fp32 on
+    a CPU, where CPU bf16 attention backward kernels are slow (``fp32_attention_on_cpu``)."""
     return torch.bfloat16 if resolved == "bf16" and torch.cuda.is_available() else torch.float32
+
+
+def reference_dtype(resolved: str) -> torch.dtype:
+    """The dtype of the RL reference (forward passes only): bf16 under bf16, on a CPU too (SmolLM2, 32 x 165
+    tokens: 1.25 s in bf16 weights with bf16 attention against 1.67 s for fp32 weights under autocast)."""
+    return torch.bfloat16 if resolved == "bf16" else torch.float32
+
+
+def forward_only(model, resolved: str):
+    """``model`` (a frozen copy) in ``reference_dtype``, with the plain sdpa attention if it had the fp32 one
+    (the CPU bf16 sdpa forward is fast; only its backward is not)."""
+    model = model.to(reference_dtype(resolved))
+    if getattr(model.config, "_attn_implementation", None) == FP32_ATTENTION:
+        model.set_attn_implementation("sdpa")
+    return model
 
 
 FP32_ATTENTION = "rlkit_sdpa_fp32"

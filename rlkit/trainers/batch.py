@@ -140,7 +140,7 @@ def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, wi
     extra = {"output_router_logits": True} if router_logits else {}
     if chunk_tokens is None:
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
-                    use_cache=False, logits_to_keep=T + 1, **extra)
+                    use_cache=False, logits_to_keep=_last(T + 1, batch.input_ids), **extra)
         logits = out.logits[:, -(T + 1) : -1, :].float() / temperature
         logp, logits = sampled_log_softmax(logits, targets, top_p)
         ent = entropy_from_logits(logits.detach()) if with_entropy else None
@@ -151,13 +151,14 @@ def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, wi
         from rlkit.trainers.packing import pack
 
         pk = pack(batch, pad_id=0)  # any real token id: padding after a row's last sequence is its own
-        out = model(input_ids=pk.input_ids, position_ids=pk.position_ids, use_cache=False, logits_to_keep=1,
-                    output_hidden_states=True, **extra)
+        out = model(input_ids=pk.input_ids, position_ids=pk.position_ids, use_cache=False,
+                    logits_to_keep=_ONE_POSITION.to(pk.input_ids.device), output_hidden_states=True, **extra)
         hidden = out.hidden_states[-1]
         flat_h, flat_t = hidden[pk.rows, pk.cols], pk.targets   # [N, H], [N] in the order of hidden[keep]
     else:
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
-                    use_cache=False, logits_to_keep=1, output_hidden_states=True, **extra)
+                    use_cache=False, logits_to_keep=_ONE_POSITION.to(batch.input_ids.device),
+                    output_hidden_states=True, **extra)
         hidden = out.hidden_states[-1][:, -(T + 1) : -1, :]
         flat_h, flat_t = hidden[keep], targets[keep]     # [N, H], [N]
     head = _unwrap(model).get_output_embeddings()
@@ -178,6 +179,18 @@ def completion_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, wi
     logp = zeros.masked_scatter(keep, torch.cat(lps)) if lps else zeros + 0.0 * hidden.sum()
     ent = (zeros.masked_scatter(keep, torch.cat(ents).detach()) if lps else zeros) if with_entropy else None
     return (logp, ent, getattr(out, "aux_loss", None)) if with_aux else (logp, ent)
+
+
+# The positions the model's own LM head runs over, as an index tensor: transformers slices the hidden states with
+# an int ``logits_to_keep`` (a strided view), which a bf16-weight linear on a CPU turns into a bmm against the
+# head's weight expanded per row (copied: 1.9 s of a SmolLM2 reference pass of 2.1 s); indexing copies the few
+# rows instead. The chunked path reads the hidden states and discards this one position's logits.
+_ONE_POSITION = torch.zeros(1, dtype=torch.long)
+
+
+def _last(n: int, input_ids: torch.Tensor) -> torch.Tensor:
+    L = input_ids.shape[1]
+    return torch.arange(L - n, L, device=input_ids.device)
 
 
 def _head_logprobs(h, targets, weight, bias, temperature: float, with_entropy: bool, top_p: float = 1.0):

@@ -213,9 +213,9 @@ def build_policy(cfg: RunConfig, resume_from: Path | None, reference: bool,
                  resolved: str = "fp32") -> tuple[torch.nn.Module, object]:
     """The policy (with a LoRA adapter when model.lora is set; the resumed weights when ``resume_from``) and,
     when ``reference``, a frozen copy of the base model. Trained weights are fp32 (master weights, whatever
-    model.dtype loads; bf16 compute is autocast's); a frozen base under LoRA and the frozen reference are
-    held in bf16 when the run computes in bf16 on a GPU, else in fp32. ``resolved``: the run's precision
-    (``build_accelerator``'s)."""
+    model.dtype loads; bf16 compute is autocast's); a frozen base under LoRA is held in bf16 when the run
+    computes in bf16 on a GPU, else in fp32; the frozen reference in bf16 whenever the run computes in bf16
+    (``precision.forward_only``). ``resolved``: the run's precision (``build_accelerator``'s)."""
     frozen = precision.frozen_dtype(resolved)
     policy = load_causal_lm(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code)
     policy = policy.to(frozen if cfg.model.lora is not None else torch.float32)
@@ -233,7 +233,7 @@ def build_policy(cfg: RunConfig, resume_from: Path | None, reference: bool,
                                                        task_type="CAUSAL_LM"))
     else:
         if reference:
-            ref = copy.deepcopy(policy).eval().requires_grad_(False).to(frozen)
+            ref = precision.forward_only(copy.deepcopy(policy).eval().requires_grad_(False), resolved)
         if resume_from is not None:
             policy = load_causal_lm(str(resume_from), cfg.model.dtype, cfg.model.trust_remote_code).float()
             precision.fp32_attention_on_cpu(policy, resolved)
