@@ -7,8 +7,8 @@
     fp32  everything in fp32
 
 While training, the weights are fp32 whatever the precision (``model.dtype`` is the dtype a model is loaded
-and exported in); frozen copies (the RL reference) are held in bf16 under bf16 on a GPU, since nothing updates
-them (on a CPU fp32 weights under autocast ran faster).
+and exported in); the RL reference is held in bf16 under bf16 (``reference_dtype``: it only runs forwards), a
+frozen LoRA base in bf16 under bf16 on a GPU (``frozen_dtype``).
 
     from rlkit.precision import for_model, autocast
     p = for_model(cfg.train.precision, cfg.model.path)   # "bf16" or "fp32"
